@@ -10,10 +10,14 @@ from .adapters import AutoencoderAdapter, DenoiserAdapter
 def alphas_cumprod_from_config(scheduler_config: dict) -> torch.Tensor:
     """The training schedule's abar_t (num_train_timesteps,) float64, via a diffusers scheduler."""
     from diffusers import DDIMScheduler
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    scheduler = DDIMScheduler.from_config(config)
-    return scheduler.alphas_cumprod.to(torch.float64)
+    # Real numbers even while a planner builds the prior under FakeTensorMode:
+    # the chain's per-step constants are Python floats computed from them.
+    with unset_fake_temporarily():
+        scheduler = DDIMScheduler.from_config(config)
+        return scheduler.alphas_cumprod.to(torch.float64)
 
 
 class Prior(nn.Module):
