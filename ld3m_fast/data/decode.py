@@ -1,0 +1,90 @@
+"""Image decoding and geometry: Pillow + numpy for files, torch for in-memory arrays.
+
+One geometry everywhere: resize so the *shorter* side equals `res` (bilinear with
+antialiasing), then take the centred `res x res` crop. Grayscale, palette, CMYK and
+alpha images become 3-channel RGB.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# Pillow's own guard stays on; real ImageNet images are far below it.
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                              ".ppm", ".pgm", ".pbm"})
+
+
+def _shorter_side_size(width: int, height: int, res: int) -> tuple[int, int]:
+    """(w, h) scaled so that min(w, h) == res exactly."""
+    scale = res / min(width, height)
+    if width <= height:
+        return res, max(res, round(height * scale))
+    return max(res, round(width * scale)), res
+
+
+def _centre_box(width: int, height: int, res: int) -> tuple[int, int, int, int]:
+    left = (width - res) // 2
+    top = (height - res) // 2
+    return left, top, left + res, top + res
+
+
+def resize_center_crop(image: Image.Image, res: int) -> Image.Image:
+    """PIL image (any mode) -> RGB `res x res` PIL image (shorter side to res, centre crop)."""
+    image = image.convert("RGB")
+    width, height = image.size
+    new_size = _shorter_side_size(width, height, res)
+    if new_size != (width, height):
+        # Pillow's BILINEAR widens its support when downscaling, i.e. it antialiases.
+        image = image.resize(new_size, Image.BILINEAR)
+    return image.crop(_centre_box(*image.size, res))
+
+
+def decode_image_file(path: str | Path, res: int) -> np.ndarray:
+    """Image file -> (3, res, res) uint8 array. Raises OSError/ValueError if unreadable."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.format == "JPEG":
+            # Let libjpeg decode at a reduced DCT scale (1/2, 1/4, 1/8) when the image is
+            # much larger than needed; `draft` never goes below the requested size, so the
+            # shorter side stays >= res and quality is unaffected at the output size.
+            scale = res / min(width, height)
+            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        image.load()
+        cropped = resize_center_crop(image, res)
+    return np.asarray(cropped, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def resize_array_batch(images: np.ndarray | torch.Tensor, res: int,
+                       chunk: int = 2048) -> torch.Tensor:
+    """In-memory images -> (N, 3, res, res) uint8 tensor with the same geometry as files.
+
+    images: (N, H, W) grayscale or (N, 3, H, W) / (N, H, W, 3) uint8. Grayscale is
+    replicated to 3 channels. When H == W == res the pixels are returned unchanged.
+    """
+    batch = torch.as_tensor(np.asarray(images))
+    if batch.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {batch.dtype}")
+    if batch.dim() == 3:
+        batch = batch.unsqueeze(1)
+    elif batch.dim() == 4 and batch.shape[-1] == 3 and batch.shape[1] != 3:
+        batch = batch.permute(0, 3, 1, 2)
+    if batch.dim() != 4 or batch.shape[1] not in (1, 3):
+        raise ValueError(f"expected (N,H,W), (N,3,H,W) or (N,H,W,3) images, got {tuple(batch.shape)}")
+    height, width = int(batch.shape[2]), int(batch.shape[3])
+    new_w, new_h = _shorter_side_size(width, height, res)
+    left, top, _, _ = _centre_box(new_w, new_h, res)
+    out = torch.empty((batch.shape[0], 3, res, res), dtype=torch.uint8)
+    for start in range(0, batch.shape[0], chunk):
+        part = batch[start:start + chunk]
+        if (new_h, new_w) != (height, width):
+            resized = F.interpolate(part.float(), size=(new_h, new_w), mode="bilinear",
+                                    align_corners=False, antialias=True)
+            part = resized.round_().clamp_(0, 255).to(torch.uint8)
+        part = part[:, :, top:top + res, left:left + res]
+        out[start:start + chunk] = part.expand(-1, 3, -1, -1)
+    return out
