@@ -1,0 +1,334 @@
+"""The student / evaluation networks of the dataset-distillation literature.
+
+`build_network(arch, num_classes=..., res=...)` builds one of
+
+    convnet   width 128, depth 3-6: [conv3x3 -> norm -> ReLU -> avgpool 2x2] x depth -> linear
+    resnet18  CIFAR-style stem (3x3 conv, stride 1, no max-pool), BasicBlocks [2, 2, 2, 2]
+    vgg11     [64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M] -> adaptive max-pool 7x7
+    alexnet   conv5x5(128) M conv5x5(192) M conv3x3(256, 192, 192) M -> linear, no norm
+    vit       patch 16, dim 512, depth 10, 8 heads of 64, MLP 512, cls token, no LayerNorm
+
+with the layer shapes of the released DC/DM/MTT/GLaD definitions, so parameter counts
+match them exactly (10 classes, 128x128): ConvNet-D5-W128 615,690; ResNet-18 11,173,962;
+VGG-11 9,476,874; AlexNet 2,333,002; ViT 16,176,650.
+
+Every network is a plain `nn.Module` (usable with `torch.func.functional_call`) exposing
+`embed(x) -> (B, F)` penultimate features (what DM matches) and `forward(x) -> (B, classes)`
+logits = `head(embed(x))`. Inputs are (B, channels, res, res) in the shared normalisation.
+
+Normalisation is an explicit choice: "instance" = GroupNorm(C, C, affine) (per-sample, the
+literature's "instancenorm"), "batch" = BatchNorm2d, "layer" = GroupNorm(1, C, affine) (the
+per-sample layer norm over C, H, W, without the resolution-dependent affine shape of
+`nn.LayerNorm([C, H, W])`), "none". Anything else raises.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ld3m_fast.errors import LD3MError
+
+ARCHITECTURES = ("convnet", "resnet18", "vgg11", "alexnet", "vit")
+NORMS = ("instance", "batch", "layer", "none")
+# The released definitions: AlexNet has no normalisation, the ViT has its LayerNorms
+# commented out; the others use instance norm.
+DEFAULT_NORMS = {"convnet": "instance", "resnet18": "instance", "vgg11": "instance",
+                 "alexnet": "none", "vit": "none"}
+VIT_NORMS = ("none", "layer")
+
+
+class NetworkConfigError(LD3MError, ValueError):
+    """An unknown architecture / norm or an unsupported resolution (a ValueError too)."""
+
+
+def default_convnet_depth(res: int) -> int:
+    """ConvNet depth of the literature for a resolution: 3 at 32, 4 at 64, 5 at 128, 6 at 256+."""
+    return min(6, max(3, int(res).bit_length() - 3))
+
+
+def check_norm(norm: str, allowed: tuple[str, ...] = NORMS) -> str:
+    if norm not in allowed:
+        raise NetworkConfigError(f"unknown norm {norm!r}: use one of {', '.join(allowed)}")
+    return norm
+
+
+def make_norm(norm: str, channels: int) -> nn.Module:
+    """A 2-D normalisation layer over `channels` feature maps."""
+    check_norm(norm)
+    if norm == "instance":
+        return nn.GroupNorm(channels, channels, affine=True)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "layer":
+        return nn.GroupNorm(1, channels, affine=True)
+    return nn.Identity()
+
+
+def _halved(size: int, times: int) -> int:
+    """Spatial size after `times` floor-halving 2x2 pools."""
+    for _ in range(times):
+        size //= 2
+    return size
+
+
+class ClassifierNet(nn.Module):
+    """Base: subclasses define `embed`; `forward` applies the linear `head` to it."""
+
+    head: nn.Linear
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+# ----------------------------------------------------------------------------- ConvNet
+
+class ConvNet(ClassifierNet):
+    """ConvNet-D{depth}-W{width}: (B, C, res, res) -> (B, width * (res / 2^depth)^2) features."""
+
+    def __init__(self, num_classes: int, channels: int, res: int, width: int = 128,
+                 depth: int = 5, norm: str = "instance"):
+        super().__init__()
+        if depth < 1 or _halved(res, depth) < 1:
+            raise NetworkConfigError(f"ConvNet depth {depth} does not fit resolution {res}: "
+                                     f"use depth 1..{max(1, res.bit_length() - 1)}")
+        layers: list[nn.Module] = []
+        in_channels = channels
+        for _ in range(depth):
+            layers += [nn.Conv2d(in_channels, width, kernel_size=3, padding=1),
+                       make_norm(norm, width), nn.ReLU(), nn.AvgPool2d(2)]
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width * _halved(res, depth) ** 2, num_classes)
+
+    def embed(self, x):
+        return self.features(x).flatten(1)
+
+
+# ----------------------------------------------------------------------------- ResNet-18
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = make_norm(norm, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.norm2 = make_norm(norm, out_channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                make_norm(norm, out_channels))
+
+    def forward(self, x):
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(ClassifierNet):
+    """CIFAR-style ResNet-18 (3x3 stride-1 stem, no max-pool), global average pool -> 512."""
+
+    def __init__(self, num_classes: int, channels: int, norm: str = "instance"):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False),
+                                  make_norm(norm, 64), nn.ReLU())
+        stages, in_channels = [], 64
+        for out_channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(BasicBlock(in_channels, out_channels, stride, norm),
+                                        BasicBlock(out_channels, out_channels, 1, norm)))
+            in_channels = out_channels
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(512, num_classes)
+
+    def embed(self, x):
+        # Global average pooling keeps the head at 512 inputs for every resolution
+        # (the released 128/256 variants pool adaptively too; the count pins it).
+        return F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1).flatten(1)
+
+
+# ----------------------------------------------------------------------------- VGG-11
+
+VGG11_LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG11(ClassifierNet):
+    """VGG-11 with norm after every conv; features end in an adaptive max-pool to 7x7.
+
+    The released definition pools to 7x7 whatever the resolution (at 128 the 4x4 map is
+    replicated up to 7x7), which gives the 512*7*7 = 25,088-input head of the pinned count.
+    """
+
+    def __init__(self, num_classes: int, channels: int, res: int, norm: str = "instance"):
+        super().__init__()
+        if _halved(res, 5) < 1:
+            raise NetworkConfigError(f"VGG-11 needs a resolution of at least 32, got {res}")
+        layers: list[nn.Module] = []
+        in_channels = channels
+        for item in VGG11_LAYOUT:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(in_channels, item, 3, padding=1), make_norm(norm, item),
+                           nn.ReLU()]
+                in_channels = item
+        layers.append(nn.AdaptiveMaxPool2d(7))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(512 * 7 * 7, num_classes)
+
+    def embed(self, x):
+        return self.features(x).flatten(1)
+
+
+# ----------------------------------------------------------------------------- AlexNet
+
+class AlexNet(ClassifierNet):
+    """The DC-style AlexNet: 128/192/256/192/192 channels, 5x5 then 3x3 convs, three max-pools.
+
+    Head input 192 * (res / 8)^2 (49,152 at 128). No normalisation in the released model
+    (norm="none"); another norm inserts that layer after every conv.
+    """
+
+    def __init__(self, num_classes: int, channels: int, res: int, norm: str = "none"):
+        super().__init__()
+        if _halved(res, 3) < 1:
+            raise NetworkConfigError(f"AlexNet needs a resolution of at least 8, got {res}")
+
+        def conv(cin, cout, kernel):
+            return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2), make_norm(norm, cout),
+                    nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *conv(channels, 128, 5), nn.MaxPool2d(2),
+            *conv(128, 192, 5), nn.MaxPool2d(2),
+            *conv(192, 256, 3), *conv(256, 192, 3), *conv(192, 192, 3), nn.MaxPool2d(2))
+        self.head = nn.Linear(192 * _halved(res, 3) ** 2, num_classes)
+
+    def embed(self, x):
+        return self.features(x).flatten(1)
+
+
+# ----------------------------------------------------------------------------- ViT
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim)
+
+    def forward(self, x):
+        batch, tokens, _ = x.shape
+        qkv = self.to_qkv(x).view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.to_out(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+
+class TransformerBlock(nn.Module):
+    """x + attn(norm(x)); x + mlp(norm(x)). norm is Identity in the released model."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, norm: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim) if norm == "layer" else nn.Identity()
+        self.attn = Attention(dim, heads, dim_head)
+        self.norm2 = nn.LayerNorm(dim) if norm == "layer" else nn.Identity()
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(ClassifierNet):
+    """Small ViT: patch 16, dim 512, depth 10, 8 heads x 64, MLP 512, cls-token pooling.
+
+    As released (GLaD/LD3M, after lucidrains' vit-pytorch with the LayerNorms commented out)
+    there is no normalisation: norm="none". norm="layer" restores pre-norm LayerNorms and a
+    final one before the head. Patches are flattened in (row, col, channel) order. The
+    resolution must be a multiple of the patch size; the position table is sized for it.
+    """
+
+    def __init__(self, num_classes: int, channels: int, res: int, norm: str = "none",
+                 patch: int = 16, dim: int = 512, depth: int = 10, heads: int = 8,
+                 dim_head: int = 64, mlp_dim: int = 512):
+        super().__init__()
+        check_norm(norm, VIT_NORMS)
+        if res % patch:
+            raise NetworkConfigError(f"ViT needs a resolution divisible by its patch size {patch}, "
+                                     f"got {res}")
+        self.patch = patch
+        num_patches = (res // patch) ** 2
+        self.to_patch_embedding = nn.Linear(channels * patch * patch, dim)
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads, dim_head, mlp_dim, norm)
+                                      for _ in range(depth)))
+        self.final_norm = nn.LayerNorm(dim) if norm == "layer" else nn.Identity()
+        self.head = nn.Linear(dim, num_classes)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, H/p * W/p, p*p*C)."""
+        batch, channels, height, width = x.shape
+        p = self.patch
+        x = x.reshape(batch, channels, height // p, p, width // p, p)
+        return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // p) * (width // p), -1)
+
+    def embed(self, x):
+        tokens = self.to_patch_embedding(self.patches(x))
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat((cls, tokens), dim=1) + self.pos_embedding
+        return self.final_norm(self.blocks(tokens))[:, 0]
+
+
+# ----------------------------------------------------------------------------- factory
+
+_ARCH_PATTERN = re.compile(r"^(convnet|resnet18|vgg11|alexnet|vit)(?:d(\d+))?$")
+
+
+def parse_arch(arch: str) -> tuple[str, int | None]:
+    """'ConvNet', 'convnet-d3', 'ResNet-18', 'vgg_11', ... -> (canonical name, depth or None)."""
+    key = re.sub(r"[-_\s]", "", str(arch).lower())
+    match = _ARCH_PATTERN.match(key)
+    if not match or (match.group(2) and match.group(1) != "convnet"):
+        raise NetworkConfigError(f"unknown architecture {arch!r}: use one of "
+                                 f"{', '.join(ARCHITECTURES)} (or convnetd3..convnetd6)")
+    return match.group(1), int(match.group(2)) if match.group(2) else None
+
+
+def build_network(arch: str, *, num_classes: int, channels: int = 3, res: int, width: int = 128,
+                  depth: int | None = None, norm: str | None = None) -> ClassifierNet:
+    """Build a freshly initialised network (PyTorch default init).
+
+    arch: convnet (optionally convnetd<N>), resnet18, vgg11, alexnet, vit.
+    norm: instance | batch | layer | none; None = the architecture's released default
+        (instance for convnet/resnet18/vgg11, none for alexnet/vit; vit accepts none|layer).
+    width, depth: ConvNet only (depth None = `default_convnet_depth(res)`); the other
+        architectures have fixed shapes and ignore them.
+    Input (B, channels, res, res); `embed` -> (B, F), `forward` -> (B, num_classes).
+    """
+    name, depth_from_name = parse_arch(arch)
+    norm = DEFAULT_NORMS[name] if norm is None else norm
+    check_norm(norm, VIT_NORMS if name == "vit" else NORMS)
+    if name == "convnet":
+        depth = depth or depth_from_name or default_convnet_depth(res)
+        return ConvNet(num_classes, channels, res, width=width, depth=depth, norm=norm)
+    if name == "resnet18":
+        return ResNet18(num_classes, channels, norm=norm)
+    if name == "vgg11":
+        return VGG11(num_classes, channels, res, norm=norm)
+    if name == "alexnet":
+        return AlexNet(num_classes, channels, res, norm=norm)
+    return ViT(num_classes, channels, res, norm=norm)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
