@@ -97,7 +97,8 @@ class AdaLNDenoiser(DenoiserAdapter):
     def __init__(self, model: nn.Module):
         embedders = [block.norm1.emb.class_embedder for block in model.transformer_blocks]
         table = embedders[0].embedding_table.weight
-        if any(not torch.equal(e.embedding_table.weight, table) for e in embedders[1:]):
+        if any(e.embedding_table.weight is not table and not torch.equal(e.embedding_table.weight, table)
+               for e in embedders[1:]):
             raise PriorError("DiT blocks hold different class tables; ld3m-fast needs one shared "
                              "table (tie them, as the original DiT checkpoints do)")
         if table.shape[0] != model.config.num_embeds_ada_norm + 1:
