@@ -22,7 +22,10 @@ def _native_extension():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return {}
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    here = os.path.dirname(os.path.abspath(__file__))
+    # Relative paths: setuptools wants sources relative to setup.py. All .cpp files in csrc/
+    # (kernels + bindings.cpp) form the one module ld3m_fast._C.
+    sources = sorted(os.path.relpath(path, here) for path in glob.glob(os.path.join(here, "csrc", "*.cpp")))
     if not sources:
         return {}
 
@@ -33,6 +36,9 @@ def _native_extension():
             except Exception as error:  # a failed compile must not fail the install
                 print(f"ld3m-fast: C++ extension not built ({error}); "
                       "ops will build just in time or use the reference.", file=sys.stderr)
+                # Forget the extension so the in-place/editable copy step and get_outputs()
+                # do not look for a library that was never produced.
+                self.extensions = []
 
     extension = CppExtension(
         "ld3m_fast._C", sources,
