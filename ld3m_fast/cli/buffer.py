@@ -1,0 +1,68 @@
+"""`ld3m-fast buffer`: train ConvNet experts on real data for MTT (one snapshot per epoch)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import LD3MError
+from .distill import add_threads_argument, apply_threads
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="fashion-mnist", help="data folder or 'fashion-mnist' (default)")
+    parser.add_argument("--subset", default=None, help="ImageNet subset name or alias")
+    parser.add_argument("--res", type=int, required=True, help="image side; must equal the student's --res")
+    parser.add_argument("--out", required=True, help="buffer folder to write (expert_XXXX.safetensors)")
+    parser.add_argument("--experts", type=int, default=10, help="number of experts (default 10)")
+    parser.add_argument("--max-start-epoch", type=int, default=2, help="MTT max start epoch (default 2)")
+    parser.add_argument("--expert-epochs", type=int, default=2, help="MTT expert epochs M (default 2)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs per expert (default: max-start-epoch + expert-epochs, "
+                             "the last epoch MTT reads)")
+    parser.add_argument("--keep-all-epochs", action="store_true",
+                        help="store every epoch, not only those MTT reads")
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD lr, no momentum (default 0.01)")
+    parser.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
+    parser.add_argument("--width", type=int, default=128, help="ConvNet width (default 128)")
+    parser.add_argument("--depth", type=int, default=None, help="ConvNet depth (default from --res)")
+    parser.add_argument("--norm", default="instance", help="ConvNet norm (default instance)")
+    parser.add_argument("--dsa", default="color_crop_cutout_flip_scale_rotate",
+                        help="DSA strategy or 'none'")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--max-per-class", type=int, default=None)
+    add_threads_argument(parser)
+
+
+def run(args) -> int:
+    from ..data import load_dataset
+    from ..distill.algorithms import NetworkSpec
+    from ..distill.buffers import build_buffer
+    from ..distill.loop import resolve_device
+
+    apply_threads(args)
+    for name in ("experts", "max_start_epoch", "expert_epochs", "batch"):
+        if getattr(args, name) < 1:
+            raise LD3MError(f"--{name.replace('_', '-')} must be >= 1")
+    keep = args.max_start_epoch + args.expert_epochs
+    epochs = keep if args.epochs is None else args.epochs
+    if epochs < keep:
+        raise LD3MError(f"--epochs {epochs} is fewer than the {keep} epochs MTT reads "
+                        "(max-start-epoch + expert-epochs)")
+    out = Path(args.out)
+    if out.exists() and any(out.glob("expert_*.safetensors")):
+        raise LD3MError(f"{out} already holds a buffer; choose another --out")
+    device = resolve_device(args.device)
+    data = load_dataset(args.data, split="train", subset=args.subset, res=args.res,
+                        cache_dir=args.cache_dir, max_per_class=args.max_per_class)
+    spec = NetworkSpec(num_classes=data.num_classes, res=args.res, width=args.width, depth=args.depth,
+                       norm=args.norm)
+    spec.build()  # an unknown norm or resolution fails here, before anything is written
+    paths = build_buffer(out, spec, data.images, data.labels, num_experts=args.experts, epochs=epochs,
+                         keep_epochs=None if args.keep_all_epochs else keep, lr=args.lr,
+                         batch_size=args.batch, dsa_strategy=None if args.dsa == "none" else args.dsa,
+                         seed=args.seed, source=str(args.data), subset=args.subset, device=device,
+                         progress=lambda i, n, p: print(f"expert {i}/{n} -> {p}", flush=True))
+    print(f"wrote {len(paths)} experts ({epochs} epochs each) to {out}")
+    return 0

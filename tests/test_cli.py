@@ -1,0 +1,153 @@
+"""The CLI in a subprocess: bad input is one line and exit code 2; buffer -> distill -> eval works."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ld3m_fast import build_tiny_prior, save_prior
+
+RES = "16"
+
+
+def cli(*args, timeout=240):
+    """Run `python -m ld3m_fast.cli.main ARGS`; returns the CompletedProcess.
+
+    One OpenMP thread: the 2 shared cores of the test machine make spinning worker
+    threads ~10x slower on these tiny models.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ld3m_fast.cli.main", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ld3m-fast ") and ": error: " in lines[0], lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def write_image_folder(root, classes, per_class, seed):
+    """A tiny ImageFolder tree of noisy, class-tinted PNGs (fast to distil from)."""
+    g = torch.Generator().manual_seed(seed)
+    for k in range(classes):
+        (root / f"class{k}").mkdir(parents=True)
+        tint = torch.zeros(3, 1, 1)
+        tint[k % 3] = 120
+        for i in range(per_class):
+            pixels = (60 + tint + 60 * torch.rand(3, int(RES), int(RES), generator=g)).to(torch.uint8)
+            Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(root / f"class{k}" / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_prior(build_tiny_prior(num_classes=10, image_size=int(RES), seed=0), root / "prior")
+    (root / "not-a-prior").mkdir()
+    (root / "imagenet" / "train" / "n01440764").mkdir(parents=True)
+    write_image_folder(root / "folder" / "train", 3, 4, seed=0)
+    write_image_folder(root / "folder" / "test", 3, 3, seed=1)
+    return root
+
+
+def distill_args(ws, out, *extra):
+    return ["distill", "--prior", ws / "prior", "--res", RES, "--ipc", "1", "--steps", "2",
+            "--guidance", "1", "--width", "8", "--batch-real", "4", "--max-per-class", "4",
+            "--cache-dir", ws / "cache", "--out", out, "--no-progress", *extra]
+
+
+def test_missing_data_folder(ws, tmp_path):
+    assert_user_error(cli(*distill_args(ws, tmp_path / "run", "--data", tmp_path / "nope")), "does not exist")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_subset(ws, tmp_path):
+    assert_user_error(cli(*distill_args(ws, tmp_path / "run", "--data", ws / "imagenet", "--subset", "nope")),
+                      "unknown subset")
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_few_images_for_ipc(ws, tmp_path):
+    result = cli(*distill_args(ws, tmp_path / "run", "--ipc", "5"))
+    assert_user_error(result, "5 images per class")
+    assert not (tmp_path / "run").exists()
+
+
+def test_res_not_a_multiple_of_the_latent_factor(ws, tmp_path):
+    assert_user_error(cli(*distill_args(ws, tmp_path / "run", "--res", "18")), "latent factor 4")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_and_mismatched_prior(ws, tmp_path):
+    args = distill_args(ws, tmp_path / "run")
+    args[args.index("--prior") + 1] = tmp_path / "missing"
+    assert_user_error(cli(*args), "does not exist")
+    args[args.index("--prior") + 1] = ws / "not-a-prior"
+    assert_user_error(cli(*args), "not an ld3m-fast prior")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_config_key(ws, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('ipc = 1\nlearning_rate = 3\n')
+    assert_user_error(cli(*distill_args(ws, tmp_path / "run", "--config", bad)), "learning_rate")
+    assert not (tmp_path / "run").exists()
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(ws, tmp_path):
+    run = tmp_path / "run"
+    result = cli(*distill_args(ws, run, "--data", ws / "folder", "--lr-latent", "1e38", "--iterations", "5",
+                               "--save-every", "1"))
+    assert_user_error(result, "at iteration", "last good checkpoint")
+    with safe_open(str(run / "checkpoint.safetensors"), framework="pt") as f:
+        kept = int(f.metadata()["iteration"])
+        finite = all(f.get_tensor(k).isfinite().all() for k in ("Z", "c"))
+    assert f"checkpoint (iteration {kept})" in result.stderr and f"at iteration {kept + 1}" in result.stderr
+    assert finite and not (run / "final").exists()
+
+
+def test_end_to_end_buffer_distill_eval_then_bad_buffer_and_corrupt_resume(ws, tmp_path):
+    buffer, run = tmp_path / "buffer", tmp_path / "run"
+    data = ws / "folder"
+    result = cli("buffer", "--data", data, "--res", RES, "--out", buffer, "--experts", "1", "--width", "8",
+                 "--batch", "20", "--max-start-epoch", "2", "--expert-epochs", "1", "--max-per-class", "4",
+                 "--cache-dir", ws / "cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(load_file(buffer / "expert_0000.safetensors")["epochs"]) == 4  # epochs 0..3
+
+    config = tmp_path / "run.toml"
+    config.write_text('algorithm = "mtt"\niterations = 99\nsyn-steps = 2\nexpert_epochs = 1\n')
+    result = cli(*distill_args(ws, run, "--data", data, "--config", config, "--buffer", buffer,
+                               "--iterations", "2"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["iterations"] == 2 and saved["algorithm"] == "mtt" and saved["syn_steps"] == 2  # flags win
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run / "final" / "images.png").is_file()
+
+    result = cli("eval", run, "--archs", "convnet,alexnet", "--epochs", "2", "--seeds", "1",
+                 "--max-per-class", "4", "--batch", "16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((run / "eval.json").read_text())
+    assert set(report["per_arch"]) == {"convnet", "alexnet"}
+    assert 0.0 <= report["unseen_mean"] <= 1.0 and "alexnet" in result.stdout
+
+    # A buffer that does not fit the student names the mismatched field.
+    result = cli(*distill_args(ws, tmp_path / "run2", "--data", data, "--algorithm", "mtt", "--buffer", buffer,
+                               "--width", "16", "--expert-epochs", "1", "--iterations", "1"))
+    assert_user_error(result, "width (buffer 8, student 16)")
+    assert not (tmp_path / "run2").exists()
+
+    # A damaged checkpoint is a clear error on resume.
+    checkpoint = run / "checkpoint.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    assert_user_error(cli("distill", "--resume", run, "--iterations", "3", "--no-progress"), "corrupt")
