@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ._host import draw_int
+
 GROUPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 _GROUP_ALIASES = {"translate": "crop", "translation": "crop", "rotation": "rotate"}
@@ -121,8 +123,7 @@ class DSA:
         """
         if not self.groups:
             return None
-        choice = int(torch.randint(len(self.groups), (1,), generator=generator,
-                                   device=generator.device).item())
+        choice = draw_int(len(self.groups), generator)
         group = self.groups[choice]
         n = 1 if self.batch_shared else batch_size
         params = getattr(self, f"_draw_{group}")(n, generator)

@@ -52,8 +52,9 @@ class SyntheticSet(nn.Module):
         self.Z = nn.Parameter(Z.detach().clone())
         self.c = nn.Parameter(c.detach().clone())
         self.register_buffer("labels", labels.detach().clone().long())
-        num_labels = int(labels.max()) + 1 if labels.numel() else 0
-        self.prior_classes = list(prior_classes) if prior_classes is not None else list(range(num_labels))
+        if prior_classes is None:
+            prior_classes = range(int(labels.max()) + 1 if labels.numel() else 0)
+        self.prior_classes = list(prior_classes)
 
     def __len__(self) -> int:
         return self.Z.shape[0]

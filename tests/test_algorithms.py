@@ -14,20 +14,6 @@ from ld3m_fast.dsa import DSA
 RES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's torch ops on one thread.
-
-    The test machine has 2 cores shared with other jobs; OpenMP's spinning worker
-    threads make small ops ~10x slower under that contention. Every comparison in
-    this module is between runs in the same process, so the thread count is the same.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def assert_close(actual, expected, rtol=1e-4, atol=1e-6, what=""):
     diff = (actual - expected).abs()
     limit = atol + rtol * expected.abs()
@@ -89,7 +75,7 @@ def descend(algorithm, prior, real_data, iterations, lr):
             algorithm.parameters()[0].grad = None
         images.backward(grad)
         optimizer.step()
-        losses.append(loss)
+        losses.append(float(loss))
     return losses
 
 
@@ -165,7 +151,7 @@ def test_mtt_truncated_matches_brute_force_surrogate():
         theta = theta_i.detach() - 0.05 * g_i.detach()
     surrogate = (start - alpha * grad_sum - target).pow(2).sum() / (start - target).pow(2).sum()
     surrogate.backward()
-    assert loss == pytest.approx(float(surrogate.detach()), rel=1e-5)
+    assert float(loss) == pytest.approx(float(surrogate.detach()), rel=1e-5)
     assert_close(image_grad, x.grad, rtol=1e-4, atol=1e-7, what="image gradient")
     assert_close(lr_grad, alpha.grad, rtol=1e-4, atol=1e-7, what="student lr gradient")
 
@@ -175,7 +161,7 @@ def test_mtt_micro_batches_are_exact():
     _, split, *_ = _mtt_case("truncated", micro_batch=4)
     loss_a, grad_a = whole.image_gradient(images, labels, make_ctx())
     loss_b, grad_b = split.image_gradient(images, labels, make_ctx())
-    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-5)
     assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-7, what="micro-batched gradient")
 
 
@@ -201,7 +187,7 @@ def test_mtt_full_matches_plain_autograd_unroll():
     final = torch.cat([p.reshape(-1) for p in params.values()])
     plain = (final - target).pow(2).sum() / (start - target).pow(2).sum()
     plain.backward()
-    assert loss == pytest.approx(float(plain.detach()), rel=1e-5)
+    assert float(loss) == pytest.approx(float(plain.detach()), rel=1e-5)
     assert_close(image_grad, x.grad, rtol=1e-4, atol=1e-7, what="image gradient")
     assert_close(lr_grad, alpha.grad, rtol=1e-4, atol=1e-7, what="student lr gradient")
 
@@ -212,7 +198,7 @@ def test_mtt_forms_agree_for_one_step():
     _, full, *_ = _mtt_case("full", syn_steps=1)
     loss_t, grad_t = truncated.image_gradient(images, labels, make_ctx())
     loss_f, grad_f = full.image_gradient(images, labels, make_ctx())
-    assert loss_t == pytest.approx(loss_f, rel=1e-5)
+    assert float(loss_t) == pytest.approx(float(loss_f), rel=1e-5)
     assert_close(grad_t, grad_f, rtol=1e-4, atol=1e-7, what="truncated vs full, 1 step")
     assert_close(truncated.student_lr.grad, full.student_lr.grad, rtol=1e-4, atol=1e-7, what="lr grad")
 
@@ -236,3 +222,65 @@ def test_seeded_network_init_ignores_global_rng():
     torch.manual_seed(123)
     spec.build_seeded(torch.Generator().manual_seed(5))
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left untouched
+
+
+def _plain_dm(algorithm, images, labels, ctx):
+    """DM in one pass with autograd through the full batch: the oracle for micro-batching."""
+    net = algorithm.network.build_seeded(ctx.generator)
+    net.requires_grad_(False)
+    x = images.detach().requires_grad_(True)
+    total = 0.0
+    for cls in range(int(labels.max()) + 1):
+        index = torch.nonzero(labels == cls).flatten()
+        real = ctx.real.sample(cls, algorithm.batch_real, ctx.generator, ctx.device)
+        draw = ctx.dsa.draw(max(real.shape[0], index.numel()), ctx.dsa_generator, real.device)
+        real_mean = net.embed(ctx.dsa.apply(real, draw)).mean(0)
+        syn_mean = net.embed(ctx.dsa.apply(x[index], draw)).mean(0)
+        total = total + (real_mean - syn_mean).pow(2).sum()
+    (grad,) = torch.autograd.grad(total, x)
+    return total.detach(), grad
+
+
+def _plain_dc(algorithm, images, labels, ctx):
+    """DC with create_graph over the whole class batch: the oracle for micro-batching."""
+    net = algorithm.network.build_seeded(ctx.generator)
+    params = list(net.parameters())
+    x = images.detach().requires_grad_(True)
+    total = 0.0
+    for cls in range(int(labels.max()) + 1):
+        index = torch.nonzero(labels == cls).flatten()
+        real = ctx.real.sample(cls, algorithm.batch_real, ctx.generator, ctx.device)
+        draw = ctx.dsa.draw(max(real.shape[0], index.numel()), ctx.dsa_generator, real.device)
+        real_aug, syn_aug = ctx.dsa.apply(real, draw), ctx.dsa.apply(x[index], draw)
+        target = lambda n: torch.full((n,), cls, dtype=torch.long)  # noqa: E731
+        g_real = torch.autograd.grad(F.cross_entropy(net(real_aug), target(real.shape[0])), params)
+        g_syn = torch.autograd.grad(F.cross_entropy(net(syn_aug), target(index.numel())), params,
+                                    create_graph=True)
+        total = total + gradient_distance([g.detach() for g in g_real], g_syn)
+    (grad,) = torch.autograd.grad(total, x)
+    return total.detach(), grad
+
+
+@pytest.mark.parametrize("cls,plain", [(DM, _plain_dm), (DC, _plain_dc)])
+@pytest.mark.parametrize("micro_batch", [None, 1, 2])
+def test_dm_dc_micro_batches_equal_full_batch(real_data, cls, plain, micro_batch):
+    """Two-pass micro-batching is exact with per-sample norm (the default instance norm)."""
+    images = torch.randn(9, 3, RES, RES, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    real = RealData(real_data.images, real_data.labels, real_data.num_classes)
+    algorithm = cls(small_net(), batch_real=5, micro_batch=micro_batch)
+    loss, grad = algorithm.image_gradient(images, labels, context(real, 21))
+    expected_loss, expected_grad = plain(algorithm, images, labels, context(real, 21))
+    assert float(loss) == pytest.approx(float(expected_loss), rel=1e-4)
+    assert_close(grad, expected_grad, rtol=1e-3, atol=1e-6 * float(expected_grad.abs().max()),
+                 what=f"{cls.name} micro-batch {micro_batch}")
+
+
+@pytest.mark.parametrize("cls", [DM, DC])
+def test_micro_batches_refuse_batch_norm(cls):
+    from ld3m_fast.errors import LD3MError
+
+    spec = NetworkSpec(num_classes=3, res=RES, width=8, norm="batch")
+    with pytest.raises(LD3MError, match="batch statistics"):
+        cls(spec, micro_batch=2)
+    cls(spec)  # full batch stays allowed

@@ -19,16 +19,6 @@ from ld3m_fast.priors.train import (PriorTrainingConfig, class_sample_grid, reco
 MAX_RECONSTRUCTION_MSE_PM1 = 0.012
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small models gain nothing from threads, and on a busy machine (load above the
-    core count) a second OpenMP thread made the same calls 10-40x slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def default_prior():
     return load_prior(default_prior_path())

@@ -18,20 +18,6 @@ from ld3m_fast.errors import LD3MError
 RES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's torch ops on one thread.
-
-    The test machine has 2 cores shared with other jobs; OpenMP's spinning worker
-    threads make small ops ~10x slower under that contention. Every comparison in
-    this module is between runs in the same process, so the thread count is the same.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 CLASSES = 3
 
 

@@ -56,7 +56,7 @@ _FLAGS = [
     ("--student-lr", float, "MTT initial student lr"),
     ("--batch-real", int, "real images per class per iteration (DM, DC)"),
     ("--batch-syn", int, "synthetic images per MTT student step (default: all)"),
-    ("--micro-batch", int, "MTT student micro-batch (exact; bounds memory)"),
+    ("--micro-batch", int, "student micro-batch for DM, DC and MTT (exact with per-sample norm; bounds memory)"),
     ("--dsa", str, "DSA strategy, e.g. color_crop_cutout_flip_scale_rotate, or 'none'"),
     ("--width", int, "ConvNet width"),
     ("--depth", int, "ConvNet depth (default from --res)"),

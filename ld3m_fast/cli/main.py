@@ -13,8 +13,13 @@ from ..errors import LD3MError
 
 # name -> (module, help). Each module exposes add_arguments(parser) and run(args) -> int.
 COMMANDS = {
-    "info": ("ld3m_fast.cli.info", "versions, devices and the backend each op will use"),
+    "distill": ("ld3m_fast.cli.distill", "distill a dataset into LD3M latents (DM, DC or MTT)"),
+    "buffer": ("ld3m_fast.cli.buffer", "train expert trajectories for MTT"),
+    "eval": ("ld3m_fast.cli.evaluate", "train fresh networks on a distilled set, test on real data"),
+    "prior": ("ld3m_fast.cli.prior", "train a small prior (the embedded default is made this way)"),
+    "plan": ("ld3m_fast.cli.plan", "peak memory and FLOPs per iteration; pick chunk and dtype for a budget"),
     "convert": ("ld3m_fast.cli.convert", "convert a CompVis cin256-v2 .ckpt into a prior folder"),
+    "info": ("ld3m_fast.cli.info", "versions, devices and the backend each op will use"),
 }
 
 

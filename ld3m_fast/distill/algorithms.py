@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .._host import draw_int, host_values
 from ..errors import LD3MError
 from ..normalization import from_uint8
 
@@ -121,7 +122,7 @@ class NetworkSpec:
         caller's global state is restored afterwards) and seed the fork from the
         explicit generator, so the init is reproducible and resumable.
         """
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        seed = draw_int(2**62, generator)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.build()
@@ -161,7 +162,10 @@ class Algorithm:
     default_lr_class = 1.0
 
     def image_gradient(self, images: torch.Tensor, labels: torch.Tensor, ctx: StepContext):
-        """Return (loss: float, dL/dimages: tensor like `images`)."""
+        """Return (loss: 0-d tensor, dL/dimages: tensor like `images`).
+
+        The loss stays a tensor (no host sync inside the algorithm; the planner runs
+        this under fake tensors); the loop reads it once per iteration."""
         raise NotImplementedError
 
     def parameters(self) -> list[nn.Parameter]:
@@ -175,9 +179,44 @@ class Algorithm:
         return self
 
 
+def _on_device(module: nn.Module, device) -> nn.Module:
+    """Move only when needed (a no-op `.to` still swaps every parameter)."""
+    device = torch.device(device)
+    if all(p.device == device for p in module.parameters()):
+        return module
+    return module.to(device)
+
+
+def _vjp(output: torch.Tensor, leaf: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """d(output . grad)/d leaf; an augmentation that returned its input passes grad through."""
+    if output is leaf:
+        return grad
+    (result,) = torch.autograd.grad(output, leaf, grad)
+    return result
+
+
+def micro_batches(count: int, size: int | None) -> list[slice]:
+    """Slices covering range(count) in pieces of `size` (None: one piece)."""
+    size = count if not size else int(size)
+    return [slice(i, min(i + size, count)) for i in range(0, count, size)]
+
+
+def check_micro_batch(network: "NetworkSpec", micro_batch: int | None) -> int | None:
+    """Micro-batching is exact only when no layer mixes samples (no batch norm)."""
+    if micro_batch is None:
+        return None
+    if int(micro_batch) < 1:
+        raise LD3MError(f"--micro-batch must be >= 1, got {micro_batch}")
+    if network.norm == "batch":
+        raise LD3MError("--micro-batch with norm 'batch' would change the result (batch statistics "
+                        "mix samples); use the default instance norm or drop --micro-batch")
+    return int(micro_batch)
+
+
 def _class_groups(labels: torch.Tensor):
     """[(class, index tensor)] for every class present in `labels`, in class order."""
-    return [(int(k), torch.nonzero(labels == k).flatten()) for k in torch.unique(labels).tolist()]
+    with host_values():  # labels are host bookkeeping (real even while the planner fakes tensors)
+        return [(int(k), torch.nonzero(labels == k).flatten()) for k in torch.unique(labels).tolist()]
 
 
 # --------------------------------------------------------------------------- DM
@@ -188,32 +227,49 @@ class DM(Algorithm):
     synthetic images under a random frozen ConvNet drawn each iteration.
 
         L = sum_k || mean_i embed(aug(real_k,i)) - mean_j embed(aug(syn_k,j)) ||^2
+
+    Micro-batched and exact (see `micro_batches`): the real mean accumulates over
+    micro-batches without a graph; the synthetic side takes two passes, the mean
+    first, then dL/d embed_j = -2 (real_mean - syn_mean) / n per micro-batch.
     """
 
     name = "dm"
     default_lr_latent = 1.0
     default_lr_class = 1.0
 
-    def __init__(self, network: NetworkSpec, batch_real: int = 256):
+    def __init__(self, network: NetworkSpec, batch_real: int = 256, micro_batch: int | None = None):
         self.network = network
         self.batch_real = int(batch_real)
+        self.micro_batch = check_micro_batch(network, micro_batch)
 
     def image_gradient(self, images, labels, ctx):
-        net = self.network.build_seeded(ctx.generator).to(ctx.device)
+        net = _on_device(self.network.build_seeded(ctx.generator), ctx.device)
         net.requires_grad_(False)  # frozen: only the images receive gradients
         grad = torch.zeros_like(images)
-        total = 0.0
-        # One class at a time, backward per class: memory does not grow with the class count.
+        total = images.new_zeros(())
+        # One class at a time: memory does not grow with the class count.
         for cls, index in _class_groups(labels):
             syn = images[index].detach().requires_grad_(True)
             real = ctx.real.sample(cls, self.batch_real, ctx.generator, ctx.device)
             real_aug, syn_aug = augment_pair(ctx, real, syn)
             with torch.no_grad():
-                real_mean = net.embed(real_aug).mean(0)
-            loss = (real_mean - net.embed(syn_aug).mean(0)).pow(2).sum()
-            (grad[index],) = torch.autograd.grad(loss, syn)
-            total += float(loss.detach())
+                real_mean = _embedding_sum(net, real_aug, self.micro_batch) / real_aug.shape[0]
+                syn_mean = _embedding_sum(net, syn_aug.detach(), self.micro_batch) / syn_aug.shape[0]
+            residual = real_mean - syn_mean
+            total = total + residual.pow(2).sum()
+            row_grad = -2.0 * residual / syn_aug.shape[0]
+            aug_grad = torch.zeros_like(syn_aug)
+            for part in micro_batches(syn_aug.shape[0], self.micro_batch):
+                x_part = syn_aug[part].detach().requires_grad_(True)
+                embedding = net.embed(x_part)
+                (aug_grad[part],) = torch.autograd.grad(embedding, x_part, row_grad.expand_as(embedding))
+            grad[index] = _vjp(syn_aug, syn, aug_grad)
         return total, grad
+
+
+def _embedding_sum(net, images, micro_batch):
+    """sum_i embed(images_i), accumulated over micro-batches."""
+    return sum(net.embed(images[part]).sum(0) for part in micro_batches(images.shape[0], micro_batch))
 
 
 # --------------------------------------------------------------------------- DC
@@ -246,35 +302,57 @@ class DC(Algorithm):
     The released DC also trains the network on the synthetic set between outer
     loops; here each iteration draws a fresh network, which keeps every
     iteration independent (and resumable) and matches DC's first outer step.
+
+    Micro-batched and exact: both parameter gradients are sums over micro-batches;
+    the synthetic side takes two passes, g_syn first (no graph), then
+    v = dL/dg_syn and, per micro-batch, d(g_part . v)/dimages.
     """
 
     name = "dc"
     default_lr_latent = 0.1
     default_lr_class = 0.1
 
-    def __init__(self, network: NetworkSpec, batch_real: int = 256):
+    def __init__(self, network: NetworkSpec, batch_real: int = 256, micro_batch: int | None = None):
         self.network = network
         self.batch_real = int(batch_real)
+        self.micro_batch = check_micro_batch(network, micro_batch)
+
+    def _ce_gradient(self, net, params, x, cls, *, create_graph=False):
+        """dCE/dparams of the batch mean, summed over micro-batches of `x`."""
+        total = None
+        for part in micro_batches(x.shape[0], self.micro_batch):
+            logits = net(x[part])
+            targets = torch.full((logits.shape[0],), cls, dtype=torch.long, device=logits.device)
+            loss = F.cross_entropy(logits, targets, reduction="sum") / x.shape[0]
+            grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+            total = grads if total is None else [a + b for a, b in zip(total, grads)]
+        return total
 
     def image_gradient(self, images, labels, ctx):
-        net = self.network.build_seeded(ctx.generator).to(ctx.device)
+        net = _on_device(self.network.build_seeded(ctx.generator), ctx.device)
         params = [p for p in net.parameters() if p.requires_grad]
         grad = torch.zeros_like(images)
-        total = 0.0
+        total = images.new_zeros(())
         for cls, index in _class_groups(labels):
             syn = images[index].detach().requires_grad_(True)
             real = ctx.real.sample(cls, self.batch_real, ctx.generator, ctx.device)
             real_aug, syn_aug = augment_pair(ctx, real, syn)
-            target_real = torch.full((real.shape[0],), cls, dtype=torch.long, device=ctx.device)
-            target_syn = torch.full((syn.shape[0],), cls, dtype=torch.long, device=ctx.device)
-            real_grads = torch.autograd.grad(F.cross_entropy(net(real_aug), target_real), params,
-                                             allow_unused=True)
-            real_grads = [None if g is None else g.detach() for g in real_grads]
-            syn_grads = torch.autograd.grad(F.cross_entropy(net(syn_aug), target_syn), params,
-                                            create_graph=True, allow_unused=True)
+            real_grads = [g.detach() for g in self._ce_gradient(net, params, real_aug, cls)]
+            syn_grads = [g.detach().requires_grad_(True)
+                         for g in self._ce_gradient(net, params, syn_aug.detach(), cls)]
             loss = gradient_distance(real_grads, syn_grads)
-            (grad[index],) = torch.autograd.grad(loss, syn)
-            total += float(loss.detach())
+            v = torch.autograd.grad(loss, syn_grads, allow_unused=True)
+            v = [torch.zeros_like(g) if vi is None else vi for g, vi in zip(syn_grads, v)]
+            total = total + loss.detach()
+            aug_grad = torch.zeros_like(syn_aug)
+            for part in micro_batches(syn_aug.shape[0], self.micro_batch):
+                x_part = syn_aug[part].detach().requires_grad_(True)
+                logits = net(x_part)
+                targets = torch.full((logits.shape[0],), cls, dtype=torch.long, device=logits.device)
+                part_loss = F.cross_entropy(logits, targets, reduction="sum") / syn_aug.shape[0]
+                part_grads = torch.autograd.grad(part_loss, params, create_graph=True)
+                (aug_grad[part],) = torch.autograd.grad(part_grads, x_part, v)
+            grad[index] = _vjp(syn_aug, syn, aug_grad)
         return total, grad
 
 
@@ -363,7 +441,7 @@ class MTT(Algorithm):
         self.max_start_epoch = int(max_start_epoch)
         self.gradient = gradient
         self.batch_syn = batch_syn
-        self.micro_batch = micro_batch
+        self.micro_batch = check_micro_batch(network, micro_batch)
         self.min_student_lr = float(min_student_lr)
         self.student_lr = nn.Parameter(torch.tensor(float(student_lr)))
         self.device = torch.device("cpu")
@@ -386,8 +464,8 @@ class MTT(Algorithm):
 
     def draw_expert(self, generator: torch.Generator):
         """(start, target) flat parameter vectors (P,) of a random expert segment."""
-        which = int(torch.randint(len(self.trajectories), (1,), generator=generator))
-        start_epoch = int(torch.randint(self.max_start_epoch, (1,), generator=generator))
+        which = draw_int(len(self.trajectories), generator)
+        start_epoch = draw_int(self.max_start_epoch, generator)
         trajectory = self.trajectories[which]
         start = trajectory.snapshot(start_epoch).to(self.device)
         target = trajectory.snapshot(start_epoch + self.expert_epochs).to(self.device)
@@ -406,15 +484,11 @@ class MTT(Algorithm):
             plan.append((index.to(ctx.device), draw))
         return plan
 
-    def _chunks(self, count: int):
-        size = count if not self.micro_batch else int(self.micro_batch)
-        return [slice(i, min(i + size, count)) for i in range(0, count, size)]
-
     def _step_gradient(self, theta, x_aug, targets, *, create_graph=False):
         """g = dCE/dtheta at `theta` (P,) for the augmented batch (whole batch mean)."""
         count = x_aug.shape[0]
         total = None
-        for part in self._chunks(count):
+        for part in micro_batches(count, self.micro_batch):
             loss = F.cross_entropy(self.student(theta, x_aug[part]), targets[part], reduction="sum") / count
             (g,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
             total = g if total is None else total + g
@@ -443,8 +517,6 @@ class MTT(Algorithm):
             grad_sum += g
             theta = theta.detach() - alpha * g
         loss, v, dloss_dalpha = mtt_truncated_terms(start, grad_sum, target, alpha)
-        if not torch.isfinite(loss):
-            return float(loss), torch.zeros_like(images)
         # Pass 2: walk the trajectory again (same arithmetic, so the same theta_i) and take
         # d(g_i . v)/dimages step by step: one step's graph alive at a time and no stored
         # theta_i, so memory does not grow with the number of student steps.
@@ -458,7 +530,7 @@ class MTT(Algorithm):
             count = x_aug.shape[0]
             targets = labels[index]
             g_value = None
-            for part in self._chunks(count):
+            for part in micro_batches(count, self.micro_batch):
                 x_part = x_aug[part].detach().requires_grad_(True)
                 loss_part = F.cross_entropy(self.student(theta, x_part), targets[part],
                                             reduction="sum") / count
@@ -472,7 +544,7 @@ class MTT(Algorithm):
             image_grad.index_add_(0, index, step_grad)
             theta = theta.detach() - alpha * g_value
         self._accumulate_lr_grad(dloss_dalpha)
-        return float(loss), image_grad
+        return loss.detach(), image_grad
 
     def _full(self, images, labels, ctx, start, target, plan):
         from ..ops import trajectory_matching_distance
@@ -486,7 +558,7 @@ class MTT(Algorithm):
         loss = trajectory_matching_distance(theta, start, target)
         image_grad, lr_grad = torch.autograd.grad(loss, [x, alpha])
         self._accumulate_lr_grad(lr_grad)
-        return float(loss.detach()), image_grad
+        return loss.detach(), image_grad
 
     def _accumulate_lr_grad(self, value: torch.Tensor):
         value = value.detach().to(self.student_lr.dtype).reshape(())
@@ -497,14 +569,14 @@ class MTT(Algorithm):
 
 
 def build_algorithm(name: str, network: NetworkSpec, *, trajectories=None, batch_real: int = 256,
-                    **mtt_options) -> Algorithm:
-    """The algorithm object for `name` ("dm", "dc", "mtt")."""
+                    micro_batch: int | None = None, **mtt_options) -> Algorithm:
+    """The algorithm object for `name` ("dm", "dc", "mtt"); `micro_batch` applies to all three."""
     if name == "dm":
-        return DM(network, batch_real=batch_real)
+        return DM(network, batch_real=batch_real, micro_batch=micro_batch)
     if name == "dc":
-        return DC(network, batch_real=batch_real)
+        return DC(network, batch_real=batch_real, micro_batch=micro_batch)
     if name == "mtt":
         if trajectories is None:
             raise LD3MError("MTT needs an expert buffer: pass --buffer PATH (build one with `ld3m-fast buffer`)")
-        return MTT(network, trajectories, **mtt_options)
+        return MTT(network, trajectories, micro_batch=micro_batch, **mtt_options)
     raise LD3MError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")

@@ -56,7 +56,7 @@ class DistillConfig:
 
     data: str = "fashion-mnist"
     subset: str | None = None
-    prior: str | None = None
+    prior: str | None = None         # None: the embedded default prior (Fashion-MNIST, 32²)
     algorithm: str = "dm"
     res: int | None = None            # None: the prior's native size
     ipc: int = 1
@@ -66,7 +66,7 @@ class DistillConfig:
     eta: float = 0.0
     grad_mode: str = "recompute"
     chunk: int | None = None
-    iterations: int = 10000
+    iterations: int | None = None     # None: 10000 (the paper's), 120 on the embedded default
     lr_latent: float | None = None    # None: the algorithm's default (DM 1, DC 0.1, MTT 1000)
     lr_class: float | None = None
     lr_student: float = 1e-6
@@ -79,7 +79,7 @@ class DistillConfig:
     expert_epochs: int = 2
     max_start_epoch: int = 2
     student_lr: float = 0.01
-    batch_real: int = 256
+    batch_real: int | None = None     # None: 256 (released), 64 on the embedded default
     batch_syn: int | None = None
     micro_batch: int | None = None
     dsa: str = "color_crop_cutout_flip_scale_rotate"   # "none" disables augmentation
@@ -133,11 +133,35 @@ class DistillConfig:
         for ok, message in checks:
             if not ok:
                 raise LD3MError(message)
-        if self.prior is None:
-            raise LD3MError("no prior given: pass --prior PATH (a folder written by save_prior "
-                            "or `ld3m-fast convert`)")
+        if self.prior is None or self.iterations is None or self.batch_real is None:
+            raise ValueError("unresolved defaults: call resolve_defaults(config) first")
         if self.algorithm == "mtt" and not self.buffer:
             raise LD3MError("--algorithm mtt needs --buffer PATH (build one with `ld3m-fast buffer`)")
+
+
+# Defaults that depend on the prior. The embedded default (a 32² Fashion-MNIST prior)
+# runs end to end in a few minutes on a laptop CPU; a user's prior gets the paper's.
+# (At --res 256 the 28-px data are upsampled once and cached: 500 per class keep that ~1 GB.)
+EMBEDDED_PROFILE = {"iterations": 120, "batch_real": 64, "max_per_class": 500}
+PAPER_PROFILE = {"iterations": 10000, "batch_real": 256, "max_per_class": None}
+
+
+def resolve_defaults(config: DistillConfig, *, log=print) -> DistillConfig:
+    """Fill the prior-dependent defaults (prior, iterations, batch_real) and the run folder."""
+    values = config.to_dict()
+    profile = PAPER_PROFILE
+    if values["prior"] is None:
+        from ..priors.default import default_prior_path
+
+        values["prior"] = str(default_prior_path())
+        profile = EMBEDDED_PROFILE
+        log("using the embedded default prior (Fashion-MNIST 32², see docs/default_prior.md)")
+    for key, value in profile.items():
+        if values[key] is None:
+            values[key] = value
+    if not values["out"]:
+        values["out"] = str(Path("runs") / time.strftime("distill-%Y%m%d-%H%M%S"))
+    return DistillConfig(**values)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -300,10 +324,11 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
         trajectories = load_buffer(config.buffer, expect=expect)
     algorithm = build_algorithm(
         config.algorithm, network, trajectories=trajectories, batch_real=config.batch_real,
+        micro_batch=config.micro_batch,
         **({} if config.algorithm != "mtt" else dict(
             syn_steps=config.syn_steps, expert_epochs=config.expert_epochs,
             max_start_epoch=config.max_start_epoch, student_lr=config.student_lr,
-            gradient=config.mtt_gradient, batch_syn=config.batch_syn, micro_batch=config.micro_batch)))
+            gradient=config.mtt_gradient, batch_syn=config.batch_syn)))
     algorithm.to(device)
     real = RealData(data.images, data.labels, data.num_classes)
     return Setup(config, prior, generator, synthetic, algorithm, real, list(data.class_names), device, res, dsa)
@@ -588,8 +613,7 @@ class Distiller:
 
 def start_run(config: DistillConfig, *, log=print, on_iteration=None) -> Distiller:
     """Validate everything, then create the run folder and distill to the end."""
-    if not config.out:
-        raise LD3MError("no run folder given: pass --out RUN_DIR")
+    config = resolve_defaults(config, log=log)
     run_dir = Path(config.out)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise LD3MError(f"{run_dir} already exists and is not empty; continue it with --resume {run_dir} "
@@ -631,7 +655,12 @@ def resume_run(run_dir, overrides: dict | None = None, *, log=print, on_iteratio
 def _finish(distiller: Distiller, on_iteration) -> Distiller:
     distiller.run(on_iteration=on_iteration)
     distiller.export()
-    distiller.log(f"done: {distiller.iteration} iterations; synthetic set in {distiller.run_dir / 'final'}")
+    run_dir = distiller.run_dir
+    distiller.log(f"done: {distiller.iteration} iterations in {run_dir}\n"
+                  f"  images:        {run_dir / 'final' / 'images.png'}\n"
+                  f"  synthetic set: {run_dir / 'final' / 'synthetic.safetensors'} (latents), "
+                  f"{run_dir / 'final' / 'images.safetensors'} (images + labels)\n"
+                  f"  metrics:       {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tb'})")
     return distiller
 
 

@@ -2,7 +2,7 @@
 
 `measure(fn)` runs `fn` under a live-storage tracker (a TorchDispatchMode that
 adds a storage's bytes when an op first returns it and subtracts them when the
-storage is freed) and `FlopCounterMode`. Inside `FakeTensorMode` nothing is
+storage is freed) and counts FLOPs from torch's formula registry. Inside `FakeTensorMode` nothing is
 computed, so a full-size iteration of a 400 M-parameter prior costs seconds on a
 laptop; outside it, the same tracker measures a real CPU run (which is how the
 tracker is validated against the allocator in the tests).
@@ -13,12 +13,13 @@ memory, fake tensors run the real dispatch (and the CPU flash-attention op).
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import (FlopCounterMode, register_flop_formula,
+from torch.utils.flop_counter import (flop_registry, register_flop_formula,
                                       sdpa_backward_flop_count, sdpa_flop_count)
 
 aten = torch.ops.aten
@@ -28,9 +29,7 @@ def _register_cpu_attention_flops():
     """FlopCounterMode counts CUDA SDPA kernels but not the CPU flash-attention op."""
     forward = aten._scaled_dot_product_flash_attention_for_cpu
     backward = aten._scaled_dot_product_flash_attention_for_cpu_backward
-    from torch.utils import flop_counter
-
-    if forward.default in flop_counter.flop_registry:
+    if forward in flop_registry:
         return
 
     @register_flop_formula(forward, get_raw=True)
@@ -46,11 +45,15 @@ _register_cpu_attention_flops()
 
 
 class LiveStorageTracker(TorchDispatchMode):
-    """Counts the bytes of live tensor storages and their peak.
+    """Counts the bytes of live tensor storages and their peak, and the FLOPs of every op.
 
     A storage is counted from the first op that returns it until it is freed
     (a weakref finaliser on the storage). Tensors that existed before the mode
-    was entered (weights, inputs) are added with `track(...)`.
+    was entered (weights, inputs) are added with `track(...)`. FLOPs come from
+    torch's formula registry (`torch.utils.flop_counter`), counted here rather
+    than through `FlopCounterMode`, whose per-module tracker rejects
+    `autograd.grad` with respect to a module's leaf input (which the two-pass
+    micro-batched algorithms use).
     """
 
     def __init__(self):
@@ -58,6 +61,20 @@ class LiveStorageTracker(TorchDispatchMode):
         self._live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
+        self.phase_peaks: dict[str, int] = {}
+        self._phase: str | None = None
+        self.flops = 0
+        self.flops_by_op: dict[str, int] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        """Attribute the peak reached inside this block to `name`."""
+        outer, self._phase = self._phase, name
+        self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.current)
+        try:
+            yield
+        finally:
+            self._phase = outer
 
     def track(self, *tensors: torch.Tensor):
         for tensor in tensors:
@@ -74,6 +91,8 @@ class LiveStorageTracker(TorchDispatchMode):
         self._live[key] = nbytes
         self.current += nbytes
         self.peak = max(self.peak, self.current)
+        if self._phase is not None:
+            self.phase_peaks[self._phase] = max(self.phase_peaks[self._phase], self.current)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int):
@@ -82,10 +101,17 @@ class LiveStorageTracker(TorchDispatchMode):
             self.current -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
                 self._add(item)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            flops = int(formula(*args, **kwargs, out_val=out))
+            self.flops += flops
+            name = str(func._overloadpacket)
+            self.flops_by_op[name] = self.flops_by_op.get(name, 0) + flops
         return out
 
 
@@ -97,6 +123,7 @@ class Measurement:
     end_bytes: int
     flops: int
     flops_by_op: dict
+    phase_peaks: dict = field(default_factory=dict)
 
     @property
     def peak_gib(self) -> float:
@@ -107,17 +134,14 @@ class Measurement:
         return self.flops / 1e12
 
 
-def measure(fn, *, existing: tuple[torch.Tensor, ...] = (), count_flops: bool = True) -> Measurement:
-    """Run `fn()` under the tracker (and a FLOP counter); `existing` counts as live from the start."""
+def measure(fn, *, existing: tuple[torch.Tensor, ...] = (), with_phases: bool = False) -> Measurement:
+    """Run `fn()` under the tracker; `existing` counts as live from the start.
+
+    With `with_phases`, `fn` is called as `fn(phase)` where `phase(name)` is a
+    context manager attributing peaks to named stages (`Measurement.phase_peaks`).
+    """
     tracker = LiveStorageTracker().track(*existing)
-    counter = FlopCounterMode(display=False) if count_flops else None
-    if counter is not None:
-        with counter, tracker:
-            fn()
-        by_op = {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
-        flops = counter.get_total_flops()
-    else:
-        with tracker:
-            fn()
-        by_op, flops = {}, 0
-    return Measurement(tracker.peak, tracker.current, flops, by_op)
+    with tracker:
+        fn(tracker.phase) if with_phases else fn()
+    return Measurement(tracker.peak, tracker.current, tracker.flops, dict(tracker.flops_by_op),
+                       dict(tracker.phase_peaks))

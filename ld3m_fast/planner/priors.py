@@ -41,20 +41,52 @@ def dit_xl_2_256() -> Prior:
                  num_classes=1000, image_size=256)
 
 
-FULL_SIZE_PRIORS = {"cin256-v2": cin256_v2, "dit-xl-2-256": dit_xl_2_256}
+def tiny() -> Prior:
+    """The test-size prior (`build_tiny_prior`), for checking the planner against real runs."""
+    from ..priors.tiny import build_tiny_prior
+
+    return build_tiny_prior()
+
+
+FULL_SIZE_PRIORS = {"cin256-v2": cin256_v2, "dit-xl-2-256": dit_xl_2_256, "tiny": tiny}
+
+
+def prior_architecture(path) -> Prior:
+    """A prior folder's models built from their configs only (weights are not read)."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+
+    from ..priors.io import read_manifest
+
+    folder = Path(path)
+    manifest = read_manifest(folder)
+
+    def build(part: dict):
+        cls = getattr(diffusers, part["class"])
+        return cls.from_config(cls.load_config(folder / part["subfolder"]))
+
+    denoiser, autoencoder = build(manifest["denoiser"]), build(manifest["autoencoder"])
+    table = None
+    if manifest["conditioning"] == "cross_attention":
+        dim = denoiser.config.cross_attention_dim
+        table = torch.zeros(manifest["num_classes"] + 1, dim)
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return Prior(wrap_denoiser(denoiser, table),
+                 wrap_autoencoder(autoencoder, manifest["autoencoder"].get("scaling_factor")),
+                 scheduler, num_classes=manifest["num_classes"], image_size=manifest["image_size"])
 
 
 def build_planning_prior(name_or_path: str) -> Prior:
-    """A named full-size prior (built from its config) or a prior folder's architecture.
+    """A named prior (cin256-v2, dit-xl-2-256, tiny) or a prior folder's architecture.
 
-    Must be called inside `FakeTensorMode` for full-size models.
+    Call inside `FakeTensorMode` for full-size models.
     """
     if name_or_path in FULL_SIZE_PRIORS:
         return FULL_SIZE_PRIORS[name_or_path]()
-    from ..priors.io import load_prior
-
     try:
-        return load_prior(name_or_path)
+        return prior_architecture(name_or_path)
     except LD3MError as error:
         raise LD3MError(f"--prior must be one of {', '.join(FULL_SIZE_PRIORS)} or a prior "
                         f"folder ({error})") from None

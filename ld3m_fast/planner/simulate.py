@@ -1,0 +1,209 @@
+"""Simulate one distillation iteration of the real code path under fake tensors.
+
+`simulate(spec)` builds the prior (full size, no weights), the synthetic set,
+the generator and the algorithm exactly as a run would, then runs
+`ld3m_fast.distill.iteration.distill_iteration` under `FakeTensorMode` with the
+live-storage tracker and the FLOP counter. Nothing is computed, but every tensor
+the real iteration would allocate is allocated (as metadata) and freed when the
+real one would be.
+
+A full-size denoiser call costs about half a second of dispatch here, so a
+T=20, 100-image iteration would take minutes to walk. `estimate(spec)` therefore
+walks the real code at T in {1, 2} steps and at one and two "units" of images (a
+unit is the smallest set of whole classes that also fills whole generator
+chunks), and extrapolates each phase's peak (render / distill / backward) and
+the FLOPs bilinearly in (T, images). The model is exact when each phase's peak
+is bilinear in T and the image count, which holds for this pipeline (per-step
+latents and per-image state grow linearly, working memory is per chunk, per
+class or per micro-batch); `tests/test_planner.py` checks the extrapolation
+against a direct simulation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from ..errors import LD3MError
+from .measure import Measurement, measure
+from .priors import build_planning_prior
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PHASES = ("render", "distill", "backward")
+
+
+@dataclass(frozen=True)
+class IterationSpec:
+    """One distillation iteration to plan (defaults: the paper's 256² setting).
+
+    chunk: images per generator chunk (None = all at once); micro_batch: images
+    per student micro-batch (None = full batch); dtype: "fp32" or "bf16" (autocast).
+    """
+
+    prior: str = "cin256-v2"
+    res: int = 256
+    ipc: int = 10
+    num_classes: int = 10
+    steps: int = 20
+    guidance: float = 3.0
+    skip: str | None = "x0"
+    algorithm: str = "dm"
+    grad_mode: str = "recompute"
+    chunk: int | None = 10
+    micro_batch: int | None = None
+    dtype: str = "fp32"
+    syn_steps: int = 10
+    mtt_gradient: str = "truncated"
+    batch_real: int = 256
+    width: int = 128
+    depth: int | None = None
+
+    @property
+    def images(self) -> int:
+        return self.ipc * self.num_classes
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Estimate:
+    """Peak bytes and FLOPs of one iteration (extrapolated or simulated directly)."""
+
+    spec: IterationSpec
+    peak_bytes: float
+    flops: float
+    phase_peaks: dict
+    weights_bytes: int
+    method: str
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / 2**30
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / 1e12
+
+
+def _fake_trajectories(network, count: int = 1):
+    from ..distill.buffers import ExpertTrajectory
+
+    module = network.build()
+    names = [n for n, _ in module.named_parameters()]
+    shapes = [tuple(p.shape) for _, p in module.named_parameters()]
+    size = sum(p.numel() for p in module.parameters())
+    return [ExpertTrajectory(torch.zeros(4, size), names, shapes, {}, source="planner")
+            for _ in range(count)]
+
+
+def _build(spec: IterationSpec):
+    """Everything one iteration touches, built inside the caller's FakeTensorMode."""
+    from .._host import host_values
+    from ..distill.algorithms import NetworkSpec, RealData, StepContext, build_algorithm
+    from ..dsa import DSA
+    from ..generator import LD3MGenerator
+    from ..synthetic import SyntheticSet
+
+    prior = build_planning_prior(spec.prior)
+    if spec.res % prior.latent_factor:
+        raise LD3MError(f"--res {spec.res} is not a multiple of the prior's latent factor {prior.latent_factor}")
+    n = spec.images
+    with host_values():
+        labels = torch.arange(spec.num_classes).repeat_interleave(spec.ipc)
+        real_labels = torch.arange(spec.num_classes).repeat_interleave(spec.batch_real)
+    Z = torch.zeros(n, *prior.latent_shape())
+    c = torch.zeros(n, prior.embedding_dim)
+    synthetic = SyntheticSet(Z, c, torch.zeros(n, dtype=torch.long), list(range(spec.num_classes)))
+    synthetic.labels = labels  # real: class bookkeeping reads it on the host
+    generator = LD3MGenerator(prior, spec.steps, guidance=spec.guidance, skip=spec.skip,
+                              grad_mode=spec.grad_mode, chunk_size=spec.chunk,
+                              output_size=None if spec.res == prior.image_size else spec.res)
+    network = NetworkSpec(num_classes=spec.num_classes, res=spec.res, width=spec.width, depth=spec.depth)
+    extra = dict(syn_steps=spec.syn_steps, gradient=spec.mtt_gradient) if spec.algorithm == "mtt" else {}
+    algorithm = build_algorithm(spec.algorithm, network, batch_real=spec.batch_real,
+                                micro_batch=spec.micro_batch,
+                                trajectories=_fake_trajectories(network) if spec.algorithm == "mtt" else None,
+                                **extra)
+    real_images = torch.zeros(len(real_labels), 3, spec.res, spec.res, dtype=torch.uint8)
+    with host_values():
+        real = RealData(real_images, real_labels, spec.num_classes)
+    context = StepContext(real=real, generator=torch.Generator().manual_seed(0), dsa=DSA(),
+                          dsa_generator=torch.Generator().manual_seed(1))
+    params = [synthetic.Z, synthetic.c] + list(algorithm.parameters())
+    optimizer = torch.optim.SGD(params, lr=1.0, momentum=0.5)
+    for p in params:  # steady state: momentum buffers exist before the iteration
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    weights = list(prior.parameters()) + list(prior.buffers())
+    resident = weights + params + [optimizer.state[p]["momentum_buffer"] for p in params]
+    if spec.algorithm == "mtt":
+        resident += [t.epochs for t in algorithm.trajectories]
+    return generator, synthetic, algorithm, context, optimizer, resident, weights
+
+
+def simulate(spec: IterationSpec) -> Measurement:
+    """Walk one iteration of `spec` for real (fake tensors): peak, per-phase peaks, FLOPs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..distill.iteration import distill_iteration
+
+    if spec.dtype not in DTYPES:
+        raise LD3MError(f"dtype must be one of {', '.join(DTYPES)}, got {spec.dtype!r}")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        generator, synthetic, algorithm, context, optimizer, resident, weights = _build(spec)
+        noise = generator.draw_noise(spec.images, torch.Generator().manual_seed(2))
+
+        def iteration(phase):
+            with torch.autocast("cpu", dtype=DTYPES[spec.dtype], enabled=spec.dtype != "fp32"):
+                distill_iteration(generator, synthetic, algorithm, context, optimizer, noise, phase=phase)
+
+        result = measure(iteration, existing=tuple(resident) + (noise.start,), with_phases=True)
+    result.weights_bytes = sum(w.untyped_storage().nbytes() for w in weights)
+    return result
+
+
+def image_unit(spec: IterationSpec) -> int:
+    """Classes per unit: whole classes that also fill whole generator chunks.
+
+    Without chunking the generator takes all images at once, which scales with the
+    image count like any per-class state: one class is a unit.
+    """
+    if spec.chunk is None:
+        return 1
+    return max(1, math.lcm(spec.chunk, spec.ipc) // spec.ipc)
+
+
+def _bilinear(values: dict, t: float, g: float) -> float:
+    """Evaluate the bilinear function through (t, g) in {t1, t2} x {g1, g2}."""
+    (t1, g1), (t2, g2) = min(values), max(values)
+    f11, f12, f21, f22 = values[(t1, g1)], values[(t1, g2)], values[(t2, g1)], values[(t2, g2)]
+    u = (t - t1) / (t2 - t1)
+    v = (g - g1) / (g2 - g1)
+    return (f11 * (1 - u) * (1 - v) + f21 * u * (1 - v) + f12 * (1 - u) * v + f22 * u * v)
+
+
+def estimate(spec: IterationSpec, *, direct: bool = False) -> Estimate:
+    """Peak memory and FLOPs of one iteration; `direct=True` walks the full iteration."""
+    unit = image_unit(spec)
+    if direct or (spec.steps <= 2 and spec.num_classes <= 2 * unit):
+        m = simulate(spec)
+        return Estimate(spec, m.peak_bytes, m.flops, m.phase_peaks, m.weights_bytes, "simulated")
+    if spec.num_classes % unit:
+        raise LD3MError(f"{spec.num_classes} classes are not a whole number of {unit}-class units "
+                        f"(chunk {spec.chunk}, ipc {spec.ipc}); choose a chunk that divides the images")
+    points = {}
+    weights = 0
+    for t in (1, 2):
+        for g in (1, 2):
+            m = simulate(replace(spec, steps=t, num_classes=g * unit))
+            weights = m.weights_bytes
+            points[(t, g)] = m
+    target_g = spec.num_classes / unit
+    phase_peaks = {}
+    for name in PHASES:
+        values = {k: float(m.phase_peaks.get(name, 0)) for k, m in points.items()}
+        phase_peaks[name] = _bilinear(values, spec.steps, target_g)
+    flops = _bilinear({k: float(m.flops) for k, m in points.items()}, spec.steps, target_g)
+    peak = max(phase_peaks.values())
+    return Estimate(spec, peak, flops, phase_peaks, weights, "extrapolated (T in 1,2; 2 image counts)")
