@@ -15,7 +15,7 @@ from ld3m_fast import build_tiny_prior, save_prior
 RES = "16"
 
 
-def cli(*args, timeout=240):
+def cli(*args, timeout=240, cwd=None):
     """Run `python -m ld3m_fast.cli.main ARGS`; returns the CompletedProcess.
 
     One OpenMP thread: the 2 shared cores of the test machine make spinning worker
@@ -23,7 +23,7 @@ def cli(*args, timeout=240):
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "ld3m_fast.cli.main", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def assert_user_error(result, *fragments):
@@ -151,3 +151,26 @@ def test_end_to_end_buffer_distill_eval_then_bad_buffer_and_corrupt_resume(ws, t
     checkpoint = run / "checkpoint.safetensors"
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     assert_user_error(cli("distill", "--resume", run, "--iterations", "3", "--no-progress"), "corrupt")
+
+
+def test_embedded_default_runs_without_arguments(tmp_path):
+    """`ld3m-fast distill` alone uses the shipped prior and Fashion-MNIST (here cut to 2 iterations)."""
+    result = cli("distill", "--iterations", "2", "--no-progress", "--cache-dir", tmp_path / "cache",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "embedded default prior" in result.stdout
+    (run,) = (tmp_path / "runs").iterdir()
+    config = json.loads((run / "config.json").read_text())
+    assert config["algorithm"] == "dm" and config["batch_real"] == 64 and config["iterations"] == 2
+    assert (run / "final" / "images.png").is_file() and (run / "final" / "synthetic.safetensors").is_file()
+    assert str(run.name) in result.stdout
+
+
+def test_plan_command_on_a_prior_folder(ws, tmp_path):
+    result = cli("plan", "--prior", ws / "prior", "--res", RES, "--ipc", "1", "--classes", "2",
+                 "--steps", "2", "--chunks", "1,2", "--dtypes", "fp32", "--budget", "4GiB",
+                 "--json", tmp_path / "plan.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "choice: --chunk" in result.stdout
+    rows = json.loads((tmp_path / "plan.json").read_text())["rows"]
+    assert len(rows) == 2 and sum(r["chosen"] for r in rows) == 1
