@@ -194,6 +194,9 @@ class LD3MGenerator(torch.nn.Module):
                                               use_reentrant=False)
         else:
             eps_cond, eps_uncond = self.guided_eps(z_t, s.timesteps[j], c)
+        # The chain state stays in Z's dtype; under autocast the denoiser may answer in bf16.
+        eps_cond, eps_uncond, anchor = (None if x is None else x.to(z_t.dtype)
+                                        for x in (eps_cond, eps_uncond, anchor))
         return ops.ld3m_step(
             z_t, eps_cond, anchor, a_t=s.a_t[j], a_prev=s.a_prev[j],
             skip_weight=s.skip_weight[j], skip=self.skip, eps_uncond=eps_uncond,
@@ -244,12 +247,23 @@ class LD3MGenerator(torch.nn.Module):
         return function.apply(self, Z, c, noise.start, noise.steps)
 
 
+def _autocast_state(device_type: str):
+    """The caller's autocast settings, to re-enter when backward re-renders (as checkpoint does)."""
+    return (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+
+def _autocast(state):
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
 class _ReleasedChain(torch.autograd.Function):
     """Render without grad; backward re-renders each chunk with checkpointed denoiser calls."""
 
     @staticmethod
     def forward(ctx, gen: LD3MGenerator, Z, c, start_noise, step_noise):
         ctx.gen = gen
+        ctx.autocast = _autocast_state(Z.device.type)
         ctx.save_for_backward(Z, c, start_noise, step_noise)
         noise = ChainNoise(start_noise, step_noise)
         return torch.cat([gen.render(Z[s], c[s], noise.select(s)) for s in gen.chunks(Z.shape[0])])
@@ -263,7 +277,7 @@ class _ReleasedChain(torch.autograd.Function):
         for s in gen.chunks(Z.shape[0]):
             Z_leaf = Z[s].detach().requires_grad_()
             c_leaf = c[s].detach().requires_grad_()
-            with torch.enable_grad():
+            with torch.enable_grad(), _autocast(ctx.autocast):
                 images = gen.render(Z_leaf, c_leaf, noise.select(s), checkpointed=True)
             grad_Z[s], grad_c[s] = torch.autograd.grad(images, (Z_leaf, c_leaf), grad_images[s])
         return None, grad_Z, grad_c, None, None
@@ -281,6 +295,7 @@ class _RecomputeChain(torch.autograd.Function):
             images.append(chunk_images)
             latents.append(chunk_latents)
         ctx.gen = gen
+        ctx.autocast = _autocast_state(Z.device.type)
         ctx.save_for_backward(Z, c, start_noise, step_noise, torch.cat(latents, dim=1))
         return torch.cat(images)
 
@@ -289,10 +304,11 @@ class _RecomputeChain(torch.autograd.Function):
         gen = ctx.gen
         Z, c, start_noise, step_noise, latents = ctx.saved_tensors
         grad_Z, grad_c = torch.zeros_like(Z), torch.zeros_like(c)
-        for s in gen.chunks(Z.shape[0]):
-            grad_Z[s], grad_c[s] = _recompute_chunk(
-                gen, Z[s], c[s], ChainNoise(start_noise, step_noise).select(s),
-                latents[:, s], grad_images[s])
+        with _autocast(ctx.autocast):
+            for s in gen.chunks(Z.shape[0]):
+                grad_Z[s], grad_c[s] = _recompute_chunk(
+                    gen, Z[s], c[s], ChainNoise(start_noise, step_noise).select(s),
+                    latents[:, s], grad_images[s])
         return None, grad_Z, grad_c, None, None
 
 

@@ -209,3 +209,22 @@ def test_bad_arguments():
     Z, c = _inputs(prior, batch=2)
     with pytest.raises(ValueError, match="per-step noise"):
         gen(Z, c, ChainNoise(torch.randn(2, 3, 8, 8)))
+
+
+def test_gradient_modes_agree_under_bf16_autocast():
+    """Backward re-renders under the caller's autocast state (as torch.utils.checkpoint does)."""
+    prior = build_tiny_prior()
+    Z, c = _inputs(prior, batch=3)
+    grads = {}
+    for mode in ("autograd", "released", "recompute"):
+        gen = LD3MGenerator(prior, steps=3, grad_mode=mode, chunk_size=2)
+        noise = gen.draw_noise(3, torch.Generator().manual_seed(0))
+        Z_leaf = Z.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            images = gen(Z_leaf, c, noise)
+        assert images.dtype == torch.bfloat16
+        images.float().square().mean().backward()
+        assert Z_leaf.grad.dtype == torch.float32  # the chain state stays in Z's dtype
+        grads[mode] = Z_leaf.grad
+    torch.testing.assert_close(grads["released"], grads["autograd"], rtol=0, atol=0)
+    torch.testing.assert_close(grads["recompute"], grads["autograd"], rtol=0, atol=0)
