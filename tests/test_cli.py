@@ -174,3 +174,22 @@ def test_plan_command_on_a_prior_folder(ws, tmp_path):
     assert "choice: --chunk" in result.stdout
     rows = json.loads((tmp_path / "plan.json").read_text())["rows"]
     assert len(rows) == 2 and sum(r["chosen"] for r in rows) == 1
+
+
+def test_chunk_auto_compile_bf16_profile_end_to_end(ws, tmp_path):
+    """--compile with aot_eager traces every module and our ops (inductor's C++ codegen takes
+    minutes on this CPU, so it is left to real runs)."""
+    out = tmp_path / "run"
+    result = cli(*distill_args(ws, out, "--data", ws / "folder", "--iterations", "2", "--chunk", "auto",
+                               "--memory-budget", "2GiB", "--compile", "--compile-backend", "aot_eager",
+                               "--dtype", "bf16", "--profile", "1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--chunk auto: chunk" in result.stdout
+    assert json.loads((out / "config.json").read_text())["chunk"] == "auto"
+    assert list((out / "profile").glob("*.pt.trace.json"))
+    assert (out / "final" / "synthetic.safetensors").is_file()
+
+
+def test_chunk_rejects_words_other_than_auto(ws, tmp_path):
+    result = cli(*distill_args(ws, tmp_path / "run", "--chunk", "many"))
+    assert result.returncode == 2 and "auto" in result.stderr

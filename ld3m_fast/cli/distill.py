@@ -40,7 +40,12 @@ _FLAGS = [
     ("--skip", str, "LD3M skip: x0 (released code) | mean (paper Eq. 7) | none"),
     ("--eta", float, "DDIM eta (0 = deterministic chain)"),
     ("--grad-mode", str, "autograd | released | recompute"),
-    ("--chunk", int, "images per generator chunk in released/recompute modes"),
+    ("--chunk", "chunk", "images per generator chunk in released/recompute modes, or 'auto' "
+                         "(the planner's cheapest that fits --memory-budget)"),
+    ("--memory-budget", str, "memory budget for --chunk auto, e.g. 24GiB (default: the device's)"),
+    ("--dtype", str, "fp32 | bf16 (autocast; Z, c and the latent chain stay fp32)"),
+    ("--compile-backend", str, "torch.compile backend for --compile (inductor; aot_eager to check tracing)"),
+    ("--profile", int, "write a torch.profiler trace of N iterations to RUN_DIR/profile"),
     ("--iterations", int, "distillation iterations"),
     ("--lr-latent", float, "SGD lr for the latents Z (default per algorithm: DM 1, DC 0.1, MTT 1000)"),
     ("--lr-class", float, "SGD lr for the class embeddings c (default as --lr-latent)"),
@@ -77,6 +82,15 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
+def _chunk(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of images or 'auto', got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..distill.loop import DistillConfig
 
@@ -85,8 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # apart from "left at its default" (flags win over the config file).
     for flag, kind, text in _FLAGS:
         default = getattr(defaults, _dest(flag))
-        parser.add_argument(flag, type=kind, default=None,
+        parser.add_argument(flag, type=_chunk if kind == "chunk" else kind, default=None,
                             help=f"{text} (default: {default})" if default is not None else text)
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the denoiser, decoder and distillation network")
     parser.add_argument("--config", type=str, default=None, help="TOML file of settings (flags win)")
     parser.add_argument("--resume", type=str, default=None, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its checkpoint")
@@ -136,6 +152,8 @@ def explicit_settings(args) -> dict:
     """The settings given as flags on the command line."""
     values = {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in _FLAGS
               if getattr(args, _dest(flag), None) is not None}
+    if getattr(args, "compile", None):
+        values["compile"] = True
     if getattr(args, "no_progress", False):
         values["progress"] = False
     return values

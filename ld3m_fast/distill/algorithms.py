@@ -97,6 +97,7 @@ class NetworkSpec:
     depth: int | None = None
     norm: str | None = None           # None: the architecture's released default
     channels: int = 3
+    compile_backend: str | None = None  # torch.compile every network built (None: eager)
 
     def __post_init__(self):
         # Resolve defaults now so that buffers and students compare equal field by field.
@@ -112,8 +113,11 @@ class NetworkSpec:
     def build(self) -> nn.Module:
         from ..networks import build_network
 
-        return build_network(self.arch, num_classes=self.num_classes, channels=self.channels,
-                             res=self.res, width=self.width, depth=self.depth, norm=self.norm)
+        net = build_network(self.arch, num_classes=self.num_classes, channels=self.channels,
+                            res=self.res, width=self.width, depth=self.depth, norm=self.norm)
+        if self.compile_backend:
+            net.compile(backend=self.compile_backend)
+        return net
 
     def build_seeded(self, generator: torch.Generator) -> nn.Module:
         """A freshly initialised network whose init is a function of `generator` only.

@@ -46,7 +46,9 @@ CHECKPOINT_FORMAT = "ld3m-fast-checkpoint"
 GRAD_MODES = ("autograd", "released", "recompute")
 SKIPS = ("x0", "mean", "none")
 # Settings that may change when a run is resumed; everything else must stay as it was.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RESUME_OVERRIDES = ("iterations", "save_every", "image_every", "eval_every", "device", "progress",
+                    "compile", "compile_backend", "profile",
                     "eval_archs", "eval_epochs", "eval_seeds")
 
 
@@ -65,7 +67,12 @@ class DistillConfig:
     skip: str = "x0"                  # "x0", "mean" or "none"
     eta: float = 0.0
     grad_mode: str = "recompute"
-    chunk: int | None = None
+    chunk: int | str | None = None    # images per generator chunk, or "auto" (the planner picks)
+    memory_budget: str | None = None  # for --chunk auto: e.g. "24GiB" (default: the device's memory)
+    dtype: str = "fp32"               # "bf16": autocast; the latent chain and Z, c stay fp32
+    compile: bool = False             # torch.compile the denoiser, decoder and distillation network
+    compile_backend: str = "inductor"
+    profile: int = 0                  # N > 0: torch.profiler trace of iterations 2..N+1 in RUN/profile
     iterations: int | None = None     # None: 10000 (the paper's), 120 on the embedded default
     lr_latent: float | None = None    # None: the algorithm's default (DM 1, DC 0.1, MTT 1000)
     lr_class: float | None = None
@@ -124,7 +131,10 @@ class DistillConfig:
             (self.ipc >= 1, f"--ipc must be >= 1, got {self.ipc}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.iterations >= 0, f"--iterations must be >= 0, got {self.iterations}"),
-            (self.chunk is None or self.chunk >= 1, f"--chunk must be >= 1, got {self.chunk}"),
+            (self.chunk in (None, "auto") or (isinstance(self.chunk, int) and self.chunk >= 1),
+             f"--chunk must be >= 1 or auto, got {self.chunk}"),
+            (self.dtype in DTYPES, f"unknown --dtype {self.dtype!r}; choose fp32 or bf16"),
+            (self.profile >= 0, f"--profile must be >= 0, got {self.profile}"),
             (self.save_every >= 1 and self.image_every >= 1, "--save-every and --image-every must be >= 1"),
             (self.eval_every >= 0, "--eval-every must be >= 0 (0 = off)"),
             (self.res is None or self.res >= 8, f"--res must be >= 8, got {self.res}"),
@@ -278,6 +288,40 @@ def prior_class_rows(prior, subset: str | None, num_classes: int) -> list[int]:
     return list(range(num_classes))
 
 
+def device_memory(device: torch.device) -> int:
+    """Bytes a run may plan for: the GPU's memory, or 80% of the machine's RAM on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def choose_chunk(config: DistillConfig, res: int, num_classes: int, device, *, log=print) -> int:
+    """--chunk auto: the planner's cheapest chunk that fits the memory budget."""
+    from ..planner.plan import format_bytes, parse_bytes, plan
+    from ..planner.simulate import IterationSpec
+
+    budget = parse_bytes(config.memory_budget) if config.memory_budget else device_memory(device)
+    spec = IterationSpec(
+        prior=config.prior, res=res, ipc=config.ipc, num_classes=num_classes, steps=config.steps,
+        guidance=config.guidance, skip=None if config.skip == "none" else config.skip,
+        algorithm=config.algorithm, grad_mode=config.grad_mode, micro_batch=config.micro_batch,
+        dtype=config.dtype, syn_steps=config.syn_steps, mtt_gradient=config.mtt_gradient,
+        batch_real=config.batch_real, width=config.width, depth=config.depth)
+    _, best = plan(spec, budget, dtypes=(config.dtype,))
+    if best is None:
+        raise LD3MError(f"--chunk auto: no chunk size fits {format_bytes(budget)}; set --micro-batch, "
+                        "lower --ipc or raise --memory-budget")
+    log(f"--chunk auto: chunk {best.estimate.spec.chunk} (planned peak "
+        f"{format_bytes(best.estimate.peak_bytes)} of {format_bytes(budget)})")
+    return best.estimate.spec.chunk
+
+
+def compile_prior(prior, backend: str) -> None:
+    """torch.compile the denoiser and the decoder in place (the encoder runs once, at init)."""
+    prior.denoiser.model.compile(backend=backend)
+    prior.autoencoder.model.decoder.compile(backend=backend)
+
+
 def build_setup(config: DistillConfig, *, log=print) -> Setup:
     """Load the prior, data and buffer and build generator, synthetic set and algorithm.
 
@@ -309,12 +353,16 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     init_generator = stream_generator(config.seed, "init")
     synthetic = SyntheticSet.from_real(prior, data.images, data.labels, config.ipc, init_generator,
                                        prior_classes=rows).to(device)
+    chunk = choose_chunk(config, res, data.num_classes, device, log=log) if config.chunk == "auto" else config.chunk
+    if config.compile:
+        compile_prior(prior, config.compile_backend)
     generator = LD3MGenerator(prior, config.steps, guidance=config.guidance,
                               skip=None if config.skip == "none" else config.skip, eta=config.eta,
-                              grad_mode=config.grad_mode, chunk_size=config.chunk,
+                              grad_mode=config.grad_mode, chunk_size=chunk,
                               output_size=None if res == prior.image_size else res)
     network = NetworkSpec(num_classes=data.num_classes, res=res, width=config.width, depth=config.depth,
-                          norm=config.norm)
+                          norm=config.norm,
+                          compile_backend=config.compile_backend if config.compile else None)
     network.build()  # an unknown norm or an impossible depth fails now, not at iteration 1
     trajectories = None
     if config.algorithm == "mtt":
@@ -484,8 +532,10 @@ class Distiller:
         started = time.perf_counter()
         # Drawn on the CPU generator, then moved: the same noise on every device.
         noise = setup.generator.draw_noise(len(syn), self.noise_generator, device="cpu").to(setup.device)
-        loss, images = distill_iteration(setup.generator, syn, setup.algorithm, self.context, self.optimizer,
-                                         noise, check=self._check_finite)
+        with torch.autocast(setup.device.type, dtype=DTYPES[self.config.dtype],
+                            enabled=self.config.dtype != "fp32"):
+            loss, images = distill_iteration(setup.generator, syn, setup.algorithm, self.context,
+                                             self.optimizer, noise, check=self._check_finite)
         # A finite loss can still send a non-finite gradient through the chain: then the
         # parameters are no longer finite and this iteration must not be checkpointed.
         if not all(bool(torch.isfinite(p).all()) for group in self.optimizer.param_groups
@@ -531,9 +581,12 @@ class Distiller:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=self.iteration, desc="distill", unit="it", dynamic_ncols=True)
+        profiler = self._profiler()
         try:
             while self.iteration < total:
                 record = self.step()
+                if profiler is not None:
+                    profiler.step()
                 self.log_metrics(record)
                 k = self.iteration
                 if k % config.image_every == 0 or k == total:
@@ -549,11 +602,28 @@ class Distiller:
                 if on_iteration is not None:
                     on_iteration(k)
         finally:
+            if profiler is not None:
+                profiler.stop()
             if bar is not None:
                 bar.close()
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+
+    def _profiler(self):
+        """--profile N: a torch.profiler trace of N iterations after one warm-up, written to
+        RUN_DIR/profile for TensorBoard's profiler plugin (pip install torch-tb-profiler)."""
+        if not self.config.profile:
+            return None
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.setup.device.type == "cuda" else [])
+        profiler = profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=self.config.profile,
+                                                                    repeat=1),
+                           on_trace_ready=tensorboard_trace_handler(str(self.run_dir / "profile")),
+                           record_shapes=True, profile_memory=True)
+        profiler.start()
+        return profiler
 
     def inline_eval(self) -> dict:
         from ..data import load_dataset
