@@ -18,6 +18,7 @@ COMMANDS = {
     "eval": ("ld3m_fast.cli.evaluate", "train fresh networks on a distilled set, test on real data"),
     "prior": ("ld3m_fast.cli.prior", "train a small prior (the embedded default is made this way)"),
     "plan": ("ld3m_fast.cli.plan", "peak memory and FLOPs per iteration; pick chunk and dtype for a budget"),
+    "bench": ("ld3m_fast.cli.bench", "benchmark report: simulated full-scale memory/FLOPs, measured CPU speed"),
     "convert": ("ld3m_fast.cli.convert", "convert a CompVis cin256-v2 .ckpt into a prior folder"),
     "info": ("ld3m_fast.cli.info", "versions, devices and the backend each op will use"),
 }

@@ -20,6 +20,7 @@ against a direct simulation.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -142,8 +143,12 @@ def _build(spec: IterationSpec):
     return generator, synthetic, algorithm, context, optimizer, resident, weights
 
 
+@functools.lru_cache(maxsize=256)
 def simulate(spec: IterationSpec) -> Measurement:
-    """Walk one iteration of `spec` for real (fake tensors): peak, per-phase peaks, FLOPs."""
+    """Walk one iteration of `spec` for real (fake tensors): peak, per-phase peaks, FLOPs.
+
+    Memoised: specs are frozen, and the extrapolation points of different T share them.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..distill.iteration import distill_iteration
