@@ -232,7 +232,7 @@ def plot(rows: list[dict], path) -> Path | None:
 
 
 def write_json(rows: list[dict], path) -> Path:
-    from .distill.loop import write_text_atomic
+    from ._files import write_text_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,36 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import nn
 
+from ._files import save_tensors_atomic
 from .errors import LD3MError
 from .normalization import uint8_to_autoencoder
 from .priors.prior import Prior
 
 FORMAT = "ld3m-fast-synthetic"
-
-
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None):
-    """safetensors write through a temporary file and a rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class SyntheticSet(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import ld3m_fast.synthetic as synthetic_module
+import safetensors.torch
 from ld3m_fast import build_tiny_prior, save_prior
 from ld3m_fast.data import load_dataset
 from ld3m_fast.distill.algorithms import DM, NetworkSpec
@@ -144,12 +144,12 @@ def test_checkpoint_write_is_atomic(workspace, tmp_path, monkeypatch):
             f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(synthetic_module, "save_file", crash_mid_write)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_mid_write)
     distiller.step()
     with pytest.raises(OSError):
         distiller.save_checkpoint()
     assert (run / CHECKPOINT).read_bytes() == before
-    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
 def test_resume_refuses_changed_settings_and_corrupt_checkpoints(workspace, tmp_path):

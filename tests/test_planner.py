@@ -1,6 +1,5 @@
 """The planner: one iteration of the real code path under fake tensors, extrapolated."""
 import pytest
-import torch
 
 from ld3m_fast import LD3MError
 from ld3m_fast.planner.plan import candidate_chunks, parse_bytes, plan

@@ -19,7 +19,7 @@ def add_arguments(parser):
 def run(args) -> int:
     from .. import bench
     from ..errors import LD3MError
-    from ..distill.loop import write_text_atomic
+    from .._files import write_text_atomic
 
     unknown = set(args.parts) - set(PARTS)
     if unknown:

@@ -35,7 +35,7 @@ def spec_from_args(args) -> IterationSpec:
 
 
 def run(args) -> int:
-    from ..distill.loop import write_text_atomic
+    from .._files import write_text_atomic
 
     budget = parse_bytes(args.budget)
     spec = spec_from_args(args)

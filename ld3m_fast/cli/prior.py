@@ -7,13 +7,11 @@ with wall-clock times, losses and the autoencoder's test-split reconstruction er
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
+from .._files import write_json_atomic
 from ..errors import LD3MError
 
 
@@ -125,8 +123,4 @@ def _cpu_name() -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(data, stream, indent=2)
-    os.replace(temporary, path)
+    write_json_atomic(path, data)

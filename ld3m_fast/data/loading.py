@@ -21,7 +21,6 @@ import hashlib
 import numbers
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from ld3m_fast.data import readers
 from ld3m_fast.data.decode import resize_array_batch
 from ld3m_fast.data.imageset import ImageSet
 from ld3m_fast.data.subsets import imagenet_class_names, resolve_subset, wnid_to_index
+from ld3m_fast._files import atomic_write
 from ld3m_fast.errors import LD3MError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -294,17 +294,9 @@ def _read_cache(path: Path):
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, class_names) -> None:
     """Atomic: a crash leaves either no cache file or a complete one."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp",
-                                             delete=False)
-        try:
-            with handle:
-                np.savez(handle, images=images.numpy(), labels=labels.numpy(),
-                         class_names=np.asarray(class_names, dtype=np.str_))
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, suffix=".npz") as tmp:
+            np.savez(tmp, images=images.numpy(), labels=labels.numpy(),
+                     class_names=np.asarray(class_names, dtype=np.str_))
     except OSError as error:
         # A read-only cache location must not stop the run; it only costs the next start.
         warnings.warn(f"could not write data cache {path}: {error}", stacklevel=3)

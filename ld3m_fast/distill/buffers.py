@@ -11,16 +11,15 @@ shapes, seed, dsa. Only the epochs MTT will read are kept
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
 
+from .._files import save_tensors_atomic
 from ..errors import LD3MError
 from ..normalization import from_uint8
 from .algorithms import stream_generator
@@ -60,16 +59,8 @@ def flatten_parameters(module: torch.nn.Module) -> torch.Tensor:
 
 def write_trajectory_atomic(path: Path, epochs: torch.Tensor, metadata: dict) -> None:
     """Write one trajectory through a temporary file and a rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"epochs": epochs.contiguous().cpu()}, tmp,
-                  metadata={"format": FORMAT, "ld3m_buffer": json.dumps(metadata)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_tensors_atomic({"epochs": epochs}, path,
+                        {"format": FORMAT, "ld3m_buffer": json.dumps(metadata)})
 
 
 def train_expert(network, images: torch.Tensor, labels: torch.Tensor, *, epochs: int,

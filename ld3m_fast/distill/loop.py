@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
+from .._files import atomic_write, write_text_atomic
+from .._files import save_tensors_atomic as _save_tensors
 from ..errors import LD3MError
 from ..normalization import denormalize_unit
 from .algorithms import (ALGORITHMS, MTT_GRADIENTS, NetworkSpec, RealData, StepContext, build_algorithm,
@@ -177,18 +178,6 @@ def resolve_defaults(config: DistillConfig, *, log=print) -> DistillConfig:
 # --------------------------------------------------------------------------- small helpers
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
     """Network-input images (B, 3, H, W) -> uint8 (B, 3, H, W), clamped to [0, 255]."""
     return (denormalize_unit(images.detach().float().cpu()).clamp(0, 1) * 255).round().to(torch.uint8)
@@ -207,22 +196,8 @@ def save_image_grid(images: torch.Tensor, path, columns: int) -> None:
         r, c = divmod(i, columns)
         top, left = 2 + r * (height + 2), 2 + c * (width + 2)
         grid[:, top:top + height, left:left + width] = pixels[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path, suffix=".png") as tmp:
         Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _save_tensors(tensors: dict, path: Path, metadata: dict) -> None:
-    from ..synthetic import save_tensors_atomic
-
-    save_tensors_atomic(tensors, path, metadata)
 
 
 def load_config(run_dir) -> DistillConfig:

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._files import _umask
 from ..errors import PriorError
 from .adapters import (AdaLNDenoiser, AutoencoderAdapter, ClassEmbeddingDenoiser,
                        CrossAttentionDenoiser, DenoiserAdapter, KLAutoencoder, VQAutoencoder)
@@ -103,6 +104,7 @@ def save_prior_parts(out_dir, *, denoiser: nn.Module, autoencoder: nn.Module,
         "description": description,
     }
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
     try:
         denoiser.save_pretrained(tmp / denoiser_sub, safe_serialization=True)
         autoencoder.save_pretrained(tmp / ae_sub, safe_serialization=True)

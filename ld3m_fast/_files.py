@@ -1,0 +1,53 @@
+"""Atomic file writes: a temporary file beside the target, then a rename.
+
+A run killed at any moment leaves either the old file or the new one, never half
+of one. Temporary files are created private (mode 0600); the finished file gets
+the usual permissions (0666 minus the umask), as a plain `open` would give it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_write(path, suffix: str = ""):
+    """Yield a temporary path beside `path`; on success it replaces `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_tensors_atomic(tensors: dict, path, metadata: dict | None = None) -> None:
+    """safetensors file of CPU copies of `tensors`; metadata values become strings."""
+    from safetensors.torch import save_file
+
+    with atomic_write(path, suffix=".safetensors") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
