@@ -183,3 +183,18 @@ def test_inline_eval_is_logged(workspace, tmp_path):
     assert [r["iteration"] for r in evals] == [2]
     row = evals[0]["eval"]["per_arch"]["convnet"]
     assert 0.0 <= row["mean"] <= 1.0 and len(row["accuracies"]) == 1
+
+
+def test_attention_stays_sdpa_on_cpu():
+    from ld3m_fast.distill.loop import use_memory_efficient_attention
+
+    assert use_memory_efficient_attention(build_tiny_prior(), torch.device("cpu"), log=quiet) == "sdpa"
+
+
+@pytest.mark.gpu
+def test_xformers_attention_on_cuda_when_installed():
+    pytest.importorskip("xformers")
+    from ld3m_fast.distill.loop import use_memory_efficient_attention
+
+    prior = build_tiny_prior().to("cuda")
+    assert use_memory_efficient_attention(prior, torch.device("cuda"), log=quiet) == "xformers"

@@ -291,6 +291,21 @@ def choose_chunk(config: DistillConfig, res: int, num_classes: int, device, *, l
     return best.estimate.spec.chunk
 
 
+def use_memory_efficient_attention(prior, device: torch.device, *, log=print) -> str:
+    """xformers attention on CUDA when it is installed; PyTorch SDPA otherwise (diffusers' default)."""
+    if device.type != "cuda":
+        return "sdpa"
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    for model in (prior.denoiser.model, prior.autoencoder.model):
+        if hasattr(model, "enable_xformers_memory_efficient_attention"):
+            model.enable_xformers_memory_efficient_attention()
+    log("attention: xformers (memory-efficient) on CUDA")
+    return "xformers"
+
+
 def compile_prior(prior, backend: str) -> None:
     """torch.compile the denoiser and the decoder in place (the encoder runs once, at init)."""
     prior.denoiser.model.compile(backend=backend)
@@ -329,6 +344,7 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     synthetic = SyntheticSet.from_real(prior, data.images, data.labels, config.ipc, init_generator,
                                        prior_classes=rows).to(device)
     chunk = choose_chunk(config, res, data.num_classes, device, log=log) if config.chunk == "auto" else config.chunk
+    use_memory_efficient_attention(prior, device, log=log)
     if config.compile:
         compile_prior(prior, config.compile_backend)
     generator = LD3MGenerator(prior, config.steps, guidance=config.guidance,
