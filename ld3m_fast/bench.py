@@ -47,9 +47,11 @@ def _row(part: str, spec: IterationSpec, scheme: str, result) -> dict:
             "device": "simulated (fake tensors, CPU dispatch path)"}
 
 
-def simulated_full_scale(prior: str = "cin256-v2", log=print) -> list[dict]:
+def simulated_full_scale(prior: str = "cin256-v2", settings=SETTINGS, plan_chunks=(1, 2, 5, 10),
+                         log=print) -> list[dict]:
+    """Part a over `settings` [(res, ipc, T)]; `plan_chunks` () skips the planner rows."""
     rows = []
-    for res, ipc, steps in SETTINGS:
+    for res, ipc, steps in settings:
         for algorithm in ("dm", "mtt"):
             base = IterationSpec(prior=prior, res=res, ipc=ipc, steps=steps, algorithm=algorithm)
             for scheme, overrides in SCHEMES.items():
@@ -59,9 +61,9 @@ def simulated_full_scale(prior: str = "cin256-v2", log=print) -> list[dict]:
                     rows.append(_row("a", spec, scheme, estimate(spec)))
                     log(f"  a: {res}² ipc {ipc} T={steps} {algorithm} {scheme} {dtype}: "
                         f"{rows[-1]['peak_gib']:.2f} GiB ({time.perf_counter() - started:.0f} s)")
-            for dtype in ("fp32", "bf16"):
+            for dtype in ("fp32", "bf16") if plan_chunks else ():
                 spec = replace(base, dtype=dtype, **SCHEMES["ours"])
-                _, best = plan(spec, PLAN_BUDGET, chunks=[c for c in (1, 2, 5, 10) if c <= spec.images],
+                _, best = plan(spec, PLAN_BUDGET, chunks=[c for c in plan_chunks if c <= spec.images],
                                dtypes=(dtype,))
                 if best is not None:
                     rows.append(_row("a", best.estimate.spec, "ours, planner's chunk (8 GiB)", best.estimate))
@@ -72,14 +74,14 @@ def simulated_full_scale(prior: str = "cin256-v2", log=print) -> list[dict]:
     return rows
 
 
-def simulated_growth(prior: str = "cin256-v2", log=print) -> list[dict]:
+def simulated_growth(prior: str = "cin256-v2", syn_steps=(10, 20, 40, 80), log=print) -> list[dict]:
     rows = []
     base = IterationSpec(prior=prior, res=256, ipc=10, steps=20, algorithm="dm")
     growth = [("steps", t, replace(base, steps=t)) for t in (10, 20, 40, 80)]
     growth += [("ipc", n, replace(base, ipc=n)) for n in (1, 10, 50)]
     mtt = replace(base, algorithm="mtt")
     growth += [("syn_steps", n, replace(mtt, syn_steps=n, mtt_gradient=g))
-               for g in ("truncated", "full") for n in (10, 20, 40, 80)]
+               for g in ("truncated", "full") for n in syn_steps]
     for name, value, spec in growth:
         for scheme in ("released", "ours"):
             if name == "syn_steps" and scheme == "released":

@@ -9,6 +9,11 @@ PARTS = ("a", "b", "c")
 def add_arguments(parser):
     parser.add_argument("--parts", default="abc", help="which parts to run: any of a, b, c (default abc)")
     parser.add_argument("--prior", default="cin256-v2", help="prior simulated in parts a and b")
+    parser.add_argument("--settings", default="256:10:20,128:1:10,128:10:10",
+                        help="part a: comma-separated res:ipc:T settings")
+    parser.add_argument("--plan-chunks", default="1,2,5,10",
+                        help="part a: chunks the planner may choose for the 8 GiB rows ('' skips them)")
+    parser.add_argument("--syn-steps", default="10,20,40,80", help="part b: MTT syn_steps values")
     parser.add_argument("--resolutions", default="32,128", help="part c: image sides to time")
     parser.add_argument("--iterations", type=int, default=3, help="part c: timed iterations per variant")
     parser.add_argument("--compile-backend", default=None,
@@ -26,9 +31,12 @@ def run(args) -> int:
         raise LD3MError(f"unknown --parts {''.join(sorted(unknown))}; choose from a, b, c")
     rows = []
     if "a" in args.parts:
-        rows += bench.simulated_full_scale(args.prior)
+        settings = [tuple(int(x) for x in item.split(":")) for item in args.settings.split(",") if item]
+        chunks = tuple(int(c) for c in args.plan_chunks.split(",") if c.strip())
+        rows += bench.simulated_full_scale(args.prior, settings=settings, plan_chunks=chunks)
     if "b" in args.parts:
-        rows += bench.simulated_growth(args.prior)
+        syn_steps = tuple(int(n) for n in args.syn_steps.split(",") if n.strip())
+        rows += bench.simulated_growth(args.prior, syn_steps=syn_steps)
     if "c" in args.parts:
         resolutions = tuple(int(r) for r in args.resolutions.split(",") if r.strip())
         rows += bench.measured_cpu(resolutions, iterations=args.iterations,
