@@ -127,11 +127,14 @@ class LD3MGenerator(torch.nn.Module):
         chunk_size: images per chunk in "released"/"recompute" (None = all at once).
         output_size: resize decoded images to this side (differentiable, antialiased);
             None keeps the decoder's size.
+        render_size: image side the chain renders at, a multiple of the latent factor
+            (latents of side render_size / factor); None = the prior's native size.
     """
 
     def __init__(self, prior: Prior, steps: int = 10, *, guidance: float = 3.0,
                  skip: str | None = "x0", eta: float = 0.0, grad_mode: str = "recompute",
-                 chunk_size: int | None = None, output_size: int | None = None):
+                 chunk_size: int | None = None, output_size: int | None = None,
+                 render_size: int | None = None):
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
@@ -144,6 +147,7 @@ class LD3MGenerator(torch.nn.Module):
         self.grad_mode = grad_mode
         self.chunk_size = chunk_size
         self.output_size = output_size
+        self.latent_shape = prior.latent_shape(render_size)
         self.schedule = ChainSchedule.build(prior.alphas_cumprod, steps, eta=eta, skip=skip)
 
     @property
@@ -155,7 +159,7 @@ class LD3MGenerator(torch.nn.Module):
                    latent_shape: tuple[int, int, int] | None = None,
                    device=None, dtype=torch.float32) -> ChainNoise:
         """This iteration's chain noise for `batch` images, from an explicit generator."""
-        shape = tuple(latent_shape or self.prior.latent_shape())
+        shape = tuple(latent_shape or self.latent_shape)
         device = device if device is not None else self.prior.device
         draw = lambda *s: torch.randn(*s, generator=generator, device=device, dtype=dtype)  # noqa: E731
         start = draw(batch, *shape)

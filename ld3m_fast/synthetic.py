@@ -51,12 +51,12 @@ class SyntheticSet(nn.Module):
     @torch.no_grad()
     def from_real(cls, prior: Prior, images: torch.Tensor, labels: torch.Tensor, ipc: int,
                   generator: torch.Generator, *, prior_classes: list[int] | None = None,
-                  batch_size: int = 32) -> "SyntheticSet":
+                  batch_size: int = 32, image_size: int | None = None) -> "SyntheticSet":
         """Initialise from `ipc` random real images of every class.
 
         images: (N, 3, H, W) uint8; labels: (N,) in 0..K-1. Each Z_i is the encoding
-        of one real image (fed to the encoder in [-1, 1], resized to the prior's
-        native size if needed); each c_i starts at its class's row of the prior's
+        of one real image (fed to the encoder in [-1, 1], resized to `image_size`,
+        default the prior's native size); each c_i starts at its class's row of the prior's
         class table. Selection uses `generator` only.
         """
         num_classes = int(labels.max()) + 1
@@ -74,7 +74,8 @@ class SyntheticSet(nn.Module):
             order = torch.randperm(members.numel(), generator=generator)[:ipc]
             chosen.append(members[order])
         index = torch.cat(chosen)
-        Z = torch.cat([cls._encode(prior, images[index[i:i + batch_size]])
+        size = image_size or prior.image_size
+        Z = torch.cat([cls._encode(prior, images[index[i:i + batch_size]], size)
                        for i in range(0, index.numel(), batch_size)])
         new_labels = torch.arange(num_classes).repeat_interleave(ipc)
         rows = torch.tensor(prior_classes)[new_labels]
@@ -82,11 +83,10 @@ class SyntheticSet(nn.Module):
         return cls(Z, c, new_labels, prior_classes)
 
     @staticmethod
-    def _encode(prior: Prior, images_uint8: torch.Tensor) -> torch.Tensor:
+    def _encode(prior: Prior, images_uint8: torch.Tensor, size: int) -> torch.Tensor:
         x = uint8_to_autoencoder(images_uint8).to(prior.device)
-        if x.shape[-1] != prior.image_size or x.shape[-2] != prior.image_size:
-            x = F.interpolate(x, size=(prior.image_size, prior.image_size), mode="bilinear",
-                              align_corners=False, antialias=True)
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return prior.encode(x)
 
     def save(self, path, metadata: dict | None = None):

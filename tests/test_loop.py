@@ -198,3 +198,14 @@ def test_xformers_attention_on_cuda_when_installed():
 
     prior = build_tiny_prior().to("cuda")
     assert use_memory_efficient_attention(prior, torch.device("cuda"), log=quiet) == "xformers"
+
+
+@pytest.mark.parametrize("res,latent_side", [(RES // 2, RES // 8), (RES * 2, RES // 4)])
+def test_render_size_follows_res_up_to_the_native_size(workspace, tmp_path, res, latent_side):
+    """Below the prior's size the chain renders at res (cin256-v2 at 128²: a 32×32 latent, as in
+    the paper); above it, it renders natively and resizes."""
+    setup = build_setup(config(workspace, tmp_path / "run", res=res), log=quiet)
+    assert setup.synthetic.Z.shape[-1] == latent_side
+    noise = setup.generator.draw_noise(len(setup.synthetic), torch.Generator().manual_seed(0))
+    images = setup.generator(setup.synthetic.Z, setup.synthetic.c, noise)
+    assert images.shape[-1] == res

@@ -17,9 +17,10 @@ Run folder (RUN_DIR):
     final/                   images.safetensors (images, labels, the export noise),
                              images.png, synthetic.safetensors (latents: SyntheticSet.save)
 
-Resolution: the generator renders at the prior's native size; a different
-`res` (a multiple of the prior's latent factor) is reached by an antialiased
-bilinear resize inside the generator (`output_size`), which is differentiable.
+Resolution (`render_size`): up to the prior's native size the chain renders at `res`
+itself (latents of side res / latent factor: cin256-v2 at 128² uses 3×32×32, as
+in the paper); above it, the prior renders natively and an antialiased,
+differentiable bilinear resize inside the generator (`output_size`) reaches `res`.
 """
 from __future__ import annotations
 
@@ -251,6 +252,12 @@ def resolve_resolution(prior, res: int | None) -> int:
     return res
 
 
+def render_size(prior, res: int) -> int:
+    """Side the chain renders at: `res` up to the prior's native size, the native size above it
+    (a denoiser never saw latents larger than its training size)."""
+    return min(res, prior.image_size)
+
+
 def prior_class_rows(prior, subset: str | None, num_classes: int) -> list[int]:
     """The prior's class-table row for each dataset label."""
     if subset is not None and prior.num_classes == 1000:
@@ -341,8 +348,9 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     require_per_class(data, config.ipc)
     rows = prior_class_rows(prior, config.subset, data.num_classes)
     init_generator = stream_generator(config.seed, "init")
+    render = render_size(prior, res)
     synthetic = SyntheticSet.from_real(prior, data.images, data.labels, config.ipc, init_generator,
-                                       prior_classes=rows).to(device)
+                                       prior_classes=rows, image_size=render).to(device)
     chunk = choose_chunk(config, res, data.num_classes, device, log=log) if config.chunk == "auto" else config.chunk
     use_memory_efficient_attention(prior, device, log=log)
     if config.compile:
@@ -350,7 +358,7 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     generator = LD3MGenerator(prior, config.steps, guidance=config.guidance,
                               skip=None if config.skip == "none" else config.skip, eta=config.eta,
                               grad_mode=config.grad_mode, chunk_size=chunk,
-                              output_size=None if res == prior.image_size else res)
+                              render_size=render, output_size=None if res == render else res)
     network = NetworkSpec(num_classes=data.num_classes, res=res, width=config.width, depth=config.depth,
                           norm=config.norm,
                           compile_backend=config.compile_backend if config.compile else None)

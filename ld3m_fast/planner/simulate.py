@@ -103,6 +103,7 @@ def _build(spec: IterationSpec):
     """Everything one iteration touches, built inside the caller's FakeTensorMode."""
     from .._host import host_values
     from ..distill.algorithms import NetworkSpec, RealData, StepContext, build_algorithm
+    from ..distill.loop import render_size
     from ..dsa import DSA
     from ..generator import LD3MGenerator
     from ..synthetic import SyntheticSet
@@ -114,13 +115,14 @@ def _build(spec: IterationSpec):
     with host_values():
         labels = torch.arange(spec.num_classes).repeat_interleave(spec.ipc)
         real_labels = torch.arange(spec.num_classes).repeat_interleave(spec.batch_real)
-    Z = torch.zeros(n, *prior.latent_shape())
+    render = render_size(prior, spec.res)
+    Z = torch.zeros(n, *prior.latent_shape(render))
     c = torch.zeros(n, prior.embedding_dim)
     synthetic = SyntheticSet(Z, c, torch.zeros(n, dtype=torch.long), list(range(spec.num_classes)))
     synthetic.labels = labels  # real: class bookkeeping reads it on the host
     generator = LD3MGenerator(prior, spec.steps, guidance=spec.guidance, skip=spec.skip,
                               grad_mode=spec.grad_mode, chunk_size=spec.chunk,
-                              output_size=None if spec.res == prior.image_size else spec.res)
+                              render_size=render, output_size=None if spec.res == render else spec.res)
     network = NetworkSpec(num_classes=spec.num_classes, res=spec.res, width=spec.width, depth=spec.depth)
     extra = dict(syn_steps=spec.syn_steps, gradient=spec.mtt_gradient) if spec.algorithm == "mtt" else {}
     algorithm = build_algorithm(spec.algorithm, network, batch_real=spec.batch_real,
