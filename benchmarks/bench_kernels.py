@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
+from ld3m_fast._host import cpu_model  # noqa: E402
 from ld3m_fast.ops import backend_report, ld3m_step, mtt_truncated_terms, trajectory_matching_distance  # noqa: E402
 from ld3m_fast.reference import (ld3m_step_ref, mtt_truncated_terms_ref,  # noqa: E402
                                  trajectory_matching_distance_ref)
@@ -32,16 +33,6 @@ from ld3m_fast.reference import (ld3m_step_ref, mtt_truncated_terms_ref,  # noqa
 STEP_SHAPES = [(100, 3, 32, 32), (100, 3, 64, 64), (200, 4, 32, 32)]
 PARAM_COUNTS = [600_000, 11_000_000]
 STEP_SCALARS = dict(a_t=0.3, a_prev=0.55, skip_weight=0.4, skip="x0", guidance=3.0)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def time_it(fn, repeats: int, warmup: int = 3) -> dict:

@@ -26,3 +26,17 @@ def draw_int(high: int, generator: torch.Generator, low: int = 0) -> int:
     """A Python int uniform in [low, high) from `generator` (consumed as torch.randint would)."""
     with host_values():
         return int(torch.randint(low, high, (1,), generator=generator, device=generator.device))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), for benchmark reports."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

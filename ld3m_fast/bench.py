@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ._host import cpu_model
 from .planner.plan import plan
 from .planner.simulate import IterationSpec, estimate
 
@@ -152,13 +153,7 @@ def measured_cpu(resolutions=(32, 128), ipc: int = 10, iterations: int = 3,
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"CPU: {cpu_model()} ({os.cpu_count()} cores)"
 
 
 def markdown(rows: list[dict]) -> str:

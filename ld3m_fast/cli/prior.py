@@ -7,11 +7,11 @@ with wall-clock times, losses and the autoencoder's test-split reconstruction er
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 from .._files import write_json_atomic
+from .._host import cpu_model
 from ..errors import LD3MError
 
 
@@ -88,7 +88,7 @@ def _train(args: argparse.Namespace) -> int:
                          class_names=train_set.class_names, config=config,
                          data_description=train_set.description or str(args.data)).to_dict()
     report["total_training_seconds"] = time.perf_counter() - started
-    report["machine"] = {"cpu": _cpu_name(), "torch_threads": torch.get_num_threads(),
+    report["machine"] = {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
                          "torch": torch.__version__}
     prior = load_prior(args.out)
     if args.eval_images > 0:
@@ -112,14 +112,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _write_json(path: Path, data: dict) -> None:
