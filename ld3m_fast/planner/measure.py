@@ -115,15 +115,8 @@ class LiveStorageTracker(TorchDispatchMode):
         return out
 
 
-@dataclass
-class Measurement:
-    """Peak live bytes (including tracked inputs), bytes live at the end, total FLOPs."""
-
-    peak_bytes: int
-    end_bytes: int
-    flops: int
-    flops_by_op: dict
-    phase_peaks: dict = field(default_factory=dict)
+class PeakAndFlops:
+    """Unit views shared by measurements and estimates (`peak_bytes`, `flops` fields)."""
 
     @property
     def peak_gib(self) -> float:
@@ -132,6 +125,17 @@ class Measurement:
     @property
     def tflops(self) -> float:
         return self.flops / 1e12
+
+
+@dataclass
+class Measurement(PeakAndFlops):
+    """Peak live bytes (including tracked inputs), bytes live at the end, total FLOPs."""
+
+    peak_bytes: int
+    end_bytes: int
+    flops: int
+    flops_by_op: dict
+    phase_peaks: dict = field(default_factory=dict)
 
 
 def measure(fn, *, existing: tuple[torch.Tensor, ...] = (), with_phases: bool = False) -> Measurement:

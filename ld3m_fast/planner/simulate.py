@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from ..errors import LD3MError
-from .measure import Measurement, measure
+from .measure import Measurement, PeakAndFlops, measure
 from .priors import build_planning_prior
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -69,7 +69,7 @@ class IterationSpec:
 
 
 @dataclass
-class Estimate:
+class Estimate(PeakAndFlops):
     """Peak bytes and FLOPs of one iteration (extrapolated or simulated directly)."""
 
     spec: IterationSpec
@@ -78,14 +78,6 @@ class Estimate:
     phase_peaks: dict
     weights_bytes: int
     method: str
-
-    @property
-    def peak_gib(self) -> float:
-        return self.peak_bytes / 2**30
-
-    @property
-    def tflops(self) -> float:
-        return self.flops / 1e12
 
 
 def _fake_trajectories(network, count: int = 1):
