@@ -1,10 +1,17 @@
 """Evaluation protocol: the weight average that gets tested, the schedule, and a tiny end-to-end run."""
+import itertools
+
 import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from ld3m_fast.distill.evaluation import EvalConfig, corrected_ema_update, evaluate_synthetic, warmup_cosine
+from ld3m_fast.distill.evaluation import (
+    EvalConfig,
+    corrected_ema_update,
+    evaluate_synthetic,
+    warmup_cosine,
+)
 from ld3m_fast.errors import LD3MError
 
 
@@ -69,7 +76,7 @@ def test_warmup_cosine_rises_then_decays_to_zero():
     assert factor(9) == pytest.approx(1.0)
     assert factor(10) == pytest.approx(1.0)
     values = [factor(step) for step in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
     assert factor(100) == pytest.approx(0.0, abs=1e-12)
 
 

@@ -12,7 +12,8 @@ from ld3m_fast import build_tiny_prior, save_prior
 from ld3m_fast.data import load_dataset
 from ld3m_fast.distill.algorithms import DM, NetworkSpec
 from ld3m_fast.distill.buffers import build_buffer
-from ld3m_fast.distill.loop import CHECKPOINT, DistillConfig, Distiller, build_setup, resume_run, start_run
+from ld3m_fast.distill.loop import (CHECKPOINT, DistillConfig, Distiller, build_setup, resolve_defaults, resume_run,
+                                   start_run)
 from ld3m_fast.errors import LD3MError
 
 RES = 16
@@ -209,3 +210,14 @@ def test_render_size_follows_res_up_to_the_native_size(workspace, tmp_path, res,
     noise = setup.generator.draw_noise(len(setup.synthetic), torch.Generator().manual_seed(0))
     images = setup.generator(setup.synthetic.Z, setup.synthetic.c, noise)
     assert images.shape[-1] == res
+
+
+@pytest.mark.parametrize("algorithm, lr_latent", [("dm", 0.1), ("dc", None), ("mtt", None)])
+def test_embedded_profile_fills_only_what_the_user_left_unset(algorithm, lr_latent):
+    resolved = resolve_defaults(DistillConfig(algorithm=algorithm), log=lambda *a: None)
+    assert (resolved.iterations, resolved.batch_real, resolved.max_per_class) == (120, 64, 500)
+    assert resolved.lr_latent == lr_latent and resolved.lr_class == lr_latent  # None: the algorithm's
+    mine = resolve_defaults(DistillConfig(algorithm=algorithm, lr_latent=2.0, iterations=3), log=lambda *a: None)
+    assert (mine.lr_latent, mine.iterations) == (2.0, 3)
+    paper = resolve_defaults(DistillConfig(algorithm=algorithm, prior="somewhere"), log=lambda *a: None)
+    assert (paper.lr_latent, paper.iterations, paper.batch_real) == (None, 10000, 256)
