@@ -47,7 +47,8 @@ _FLAGS = [
     ("--compile-backend", str, "torch.compile backend for --compile (inductor; aot_eager to check tracing)"),
     ("--profile", int, "write a torch.profiler trace of N iterations to RUN_DIR/profile"),
     ("--iterations", int, "distillation iterations"),
-    ("--lr-latent", float, "SGD lr for the latents Z (default per algorithm: DM 1, DC 0.1, MTT 1000)"),
+    ("--lr-latent", float, "SGD lr for the latents Z (default per algorithm: DM 1, DC 0.1, MTT 1000; "
+                           "DM 0.1 on the embedded default prior)"),
     ("--lr-class", float, "SGD lr for the class embeddings c (default as --lr-latent)"),
     ("--lr-student", float, "SGD lr for MTT's learnable student lr"),
     ("--momentum", float, "SGD momentum for Z, c and the student lr"),

@@ -4,9 +4,10 @@ Protocol (SPEC §2.5): ConvNet (the distillation architecture) plus the unseen
 AlexNet, VGG-11, ResNet-18 and ViT; several seeds each; SGD momentum 0.9,
 weight decay 5e-4, lr 1e-3 (VGG-11: 1e-4), linear warm-up then cosine decay per
 step, DSA on, and an exponential moving average (0.995) of the weights is what
-gets tested, bias-corrected so that a short schedule does not keep the
-untrained weights in the average (see `corrected_ema_update`). The reported number is the accuracy after the last epoch: never a
-maximum over epochs or checkpoints measured on the test set.
+gets tested, bias-corrected so that a short schedule does not keep the untrained
+weights in the average (see `corrected_ema_update`). The reported number is the
+accuracy after the last epoch: never a maximum over epochs or checkpoints
+measured on the test set.
 """
 from __future__ import annotations
 

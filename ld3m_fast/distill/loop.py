@@ -76,7 +76,8 @@ class DistillConfig:
     compile_backend: str = "inductor"
     profile: int = 0                  # N > 0: torch.profiler trace of iterations 2..N+1 in RUN/profile
     iterations: int | None = None     # None: 10000 (the paper's), 120 on the embedded default
-    lr_latent: float | None = None    # None: the algorithm's default (DM 1, DC 0.1, MTT 1000)
+    lr_latent: float | None = None    # None: the algorithm's default (DM 1, DC 0.1, MTT 1000;
+                                      # DM 0.1 on the embedded default prior)
     lr_class: float | None = None
     lr_student: float = 1e-6
     momentum: float = 0.5
