@@ -8,7 +8,8 @@ comes, so a cut-off run leaves what it finished behind):
     distill METHOD IPC    (b, c) one synthetic set: real | pixel-dm | dm | dc | mtt  [--steps T]
     evaluate METHOD IPC   (b, c) train fresh networks on a set, test on the real test split
     queue-main / queue-side   the two job queues used for the committed results
-    queue-finish          a worker over what those left undone (+ 5 seeds on unseen archs)
+    queue-finish          a worker over every evaluation (re-run with the corrected EMA), the
+                          unseen archs also at IPC 1 and up to 5 seeds; run two side by side
     report                tables (markdown) and PNG plots from the JSON results
 
 The protocol (every number below) is fixed in docs/reproduction.md before any
