@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +45,7 @@ from ld3m_fast.distill import (
     start_run,
 )
 from ld3m_fast.distill.algorithms import stream_generator
+from ld3m_fast._files import atomic_write, write_json_atomic, write_text_atomic
 from ld3m_fast.normalization import from_uint8
 from ld3m_fast.priors.default import default_prior_path, load_default_prior
 
@@ -93,18 +93,18 @@ UNSEEN_SEEDS_EXTENDED = 5
 
 
 # ----------------------------------------------------------------------------- helpers
-def write_json(path: Path, value) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def log(message: str) -> None:
     print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def try_lock(lock: Path) -> bool:
+    """Create the lock file; False if another queue already holds it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 @contextmanager
@@ -112,10 +112,7 @@ def exclusive(name: str, done):
     """Run the body in at most one of the queues: the first to create WORK/locks/<name> does the
     work; the other waits until `done()` is true (the two queues share sets and the buffer)."""
     lock = WORK / "locks" / name
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
+    if not try_lock(lock):
         while not done():
             time.sleep(5)
         yield False
@@ -196,7 +193,7 @@ def gradnorm() -> dict:
                    "grad_norm_Z": float(Z.grad.norm()), "grad_norm_c": float(c.grad.norm()),
                    "grad_norm_images": float(image_grad.norm()), "seconds": time.perf_counter() - started}
             result["rows"].append(row)
-            write_json(out_path, result)
+            write_json_atomic(out_path, result)
             log(f"gradnorm {row}")
     return result
 
@@ -220,7 +217,7 @@ def _build_buffer(out: Path) -> None:
                  num_experts=BUFFER["num_experts"], epochs=BUFFER["epochs"], keep_epochs=None,
                  lr=BUFFER["lr"], batch_size=BUFFER["batch_size"], dsa_strategy=DSA_STRATEGY, seed=SEED,
                  source="fashion-mnist", progress=lambda i, n, p: log(f"expert {i}/{n} -> {p}"))
-    write_json(RESULTS / "distill" / "buffer.json",
+    write_json_atomic(RESULTS / "distill" / "buffer.json",
                {**BUFFER, "train_images": int(data.labels.numel()), "seconds": time.perf_counter() - started})
 
 
@@ -247,9 +244,9 @@ def _distill(method: str, ipc: int, steps: int, path: Path) -> None:
     else:
         images, labels, info = ld3m_distill(method, ipc, steps)
     info["wall_seconds"] = time.perf_counter() - started
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"images": images.detach().cpu(), "labels": labels.cpu()}, path)
-    write_json(RESULTS / "distill" / f"{set_name(method, ipc, steps)}.json", info)
+    with atomic_write(path, suffix=".pt") as tmp:  # the file's existence marks the set done
+        torch.save({"images": images.detach().cpu(), "labels": labels.cpu()}, tmp)
+    write_json_atomic(RESULTS / "distill" / f"{set_name(method, ipc, steps)}.json", info)
     log(f"distilled {set_name(method, ipc, steps)}: {info}")
 
 
@@ -332,7 +329,7 @@ def evaluate(method: str, ipc: int, arch: str, seeds: int, steps: int = DISTILL_
         accuracy = evaluate_one_seed(saved["images"], saved["labels"], test, arch, seed, config)
         result["accuracies"].append(accuracy)
         result["seconds"].append(time.perf_counter() - started)
-        write_json(out, result)
+        write_json_atomic(out, result)
         log(f"eval {set_name(method, ipc, steps)} {arch} seed {seed}: {100 * accuracy:.2f}%")
     return result
 
@@ -410,10 +407,7 @@ def queue_finish() -> None:
             return
         for method, ipc, steps, arch, seeds in pending:
             lock = WORK / "locks" / f"eval-{set_name(method, ipc, steps)}-{arch}"
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
+            if not try_lock(lock):
                 continue
             try:
                 evaluate(method, ipc, arch, seeds, steps)
@@ -472,8 +466,7 @@ def report() -> str:
         for method in METHODS:
             cells = []
             for arch in ("convnet",) + UNSEEN_ARCHS:
-                row = evals.get((method, ipc, DISTILL_STEPS if method not in ("real", "pixel-dm") else
-                                 evals_T(evals, method, ipc, arch), arch))
+                row = evals.get((method, ipc, DISTILL_STEPS, arch))  # baselines are stored with T too
                 cells.append(fmt(row["accuracies"]) if row else "—")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -505,14 +498,9 @@ def report() -> str:
         accuracies = row["accuracies"][:STEPS_SWEEP_SEEDS] if row else []
         lines.append(f"| {steps} | {'—' if spi is None else f'{spi:.2f}'} | {fmt(accuracies)} |")
     text = "\n".join(lines) + "\n"
-    (RESULTS / "tables.md").write_text(text)
+    write_text_atomic(RESULTS / "tables.md", text)
     plots(evals)
     return text
-
-
-def evals_T(evals, method, ipc, arch):
-    """Baselines without a generator are stored with T = DISTILL_STEPS."""
-    return DISTILL_STEPS
 
 
 def plots(evals) -> None:
