@@ -12,12 +12,10 @@ Prints a table and writes JSON (atomically) with the device, versions and thread
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
+from ld3m_fast._files import write_json_atomic  # noqa: E402
 from ld3m_fast._host import cpu_model  # noqa: E402
 from ld3m_fast.ops import backend_report, ld3m_step, mtt_truncated_terms, trajectory_matching_distance  # noqa: E402
 from ld3m_fast.reference import (ld3m_step_ref, mtt_truncated_terms_ref,  # noqa: E402
@@ -96,14 +95,6 @@ def mtt_case(n, repeats, generator):
     }
 
 
-def write_json_atomically(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(temporary, path)
-
-
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
     title = f"{'case':<44} {'impl':<20} {'median ms':>10} {'IQR ms':>8} {'x vs cpp op':>12}"
@@ -151,8 +142,8 @@ def main(argv=None) -> int:
               f"median of {args.repeats} | load avg {device['load_average_1m']} "
               "(ratio = impl time / C++ op time, same run)")
     print_table(rows, header)
-    write_json_atomically(args.out, {"device": device, "rows": rows,
-                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_json_atomic(args.out, {"device": device, "rows": rows,
+                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     print(f"wrote {args.out}")
     return 0
 

@@ -221,9 +221,11 @@ def plot(rows: list[dict], path) -> Path | None:
         ax.legend(fontsize=8)
     fig.suptitle("ld3m-fast: simulated peak memory per iteration, cin256-v2 at 256²")
     fig.tight_layout()
+    from ._files import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
