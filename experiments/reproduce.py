@@ -281,7 +281,7 @@ def ld3m_distill(method: str, ipc: int, steps: int):
     """LD3M through the library's own loop (`start_run`)."""
     import shutil
 
-    from ld3m_fast.distill.loop import save_image_grid
+    from ld3m_fast.distill.export import save_image_grid
 
     run_dir = WORK / "runs" / set_name(method, ipc, steps)
     shutil.rmtree(run_dir, ignore_errors=True)

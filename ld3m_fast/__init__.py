@@ -5,14 +5,33 @@ Public API (importable from other distillation codebases):
     Prior, load_prior, save_prior, build_tiny_prior
     SyntheticSet                                learnable latents Z, class embeddings c, labels
     ops.ld3m_step, ops.trajectory_matching_distance   fused ops (torch.library)
+
+The names load on first use (PEP 562), so `import ld3m_fast` and the CLI's start-up
+do not import torch before the command line has set up its environment.
 """
+from __future__ import annotations
+
+import importlib
+
 from ._version import __version__
 from .errors import LD3MError, PriorError
-from .generator import ChainNoise, ChainSchedule, LD3MGenerator
-from .priors import Prior, build_tiny_prior, load_prior, save_prior
-from .synthetic import SyntheticSet
 
-__all__ = [
-    "ChainNoise", "ChainSchedule", "LD3MError", "LD3MGenerator", "Prior", "PriorError",
-    "SyntheticSet", "__version__", "build_tiny_prior", "load_prior", "save_prior",
-]
+_LAZY = {
+    "ChainNoise": "generator", "ChainSchedule": "generator", "LD3MGenerator": "generator",
+    "Prior": "priors", "build_tiny_prior": "priors", "load_prior": "priors", "save_prior": "priors",
+    "SyntheticSet": "synthetic",
+}
+
+__all__ = ["LD3MError", "PriorError", "__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ld3m_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,8 +1,10 @@
 """Atomic file writes: a temporary file beside the target, then a rename.
 
 A run killed at any moment leaves either the old file or the new one, never half
-of one. Temporary files are created private (mode 0600); the finished file gets
-the usual permissions (0666 minus the umask), as a plain `open` would give it.
+of one. Temporary files are created private (mode 0600) and named
+`TEMP_PREFIX<name>.<random><suffix>` beside the target, so a resumed run can find and
+remove the ones a kill left behind; the finished file gets the usual permissions
+(0666 minus the umask), as a plain `open` would give it.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+TEMP_PREFIX = ".ld3m-partial."
 
 
 def _umask() -> int:
@@ -24,7 +28,7 @@ def atomic_write(path, suffix: str = ""):
     """Yield a temporary path beside `path`; on success it replaces `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

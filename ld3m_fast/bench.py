@@ -97,7 +97,7 @@ def simulated_growth(prior: str = "cin256-v2", syn_steps=(10, 20, 40, 80), log=p
 
 
 def _time_iterations(config, iterations: int, backend: str | None) -> list[float]:
-    from .distill.loop import Distiller, build_setup, resolve_defaults
+    from .distill import Distiller, build_setup, resolve_defaults
 
     previous = os.environ.get("LD3M_FAST_BACKEND")
     if backend:
@@ -125,7 +125,7 @@ def _time_iterations(config, iterations: int, backend: str | None) -> list[float
 def measured_cpu(resolutions=(32, 128), ipc: int = 10, iterations: int = 3,
                  compile_backend: str | None = None, log=print) -> list[dict]:
     """Seconds per iteration on this machine: released (eager, reference ops) vs ours."""
-    from .distill.loop import DistillConfig
+    from .distill import DistillConfig
 
     rows = []
     for res in resolutions:

@@ -37,6 +37,12 @@ from .reference.ld3m_step import check_skip
 GRAD_MODES = ("autograd", "released", "recompute")
 
 
+def render_size(prior: Prior, res: int) -> int:
+    """Side the chain renders at for output side `res`: `res` up to the prior's native size,
+    the native size above it (a denoiser never saw latents larger than its training size)."""
+    return min(int(res), prior.image_size)
+
+
 @dataclass(frozen=True)
 class ChainSchedule:
     """Per-step constants of a T-step DDIM chain, in the order the chain visits them.

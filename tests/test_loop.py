@@ -12,8 +12,9 @@ from ld3m_fast import build_tiny_prior, save_prior
 from ld3m_fast.data import load_dataset
 from ld3m_fast.distill.algorithms import DM, NetworkSpec
 from ld3m_fast.distill.buffers import build_buffer
-from ld3m_fast.distill.loop import (CHECKPOINT, DistillConfig, Distiller, build_setup, resolve_defaults, resume_run,
-                                   start_run)
+from ld3m_fast.distill.config import DistillConfig, resolve_defaults
+from ld3m_fast.distill.run import CHECKPOINT, Distiller, resume_run, start_run
+from ld3m_fast.distill.setup import build_setup
 from ld3m_fast.errors import LD3MError
 
 RES = 16
@@ -108,7 +109,7 @@ def test_run_folder_contents(workspace, tmp_path):
         assert (run / "final" / name).is_file()
     images = load_file(run / "final" / "images.safetensors")
     assert images["images"].shape == (CLASSES, 3, RES, RES) and images["labels"].tolist() == list(range(CLASSES))
-    assert not [p for p in run.rglob(".tmp-*")]
+    assert not [p for p in run.rglob(".ld3m-partial.*")]
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(workspace, tmp_path, monkeypatch):
@@ -147,10 +148,10 @@ def test_checkpoint_write_is_atomic(workspace, tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash_mid_write)
     distiller.step()
-    with pytest.raises(OSError):
+    with pytest.raises(LD3MError, match="cannot write .*disk full.*iteration 1 is intact.*--resume"):
         distiller.save_checkpoint()
     assert (run / CHECKPOINT).read_bytes() == before
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert not [p for p in run.iterdir() if p.name.startswith(".ld3m-partial.")]  # no temporary file left
 
 
 def test_resume_refuses_changed_settings_and_corrupt_checkpoints(workspace, tmp_path):
@@ -187,7 +188,7 @@ def test_inline_eval_is_logged(workspace, tmp_path):
 
 
 def test_attention_stays_sdpa_on_cpu():
-    from ld3m_fast.distill.loop import use_memory_efficient_attention
+    from ld3m_fast.distill.setup import use_memory_efficient_attention
 
     assert use_memory_efficient_attention(build_tiny_prior(), torch.device("cpu"), log=quiet) == "sdpa"
 
@@ -195,7 +196,7 @@ def test_attention_stays_sdpa_on_cpu():
 @pytest.mark.gpu
 def test_xformers_attention_on_cuda_when_installed():
     pytest.importorskip("xformers")
-    from ld3m_fast.distill.loop import use_memory_efficient_attention
+    from ld3m_fast.distill.setup import use_memory_efficient_attention
 
     prior = build_tiny_prior().to("cuda")
     assert use_memory_efficient_attention(prior, torch.device("cuda"), log=quiet) == "xformers"

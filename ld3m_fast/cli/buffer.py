@@ -39,7 +39,7 @@ def run(args) -> int:
     from ..data import load_dataset
     from ..distill.algorithms import NetworkSpec
     from ..distill.buffers import build_buffer
-    from ..distill.loop import resolve_device
+    from ..distill.setup import resolve_device
 
     apply_threads(args)
     for name in ("experts", "max_start_epoch", "expert_epochs", "batch"):

@@ -28,7 +28,7 @@ def run(args) -> int:
     from ..data import load_dataset
     from ..distill.evaluation import EvalConfig, evaluate_synthetic, format_report
     from .._files import write_text_atomic
-    from ..distill.loop import load_config, load_final, resolve_device
+    from ..distill import load_config, load_final, resolve_device
     from ..networks import parse_arch
 
     apply_threads(args)

@@ -1,7 +1,8 @@
 """`ld3m-fast <command>`: subcommands behind one console-script entry point.
 
-User errors (`LD3MError`) print one line on stderr and exit with code 2;
-anything else is a bug and keeps its traceback.
+User errors (`LD3MError`, and malformed flags) print one line on stderr and exit
+with code 2; a run stopped by SIGINT/SIGTERM exits with 128 + the signal number after
+saying how to resume; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import argparse
 import importlib
 import sys
 
+from .._threads import set_wait_policy
 from ..errors import LD3MError
+
+set_wait_policy()  # before anything imports torch (and its OpenMP runtime)
 
 # name -> (module, help). Each module exposes add_arguments(parser) and run(args) -> int.
 COMMANDS = {
@@ -24,8 +28,15 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a malformed command line is one line on stderr and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ld3m-fast",
         description="Dataset distillation through a frozen latent diffusion model (LD3M), fast.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -44,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except LD3MError as error:
         print(f"ld3m-fast {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)
     except KeyboardInterrupt:
-        print(f"ld3m-fast {args.command}: interrupted", file=sys.stderr)
+        print(f"ld3m-fast {args.command}: interrupted; files already written are complete "
+              "(every write is atomic)", file=sys.stderr)
         return 130
 
 

@@ -32,8 +32,7 @@ from .._host import draw_int, host_values
 from ..errors import LD3MError
 from ..normalization import from_uint8
 
-ALGORITHMS = ("dm", "dc", "mtt")
-MTT_GRADIENTS = ("truncated", "full")
+from .config import ALGORITHMS, MTT_GRADIENTS
 
 
 # --------------------------------------------------------------------------- context

@@ -95,9 +95,8 @@ def _build(spec: IterationSpec):
     """Everything one iteration touches, built inside the caller's FakeTensorMode."""
     from .._host import host_values
     from ..distill.algorithms import NetworkSpec, RealData, StepContext, build_algorithm
-    from ..distill.loop import render_size
     from ..dsa import DSA
-    from ..generator import LD3MGenerator
+    from ..generator import LD3MGenerator, render_size
     from ..synthetic import SyntheticSet
 
     prior = build_planning_prior(spec.prior)

@@ -1,0 +1,289 @@
+"""Every setting of a distillation run, declared once.
+
+`DistillConfig` is the single declaration. Each field's `setting(...)` carries its
+default, help text, allowed values, lower bound and whether it may change when a run
+is resumed; its annotation is its type. Everything else is derived from it:
+
+- the `ld3m-fast distill` flags (`--ipc`, `--lr-latent`, `--compile`, `--no-progress`)
+  and their parsing (`ld3m_fast.cli.distill`);
+- the keys of a `--config run.toml` file (field names, with '-' or '_');
+- type checking of every value, from a flag, a file or Python (`check_types`), and
+  the one-line errors for values out of range (`validate`);
+- which settings a resume may change (`RESUMABLE`).
+
+`resolve_defaults` fills the settings left at None from the prior's profile (the
+embedded default or the paper's) and picks the run folder and the thread count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LD3MError
+
+ALGORITHMS = ("dm", "dc", "mtt")
+MTT_GRADIENTS = ("truncated", "full")
+GRAD_MODES = ("autograd", "released", "recompute")
+SKIPS = ("x0", "mean", "none")
+DTYPE_NAMES = ("fp32", "bf16")
+
+
+def setting(default, help: str, *, choices: tuple | None = None, minimum: float | None = None,
+            resumable: bool = False, in_file: bool = True, parse=None, flag: str | None = None):
+    """A `DistillConfig` field with everything the CLI, config files and validation need.
+
+    choices: allowed values; minimum: lower bound for numbers (None allowed where the
+    type is optional); resumable: may change on `--resume`; in_file: accepted as a
+    `--config` key; parse: text -> value for the flag (default: from the type);
+    flag: the flag's name when it is not derived from the field (booleans).
+    """
+    return field(default=default, metadata={
+        "help": help, "choices": choices, "minimum": minimum, "resumable": resumable,
+        "in_file": in_file, "parse": parse, "flag": flag})
+
+
+def parse_chunk(text: str):
+    """'auto' or a number of images (the --chunk flag)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected a number of images or 'auto', got {text!r}") from None
+
+
+@dataclass
+class DistillConfig:
+    """Everything that defines a distillation run; one field per setting."""
+
+    # -- data and prior
+    data: str = setting("fashion-mnist", "data folder (ImageNet tree, ImageFolder, CIFAR-10, "
+                        "Fashion-MNIST IDX) or 'fashion-mnist'")
+    subset: str | None = setting(None, "ImageNet subset name or alias (imagenette, woof, fruits, ...)")
+    prior: str | None = setting(None, "prior folder (written by `ld3m-fast convert` or save_prior); "
+                                "default: the embedded Fashion-MNIST prior")
+    max_per_class: int | None = setting(None, "use at most N real images per class", minimum=1)
+    cache_dir: str | None = setting(None, "decoded-data cache folder", resumable=True)
+    # -- the synthetic set and the chain
+    algorithm: str = setting("dm", "distillation loss", choices=ALGORITHMS)
+    res: int | None = setting(None, "image side, a multiple of the prior's latent factor (default: the "
+                              "prior's native size; larger sides render natively and are resized "
+                              "with an antialiased, differentiable bilinear interpolation)", minimum=1)
+    ipc: int = setting(1, "synthetic images per class", minimum=1)
+    steps: int = setting(10, "DDIM steps T of the LD3M chain", minimum=1)
+    guidance: float = setting(3.0, "classifier-free guidance scale")
+    skip: str = setting("x0", "LD3M skip: x0 (released code), mean (paper Eq. 7), none", choices=SKIPS)
+    eta: float = setting(0.0, "DDIM eta (0 = deterministic chain)", minimum=0)
+    # -- how the chain is differentiated and where it runs
+    grad_mode: str = setting("recompute", "how gradients cross the chain", choices=GRAD_MODES)
+    chunk: int | str | None = setting(None, "images per generator chunk in released/recompute modes, or "
+                                      "'auto' (the planner's cheapest that fits --memory-budget)",
+                                      parse=parse_chunk)
+    memory_budget: str | None = setting(None, "memory budget for --chunk auto, e.g. 24GiB "
+                                        "(default: the device's)")
+    dtype: str = setting("fp32", "fp32 | bf16 (autocast; Z, c and the latent chain stay fp32)",
+                         choices=DTYPE_NAMES)
+    compile: bool = setting(False, "torch.compile the denoiser, decoder and distillation network",
+                            resumable=True)
+    compile_backend: str = setting("inductor", "torch.compile backend for --compile "
+                                   "(inductor; aot_eager to check tracing)", resumable=True)
+    device: str = setting("cpu", "cpu | cuda | cuda:N", resumable=True)
+    threads: int | None = setting(None, "CPU threads for torch (default: the cores idle when the run starts, "
+                                  "see ld3m_fast/_threads.py; recorded, and kept on resume)", minimum=1,
+                                  resumable=True)
+    profile: int = setting(0, "write a torch.profiler trace of N iterations to RUN_DIR/profile",
+                           minimum=0, resumable=True)
+    # -- optimisation
+    iterations: int | None = setting(None, "distillation iterations (default: 10000, the paper's; "
+                                     "120 on the embedded default)", minimum=0, resumable=True)
+    lr_latent: float | None = setting(None, "SGD lr for the latents Z (default per algorithm: DM 1, DC 0.1, "
+                                      "MTT 1000; DM 0.1 on the embedded default prior)", minimum=0,
+                                      resumable=True)
+    lr_class: float | None = setting(None, "SGD lr for the class embeddings c (default as --lr-latent)",
+                                     minimum=0, resumable=True)
+    lr_student: float = setting(1e-6, "SGD lr for MTT's learnable student lr", minimum=0)
+    momentum: float = setting(0.5, "SGD momentum for Z, c and the student lr", minimum=0)
+    seed: int = setting(0, "seed of every random stream of the run")
+    # -- the algorithms
+    buffer: str | None = setting(None, "expert buffer folder (MTT)")
+    mtt_gradient: str = setting("truncated", "truncated (constant memory) | full (exact unroll)",
+                                choices=MTT_GRADIENTS)
+    syn_steps: int = setting(10, "MTT student steps per iteration", minimum=1)
+    expert_epochs: int = setting(2, "MTT target epoch offset M", minimum=1)
+    max_start_epoch: int = setting(2, "MTT start epoch s is drawn from [0, max_start_epoch)", minimum=1)
+    student_lr: float = setting(0.01, "MTT initial student lr", minimum=0)
+    batch_real: int | None = setting(None, "real images per class per iteration (DM, DC; default 256, "
+                                     "64 on the embedded default)", minimum=1)
+    batch_syn: int | None = setting(None, "synthetic images per MTT student step (default: all)", minimum=1)
+    micro_batch: int | None = setting(None, "student micro-batch for DM, DC and MTT (exact with "
+                                      "per-sample norm; bounds memory)", minimum=1)
+    dsa: str = setting("color_crop_cutout_flip_scale_rotate", "DSA strategy, or 'none'")
+    width: int = setting(128, "ConvNet width", minimum=1)
+    depth: int | None = setting(None, "ConvNet depth (default from --res)", minimum=1)
+    norm: str = setting("instance", "ConvNet norm", choices=("instance", "batch", "layer", "none"))
+    # -- output
+    out: str | None = setting(None, "run folder to create (default: runs/distill-<date>-<time>)")
+    save_every: int | None = setting(None, "also checkpoint every N iterations", minimum=1, resumable=True)
+    save_seconds: float = setting(60.0, "checkpoint when this many seconds passed since the last one",
+                                  minimum=0, resumable=True)
+    image_every: int = setting(100, "image grid every N iterations", minimum=1, resumable=True)
+    eval_every: int = setting(0, "inline evaluation every N iterations (0 = off)", minimum=0, resumable=True)
+    eval_archs: str = setting("convnet", "comma-separated architectures for inline evaluation",
+                              resumable=True)
+    eval_epochs: int = setting(300, "training epochs of inline evaluation", minimum=1, resumable=True)
+    eval_seeds: int = setting(1, "seeds of inline evaluation", minimum=1, resumable=True)
+    progress: bool = setting(True, "no progress bar", resumable=True, in_file=False, flag="--no-progress")
+
+    # -- derived views
+
+    @classmethod
+    def settings(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def types(cls) -> dict:
+        return _type_hints()
+
+    @classmethod
+    def from_dict(cls, values: dict, *, where: str = "config") -> "DistillConfig":
+        """A config from a mapping of field names; unknown keys and wrong types are LD3MErrors."""
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise LD3MError(f"unknown key {unknown[0]!r} in {where}; known keys: "
+                            + ", ".join(cls.field_names()))
+        config = cls(**values)
+        config.check_types(where=where)
+        return config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def check_types(self, *, where: str = "config") -> None:
+        """Every value has its declared type (ints are not floats, booleans are not numbers)."""
+        for name, hint in _type_hints().items():
+            setattr(self, name, coerce(name, getattr(self, name), hint, where))
+
+    def validate(self) -> None:
+        """Reject impossible settings with one clear line each (after `resolve_defaults`)."""
+        self.check_types()
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            flag = "--" + f.name.replace("_", "-")
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise LD3MError(f"unknown {flag} {value!r}; choose {', '.join(map(str, meta['choices']))}")
+            if meta["minimum"] is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and not value >= meta["minimum"]:
+                raise LD3MError(f"{flag} must be >= {meta['minimum']:g}, got {value}")
+        if isinstance(self.chunk, str) and self.chunk != "auto" or isinstance(self.chunk, int) and self.chunk < 1:
+            raise LD3MError(f"--chunk must be >= 1 or auto, got {self.chunk!r}")
+        if self.prior is None or self.iterations is None or self.batch_real is None:
+            raise ValueError("unresolved defaults: call resolve_defaults(config) first")
+        if self.algorithm == "mtt" and not self.buffer:
+            raise LD3MError("--algorithm mtt needs --buffer PATH (build one with `ld3m-fast buffer`)")
+
+
+RESUMABLE = tuple(f.name for f in dataclasses.fields(DistillConfig) if f.metadata["resumable"])
+
+
+def _type_hints() -> dict:
+    return typing.get_type_hints(DistillConfig)
+
+
+def _allowed(hint) -> tuple:
+    """The plain types a hint admits: `int | None` -> (int, NoneType)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               type(None): "unset"}
+
+
+def coerce(name: str, value, hint, where: str = "config"):
+    """`value` checked against `hint`; an int where a float is declared becomes a float."""
+    allowed = _allowed(hint)
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, bool):
+        if bool in allowed:
+            return value
+    elif isinstance(value, int) and int in allowed:
+        return value
+    elif isinstance(value, (int, float)) and float in allowed:
+        if not math.isfinite(value):
+            raise LD3MError(f"{name} in {where} must be a finite number, got {value}")
+        return float(value)
+    elif isinstance(value, str) and str in allowed:
+        return value
+    words = " or ".join(_TYPE_WORDS[t] for t in allowed if t is not type(None))
+    raise LD3MError(f"{name} in {where} must be {words}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- profiles
+
+# Defaults that depend on the prior. The embedded default (a 32² Fashion-MNIST prior)
+# runs end to end in a few minutes on a laptop CPU; a user's prior gets the paper's.
+# (At --res 256 the 28-px data are upsampled once and cached: 500 per class keep that ~1 GB.)
+# A dict value is per algorithm. DM's released lr 1 is tuned to cin256's 3x64x64 latents: on the
+# embedded prior's 4x8x8 ones (DM gradient norm ~90 at the start) it decodes to images 2.6x the
+# data's spread after 120 iterations; 0.1 keeps them in range, ends at a lower loss and tests
+# as well (docs/default_prior.md).
+EMBEDDED_PROFILE = {"iterations": 120, "batch_real": 64, "max_per_class": 500,
+                    "lr_latent": {"dm": 0.1}, "lr_class": {"dm": 0.1}}
+PAPER_PROFILE = {"iterations": 10000, "batch_real": 256, "max_per_class": None}
+
+
+def resolve_defaults(config: DistillConfig, *, log=print) -> DistillConfig:
+    """Fill the prior-dependent defaults (prior, iterations, batch_real, the embedded prior's
+    DM learning rates), the run folder, and the thread count: unset, it records torch's
+    current count (the CLI sets its automatic choice before; Python callers keep theirs)."""
+    config.check_types()
+    values = config.to_dict()
+    profile = PAPER_PROFILE
+    if values["prior"] is None:
+        from ..priors.default import default_prior_path
+
+        values["prior"] = str(default_prior_path())
+        profile = EMBEDDED_PROFILE
+        log("using the embedded default prior (Fashion-MNIST 32², see docs/default_prior.md)")
+    for key, value in profile.items():
+        if isinstance(value, dict):
+            value = value.get(values["algorithm"])
+        if values[key] is None:
+            values[key] = value
+    if not values["out"]:
+        values["out"] = str(Path("runs") / time.strftime("distill-%Y%m%d-%H%M%S"))
+    if values["threads"] is None:
+        import torch
+
+        values["threads"] = torch.get_num_threads()
+    return DistillConfig(**values)
+
+
+def load_config(run_dir) -> DistillConfig:
+    """The resolved config of an existing run folder."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise LD3MError(f"{run_dir} is not an ld3m-fast run folder (no config.json)")
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise LD3MError(f"cannot read {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise LD3MError(f"{path} is not an ld3m-fast run config")
+    return DistillConfig.from_dict(values, where=str(path))
+
+
+__all__ = ["ALGORITHMS", "DistillConfig", "EMBEDDED_PROFILE", "GRAD_MODES", "MTT_GRADIENTS", "PAPER_PROFILE",
+           "RESUMABLE", "SKIPS", "coerce", "load_config", "resolve_defaults", "setting"]

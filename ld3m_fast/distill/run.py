@@ -1,0 +1,528 @@
+"""The one distillation loop over a `Setup`, its run folder and its resumable checkpoints.
+
+Per iteration k (1-based):
+    noise  = gen.draw_noise(N, noise_generator)         # drawn once, reused by every pass
+    images = gen(Z, c, noise)                            # autograd-aware in every grad mode
+    loss, dL/dimages = algorithm.image_gradient(images.detach(), labels, ctx)
+    images.backward(dL/dimages)                          # back through the generator to Z, c
+    SGD(momentum 0.5) step on Z, c (and MTT's student lr)
+
+Run folder (RUN_DIR):
+    config.json              the resolved configuration (`ld3m_fast.distill.config`)
+    run.json, .lock          the run's identity and its one-process lock (`runfolder`)
+    metrics.jsonl            one JSON object per iteration (and per inline evaluation)
+    tb/                      TensorBoard scalars
+    images/iter_XXXXXX.png   image grids (rows = classes) every `image_every` iterations
+    checkpoint.safetensors   Z, c, labels, optimiser state, student lr, iteration, the run id
+                             and every generator state (noise, algorithm, DSA); atomic
+    final/                   the export (`ld3m_fast.distill.export`)
+
+Never losing work: a checkpoint is written every `save_seconds` of work (and every
+`save_every` iterations when set), and SIGINT / SIGTERM finish the current iteration,
+write one and print the command that resumes. A second Ctrl-C stops at once (the last
+checkpoint stays intact).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open
+
+from .._files import save_tensors_atomic, write_text_atomic
+from .._threads import apply_threads
+from ..errors import LD3MError
+from . import runfolder
+from .algorithms import StepContext, stream_generator
+from .config import RESUMABLE, DistillConfig, load_config, resolve_defaults
+from .export import export_final, render_final, save_image_grid
+from .setup import DTYPES, Setup, build_setup
+
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "ld3m-fast-checkpoint"
+
+
+class Interrupted(LD3MError):
+    """The run stopped on SIGINT/SIGTERM after saving a checkpoint (exit code 128 + signal)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+def resume_command(run_dir) -> str:
+    return f"ld3m-fast distill --resume {shlex.quote(str(run_dir))}"
+
+
+class Distiller:
+    """One distillation run over a `Setup`, writing into `run_dir`."""
+
+    def __init__(self, setup: Setup, run_dir, *, run_id: str | None = None, log=print):
+        self.setup = setup
+        self.config = setup.config
+        self.run_dir = Path(run_dir)
+        self.run_id = run_id or runfolder.new_run_id()  # none: a run outside a run folder (benchmarks)
+        self.log = log
+        config = self.config
+        algorithm = setup.algorithm
+        groups = [{"params": [setup.synthetic.Z], "lr": self.lr_latent},
+                  {"params": [setup.synthetic.c], "lr": self.lr_class}]
+        if algorithm.parameters():
+            groups.append({"params": algorithm.parameters(), "lr": config.lr_student})
+        self.optimizer = torch.optim.SGD(groups, lr=self.lr_latent, momentum=config.momentum)
+        # Three independent streams, all CPU generators (device-independent, resumable):
+        self.noise_generator = stream_generator(config.seed, "noise")
+        self.algorithm_generator = stream_generator(config.seed, "algorithm")
+        self.dsa_generator = stream_generator(config.seed, "dsa")
+        self.context = StepContext(real=setup.real, generator=self.algorithm_generator, dsa=setup.dsa,
+                                   dsa_generator=self.dsa_generator, device=setup.device)
+        self.iteration = 0
+        self.last_checkpoint = None
+        self._last_save_time = time.monotonic()
+        self._stop_signal = None
+        self._writer = None
+        self._test_set = None
+        self._last_images = None
+
+    @property
+    def lr_latent(self) -> float:
+        c = self.config
+        return self.setup.algorithm.default_lr_latent if c.lr_latent is None else c.lr_latent
+
+    @property
+    def lr_class(self) -> float:
+        c = self.config
+        return self.setup.algorithm.default_lr_class if c.lr_class is None else c.lr_class
+
+    # -- state
+
+    def state_tensors(self) -> tuple[dict, dict]:
+        """(tensors, metadata) that fully determine the rest of the run."""
+        syn = self.setup.synthetic
+        tensors = {"Z": syn.Z.detach(), "c": syn.c.detach(), "labels": syn.labels,
+                   "rng.noise": self.noise_generator.get_state(),
+                   "rng.algorithm": self.algorithm_generator.get_state(),
+                   "rng.dsa": self.dsa_generator.get_state()}
+        for i, p in enumerate(self.setup.algorithm.parameters()):
+            tensors[f"algorithm.{i}"] = p.detach()
+        optimizer_state = self.optimizer.state_dict()
+        state_keys = {}
+        for index, state in optimizer_state["state"].items():
+            state_keys[str(index)] = sorted(state)
+            for key, value in state.items():
+                tensors[f"optimizer.{index}.{key}"] = value
+        metadata = {"format": CHECKPOINT_FORMAT, "iteration": str(self.iteration), "run_id": self.run_id,
+                    "optimizer_groups": json.dumps(optimizer_state["param_groups"]),
+                    "optimizer_state_keys": json.dumps(state_keys),
+                    "config": json.dumps(self.config.to_dict())}
+        return tensors, metadata
+
+    def save_checkpoint(self) -> Path:
+        tensors, metadata = self.state_tensors()
+        path = self.run_dir / CHECKPOINT
+        with self.writing(path):
+            save_tensors_atomic(tensors, path, metadata)
+        self.last_checkpoint = self.iteration
+        self._last_save_time = time.monotonic()
+        return path
+
+    def load_checkpoint(self) -> None:
+        """Restore the state written by `save_checkpoint`; anything off is an LD3MError."""
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            raise LD3MError(f"{self.run_dir} has no {CHECKPOINT} to resume from")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            tensors = load_file(str(path))
+            if metadata.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError("not an ld3m-fast checkpoint")
+            iteration = int(metadata["iteration"])
+            groups = json.loads(metadata["optimizer_groups"])
+            state_keys = json.loads(metadata["optimizer_state_keys"])
+        except (SafetensorError, OSError, ValueError, KeyError) as error:
+            raise LD3MError(f"checkpoint {path} is corrupt or unreadable ({error}); "
+                            "delete the run folder and start again") from None
+        if metadata.get("run_id") != self.run_id:
+            raise LD3MError(f"checkpoint {path} belongs to another run (run id "
+                            f"{metadata.get('run_id', 'missing')}, this run is {self.run_id}); "
+                            "put back this run's own checkpoint or start a new run")
+        self._check_shapes(path, tensors)
+        try:
+            self._restore(tensors, groups, state_keys)
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise LD3MError(f"checkpoint {path} is corrupt or does not fit this run ({error})") from None
+        self.iteration = iteration
+        self.last_checkpoint = iteration
+
+    def _check_shapes(self, path, tensors) -> None:
+        syn = self.setup.synthetic
+        expected = {"Z": syn.Z.shape, "c": syn.c.shape, "labels": syn.labels.shape,
+                    **{f"algorithm.{i}": p.shape for i, p in enumerate(self.setup.algorithm.parameters())}}
+        for key, shape in expected.items():
+            if key not in tensors or tensors[key].shape != shape:
+                found = tuple(tensors[key].shape) if key in tensors else "missing"
+                raise LD3MError(f"checkpoint {path} does not fit this run: {key} is {found}, "
+                                f"expected {tuple(shape)}")
+
+    def _restore(self, tensors, groups, state_keys) -> None:
+        syn = self.setup.synthetic
+        with torch.no_grad():
+            syn.Z.copy_(tensors["Z"])
+            syn.c.copy_(tensors["c"])
+            for i, p in enumerate(self.setup.algorithm.parameters()):
+                p.copy_(tensors[f"algorithm.{i}"])
+        if not torch.equal(syn.labels.cpu(), tensors["labels"]):
+            raise ValueError("labels differ")
+        state = {int(i): {k: tensors[f"optimizer.{i}.{k}"].to(self.setup.device) for k in keys}
+                 for i, keys in state_keys.items()}
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        # The learning rates may change on resume (the advice after a NaN stop).
+        self.optimizer.param_groups[0]["lr"] = self.lr_latent
+        self.optimizer.param_groups[1]["lr"] = self.lr_class
+        self.noise_generator.set_state(tensors["rng.noise"])
+        self.algorithm_generator.set_state(tensors["rng.algorithm"])
+        self.dsa_generator.set_state(tensors["rng.dsa"])
+
+    @contextmanager
+    def writing(self, what):
+        """A failed write (disk full, permissions) becomes one line that says what is safe."""
+        try:
+            yield
+        except OSError as error:
+            kept = ("no checkpoint was written yet" if self.last_checkpoint is None else
+                    f"the checkpoint of iteration {self.last_checkpoint} is intact")
+            raise LD3MError(f"cannot write {what} ({error.strerror or error}); {kept}. Free space or fix "
+                            f"permissions, then resume with: {resume_command(self.run_dir)}") from None
+
+    # -- logging
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"))
+        return self._writer
+
+    def log_metrics(self, record: dict) -> None:
+        with self.writing(self.run_dir / "metrics.jsonl"):
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        step = record["iteration"]
+        for key, value in record.items():
+            if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+
+    def trim_metrics(self) -> None:
+        """Drop metric lines written after the checkpoint we resume from (no duplicates)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("iteration", 0) <= self.iteration:
+                    kept.append(line)
+            except ValueError:
+                continue  # a line cut by a kill
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+    # -- one iteration
+
+    def step(self) -> dict:
+        """Run iteration `self.iteration + 1` (`distill_iteration`, the path the planner
+        measures too); returns its metrics."""
+        from .iteration import distill_iteration
+
+        setup = self.setup
+        syn = setup.synthetic
+        started = time.perf_counter()
+        # Drawn on the CPU generator, then moved: the same noise on every device.
+        noise = setup.generator.draw_noise(len(syn), self.noise_generator, device="cpu").to(setup.device)
+        with torch.autocast(setup.device.type, dtype=DTYPES[self.config.dtype],
+                            enabled=self.config.dtype != "fp32"):
+            loss, images = distill_iteration(setup.generator, syn, setup.algorithm, self.context,
+                                             self.optimizer, noise, check=self._check_finite)
+        # A finite loss can still send a non-finite gradient through the chain: then the
+        # parameters are no longer finite and this iteration must not be checkpointed.
+        if not all(bool(torch.isfinite(p).all()) for group in self.optimizer.param_groups
+                   for p in group["params"]):
+            self._stop("the latents became non-finite")
+        self.iteration += 1
+        self._last_images = images
+        record = {"iteration": self.iteration, "loss": float(loss),
+                  "grad_norm_Z": float(syn.Z.grad.norm()) if syn.Z.grad is not None else 0.0,
+                  "grad_norm_c": float(syn.c.grad.norm()) if syn.c.grad is not None else 0.0,
+                  "seconds": time.perf_counter() - started}
+        for i, p in enumerate(setup.algorithm.parameters()):
+            record["student_lr" if i == 0 else f"algorithm_param_{i}"] = float(p.detach())
+        return record
+
+    def _check_finite(self, loss, image_grad) -> None:
+        """Stop before anything is pushed back when the loss or dL/dimages is NaN/inf."""
+        if not math.isfinite(float(loss)):
+            self._stop(f"the loss became {float(loss)}")
+        if not bool(torch.isfinite(image_grad).all()):
+            self._stop("the image gradient became non-finite")
+
+    def _stop(self, what: str):
+        advice = f"{resume_command(self.run_dir)} --lr-latent {self.lr_latent / 10:g} --lr-class {self.lr_class / 10:g}"
+        raise LD3MError(
+            f"{what} at iteration {self.iteration + 1}; stopped. The last good checkpoint "
+            f"(iteration {self.last_checkpoint}) is in {self.run_dir / CHECKPOINT}; continue it with lower "
+            f"learning rates: {advice}")
+
+    # -- the loop
+
+    def run(self, *, on_iteration=None) -> None:
+        """Iterate up to `config.iterations`, checkpointing and logging as configured."""
+        config = self.config
+        total = config.iterations
+        bar = None
+        # Opened before the first step: TensorBoard drops events of iterations a killed run
+        # logged after its last checkpoint (purge_step), so curves have no duplicates.
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.iteration + 1)
+        if config.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=self.iteration, desc="distill", unit="it", dynamic_ncols=True)
+        profiler = self._profiler()
+        try:
+            with self._stop_requests():
+                while self.iteration < total and self._stop_signal is None:
+                    record = self.step()
+                    if profiler is not None:
+                        profiler.step()
+                    self._after_step(record, total)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{record['loss']:.4g}")
+                    if on_iteration is not None:
+                        on_iteration(self.iteration)
+                if self._stop_signal is not None and self.last_checkpoint != self.iteration:
+                    self.save_checkpoint()
+        finally:
+            if profiler is not None:
+                profiler.stop()
+            if bar is not None:
+                bar.close()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        if self._stop_signal is not None and self.iteration < total:
+            name = signal.Signals(self._stop_signal).name
+            raise Interrupted(f"{name} at iteration {self.iteration} of {total}; checkpoint saved in "
+                              f"{self.run_dir / CHECKPOINT}. Resume with: {resume_command(self.run_dir)}",
+                              self._stop_signal)
+
+    def _after_step(self, record: dict, total: int) -> None:
+        """Log, draw, evaluate and checkpoint after iteration `self.iteration`."""
+        config, k = self.config, self.iteration
+        self.log_metrics(record)
+        if k % config.image_every == 0 or k == total:
+            path = self.run_dir / "images" / f"iter_{k:06d}.png"
+            with self.writing(path):
+                save_image_grid(self._last_images, path, self.setup.synthetic.ipc)
+        if config.eval_every and k % config.eval_every == 0:
+            self.inline_eval()
+        due = (config.save_every is not None and k % config.save_every == 0
+               or time.monotonic() - self._last_save_time >= config.save_seconds)
+        if due or k == total:
+            self.save_checkpoint()
+
+    @contextmanager
+    def _stop_requests(self):
+        """SIGINT/SIGTERM ask the loop to stop after this iteration; a second Ctrl-C stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            self.log(f"\n{signal.Signals(signum).name}: finishing iteration {self.iteration + 1}, then "
+                     "saving a checkpoint (Ctrl-C again to stop at once, losing this iteration)")
+
+        previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _profiler(self):
+        """--profile N: a torch.profiler trace of N iterations after one warm-up, written to
+        RUN_DIR/profile for TensorBoard's profiler plugin (pip install torch-tb-profiler)."""
+        if not self.config.profile:
+            return None
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.setup.device.type == "cuda" else [])
+        profiler = profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=self.config.profile,
+                                                                    repeat=1),
+                           on_trace_ready=tensorboard_trace_handler(str(self.run_dir / "profile")),
+                           record_shapes=True, profile_memory=True)
+        profiler.start()
+        return profiler
+
+    def inline_eval(self) -> dict:
+        from ..data import load_dataset
+        from .evaluation import EvalConfig, evaluate_synthetic
+
+        config = self.config
+        if self._test_set is None:
+            self._test_set = load_dataset(config.data, split="test", subset=config.subset, res=self.setup.res,
+                                          cache_dir=config.cache_dir, log=self.log)
+        images, labels, _ = render_final(self.setup, config.seed)
+        eval_config = EvalConfig(archs=tuple(config.eval_archs.split(",")), epochs=config.eval_epochs,
+                                 seeds=config.eval_seeds, width=config.width, depth=config.depth,
+                                 norm=config.norm)
+        result = evaluate_synthetic(images, labels, self._test_set.images, self._test_set.labels,
+                                    num_classes=self.setup.real.num_classes, config=eval_config,
+                                    seed=config.seed, device=self.setup.device)
+        record = {"iteration": self.iteration, "eval": result}
+        with self.writing(self.run_dir / "metrics.jsonl"):
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        for arch, row in result["per_arch"].items():
+            self.writer.add_scalar(f"eval/{arch}", row["mean"], self.iteration)
+        return result
+
+    def export(self) -> Path:
+        with self.writing(self.run_dir / "final"):
+            return export_final(self.setup, self.run_dir, seed=self.config.seed, iteration=self.iteration,
+                                config=self.config.to_dict())
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _write_config(run_dir: Path, config: DistillConfig) -> None:
+    write_text_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def _create_run_folder(run_dir: Path) -> bool:
+    """mkdir -p `run_dir`; True if this call created it. Unwritable places are one line."""
+    existed = run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LD3MError(f"cannot create run folder {run_dir} ({error.strerror or error}); "
+                        "choose a writable --out") from None
+    return not existed
+
+
+def _refuse_used_folder(run_dir: Path) -> None:
+    if run_dir.exists() and (not run_dir.is_dir() or not runfolder.is_empty(run_dir)):
+        raise LD3MError(f"{run_dir} already exists and is not empty; continue it with "
+                        f"`{resume_command(run_dir)}` or choose another --out")
+
+
+def start_run(config: DistillConfig, *, log=print, on_iteration=None) -> "Distiller":
+    """Validate everything, then create the run folder and distill to the end."""
+    config = resolve_defaults(config, log=log)
+    run_dir = Path(config.out)
+    _refuse_used_folder(run_dir)
+    apply_threads(config.threads)
+    setup = build_setup(config, log=log)
+    created = _create_run_folder(run_dir)
+    lock = runfolder.RunLock(run_dir).acquire()
+    try:
+        try:
+            _refuse_used_folder(run_dir)  # again, under the lock: two starts into one --out
+            run_id = runfolder.create_identity(run_dir)
+            _write_config(run_dir, config)
+            distiller = Distiller(setup, run_dir, run_id=run_id, log=log)
+            distiller.save_checkpoint()  # iteration 0: a NaN at iteration 1 still leaves a checkpoint
+        except BaseException:
+            lock.release()
+            _undo_start(run_dir, created)  # nothing resumable was written: leave nothing behind
+            raise
+        return _finish(distiller, on_iteration)
+    finally:
+        lock.release()
+
+
+def _undo_start(run_dir: Path, created: bool) -> None:
+    import shutil
+
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in (runfolder.IDENTITY, "config.json", CHECKPOINT, runfolder.LOCK):
+        (run_dir / name).unlink(missing_ok=True)
+    runfolder.remove_leftovers(run_dir)
+
+
+def resume_run(run_dir, overrides: dict | None = None, *, log=print, on_iteration=None) -> "Distiller":
+    """Continue a run from its checkpoint (same seed, same tensors as an uninterrupted run)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise LD3MError(f"cannot resume: {run_dir} does not exist")
+    lock = runfolder.RunLock(run_dir).acquire()
+    try:
+        recorded = load_config(run_dir)
+        config = _apply_overrides(recorded, overrides or {}, log=log)
+        run_id = runfolder.read_identity(run_dir)
+        apply_threads(config.threads)
+        setup = build_setup(config, log=log)
+        removed = runfolder.remove_leftovers(run_dir)
+        if removed:
+            log(f"removed {len(removed)} temporary file(s) left by an interrupted write")
+        distiller = Distiller(setup, run_dir, run_id=run_id, log=log)
+        distiller.load_checkpoint()
+        if config.to_dict() != recorded.to_dict():
+            with distiller.writing(run_dir / "config.json"):
+                _write_config(run_dir, config)
+        distiller.trim_metrics()
+        log(f"resuming {run_dir} at iteration {distiller.iteration} of {config.iterations}")
+        return _finish(distiller, on_iteration)
+    finally:
+        lock.release()
+
+
+def _apply_overrides(recorded: DistillConfig, overrides: dict, *, log) -> DistillConfig:
+    """The recorded config with the resumable settings the user changed."""
+    values = recorded.to_dict()
+    for key, value in overrides.items():
+        if key not in values:
+            raise LD3MError(f"unknown setting {key!r}")
+        if value == values[key]:
+            continue
+        if key not in RESUMABLE:
+            raise LD3MError(f"cannot change {key} when resuming (run has {values[key]!r}, got {value!r}); "
+                            f"only {', '.join(RESUMABLE)} may change")
+        if key == "threads" and values[key] is not None:
+            log(f"resuming with {value} threads instead of the run's {values[key]}: floating-point "
+                "reductions may add up in another order, so the result will not be bit-identical to "
+                "an uninterrupted run")
+        values[key] = value
+    return DistillConfig.from_dict(values, where="the resumed settings")
+
+
+def _finish(distiller: Distiller, on_iteration) -> Distiller:
+    distiller.run(on_iteration=on_iteration)
+    distiller.export()
+    run_dir = distiller.run_dir
+    distiller.log(f"done: {distiller.iteration} iterations in {run_dir}\n"
+                  f"  images:        {run_dir / 'final' / 'images.png'}\n"
+                  f"  synthetic set: {run_dir / 'final' / 'synthetic.safetensors'} (latents), "
+                  f"{run_dir / 'final' / 'images.safetensors'} (images + labels)\n"
+                  f"  metrics:       {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tb'})")
+    return distiller
+
+
+__all__ = ["CHECKPOINT", "Distiller", "Interrupted", "resume_command", "resume_run", "start_run"]

@@ -1,0 +1,231 @@
+"""Everything a run needs, built and validated before anything is written.
+
+`build_setup(config)` loads the prior, the data and the expert buffer and builds the
+generator, the synthetic set and the algorithm. It is pure (it writes nothing but
+the data module's decode cache), so every bad input fails before a run folder exists.
+
+Resolution: up to the prior's native size the chain renders at `res` itself (latents
+of side res / latent factor: cin256-v2 at 128² uses 3×32×32, as in the paper); above
+it, the prior renders natively and an antialiased, differentiable bilinear resize
+inside the generator reaches `res` (`ld3m_fast.generator.render_size`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LD3MError
+from ..generator import render_size
+from .algorithms import NetworkSpec, RealData, build_algorithm, stream_generator
+from .config import DistillConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built and validated before anything is written."""
+
+    config: DistillConfig
+    prior: object
+    generator: object
+    synthetic: object
+    algorithm: object
+    real: RealData
+    class_names: list[str]
+    device: torch.device
+    res: int
+    dsa: object | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LD3MError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LD3MError(f"--device {name} asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def denoiser_multiple(prior) -> int:
+    """The latent side must be a multiple of this for the denoiser to take it: the UNet's
+    total downsampling (2 per down block after the first) or the DiT's patch size."""
+    config = getattr(prior.denoiser.model, "config", {})
+    if "patch_size" in config and config.get("patch_size"):
+        return int(config["patch_size"])
+    blocks = config.get("down_block_types") or config.get("block_out_channels") or ()
+    return 2 ** max(0, len(blocks) - 1)
+
+
+def resolve_resolution(prior, res: int | None) -> int:
+    """The output side: `res` or the prior's native size, checked against what the prior can render."""
+    res = prior.image_size if res is None else int(res)
+    factor = prior.latent_factor
+    if res % factor:
+        raise LD3MError(f"--res {res} is not a multiple of the prior's latent factor {factor}; "
+                        f"use e.g. {prior.image_size} (the prior's native size)")
+    render = render_size(prior, res)
+    latent, multiple = render // factor, denoiser_multiple(prior)
+    if latent % multiple:
+        step = factor * multiple
+        below = [r for r in range(step, prior.image_size + 1, step)]
+        raise LD3MError(f"--res {res} renders {latent}x{latent} latents, but the prior's denoiser needs a "
+                        f"side divisible by {multiple}; use a multiple of {step} up to {prior.image_size} "
+                        f"(e.g. {', '.join(map(str, below[-3:]))}) or any multiple of {factor} above it")
+    return res
+
+
+def prior_class_rows(prior, subset: str | None, num_classes: int) -> list[int]:
+    """The prior's class-table row for each dataset label."""
+    if subset is not None and prior.num_classes == 1000:
+        from ..data.subsets import resolve_subset
+
+        return list(resolve_subset(subset).imagenet_indices)
+    if num_classes > prior.num_classes:
+        raise LD3MError(f"the data has {num_classes} classes but the prior only {prior.num_classes}; "
+                        "use a prior trained on these classes")
+    return list(range(num_classes))
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes a run may plan for: the GPU's memory, or 80% of the machine's RAM on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def choose_chunk(config: DistillConfig, res: int, num_classes: int, device, *, log=print) -> int:
+    """--chunk auto: the planner's cheapest chunk that fits the memory budget."""
+    from ..planner.plan import format_bytes, parse_bytes, plan
+    from ..planner.simulate import IterationSpec
+
+    budget = parse_bytes(config.memory_budget) if config.memory_budget else device_memory(device)
+    spec = IterationSpec(
+        prior=config.prior, res=res, ipc=config.ipc, num_classes=num_classes, steps=config.steps,
+        guidance=config.guidance, skip=None if config.skip == "none" else config.skip,
+        algorithm=config.algorithm, grad_mode=config.grad_mode, micro_batch=config.micro_batch,
+        dtype=config.dtype, syn_steps=config.syn_steps, mtt_gradient=config.mtt_gradient,
+        batch_real=config.batch_real, width=config.width, depth=config.depth)
+    _, best = plan(spec, budget, dtypes=(config.dtype,))
+    if best is None:
+        raise LD3MError(f"--chunk auto: no chunk size fits {format_bytes(budget)}; set --micro-batch, "
+                        "lower --ipc or raise --memory-budget")
+    log(f"--chunk auto: chunk {best.estimate.spec.chunk} (planned peak "
+        f"{format_bytes(best.estimate.peak_bytes)} of {format_bytes(budget)})")
+    return best.estimate.spec.chunk
+
+
+def use_memory_efficient_attention(prior, device: torch.device, *, log=print) -> str:
+    """xformers attention on CUDA when it is installed; PyTorch SDPA otherwise (diffusers' default)."""
+    if device.type != "cuda":
+        return "sdpa"
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    for model in (prior.denoiser.model, prior.autoencoder.model):
+        if hasattr(model, "enable_xformers_memory_efficient_attention"):
+            model.enable_xformers_memory_efficient_attention()
+    log("attention: xformers (memory-efficient) on CUDA")
+    return "xformers"
+
+
+def compile_prior(prior, backend: str) -> None:
+    """torch.compile the denoiser and the decoder in place (the encoder runs once, at init)."""
+    prior.denoiser.model.compile(backend=backend)
+    prior.autoencoder.model.decoder.compile(backend=backend)
+
+
+def build_dsa(config: DistillConfig):
+    from ..dsa import DSA
+
+    if config.dsa in (None, "", "none"):
+        return None
+    try:
+        return DSA(config.dsa)
+    except ValueError as error:
+        raise LD3MError(f"--dsa: {error}") from None
+
+
+def build_network_spec(config: DistillConfig, res: int, num_classes: int) -> NetworkSpec:
+    network = NetworkSpec(num_classes=num_classes, res=res, width=config.width, depth=config.depth,
+                          norm=config.norm, compile_backend=config.compile_backend if config.compile else None)
+    network.build()  # an unknown norm or an impossible depth fails now, not at iteration 1
+    return network
+
+
+def build_algorithm_for(config: DistillConfig, network: NetworkSpec, res: int, num_classes: int):
+    trajectories = None
+    if config.algorithm == "mtt":
+        from .buffers import load_buffer
+
+        expect = {"arch": network.arch, "depth": network.depth, "width": network.width,
+                  "norm": network.norm, "res": res, "num_classes": num_classes,
+                  "channels": network.channels}
+        trajectories = load_buffer(config.buffer, expect=expect)
+    mtt_options = {} if config.algorithm != "mtt" else dict(
+        syn_steps=config.syn_steps, expert_epochs=config.expert_epochs,
+        max_start_epoch=config.max_start_epoch, student_lr=config.student_lr,
+        gradient=config.mtt_gradient, batch_syn=config.batch_syn)
+    return build_algorithm(config.algorithm, network, trajectories=trajectories,
+                           batch_real=config.batch_real, micro_batch=config.micro_batch, **mtt_options)
+
+
+def prepare_native_kernels(log=print) -> None:
+    """Load (or build, once) the C++ CPU kernels now, so a first build happens here, said in
+    one line, and not silently inside iteration 1."""
+    from ..ops import _native
+
+    ensure = getattr(_native, "ensure_extension", None)
+    if ensure is not None:
+        ensure(log=log)
+    else:
+        _native.get_extension()
+
+
+def build_setup(config: DistillConfig, *, log=print) -> Setup:
+    """Load the prior, data and buffer and build generator, synthetic set and algorithm."""
+    from ..data import load_dataset, require_per_class
+    from ..generator import LD3MGenerator
+    from ..priors import load_prior
+    from ..synthetic import SyntheticSet
+
+    config.validate()
+    device = resolve_device(config.device)
+    dsa = build_dsa(config)
+    prior_path = Path(config.prior)
+    if not prior_path.exists():
+        raise LD3MError(f"prior folder {prior_path} does not exist; pass --prior PATH")
+    prior = load_prior(prior_path).to(device)
+    res = resolve_resolution(prior, config.res)
+    data = load_dataset(config.data, split="train", subset=config.subset, res=res,
+                        cache_dir=config.cache_dir, max_per_class=config.max_per_class, log=log)
+    require_per_class(data, config.ipc)
+    rows = prior_class_rows(prior, config.subset, data.num_classes)
+    network = build_network_spec(config, res, data.num_classes)
+    algorithm = build_algorithm_for(config, network, res, data.num_classes)
+    render = render_size(prior, res)
+    synthetic = SyntheticSet.from_real(prior, data.images, data.labels, config.ipc,
+                                       stream_generator(config.seed, "init"),
+                                       prior_classes=rows, image_size=render).to(device)
+    chunk = choose_chunk(config, res, data.num_classes, device, log=log) if config.chunk == "auto" else config.chunk
+    use_memory_efficient_attention(prior, device, log=log)
+    if config.compile:
+        compile_prior(prior, config.compile_backend)
+    generator = LD3MGenerator(prior, config.steps, guidance=config.guidance,
+                              skip=None if config.skip == "none" else config.skip, eta=config.eta,
+                              grad_mode=config.grad_mode, chunk_size=chunk,
+                              render_size=render, output_size=None if res == render else res)
+    algorithm.to(device)
+    if device.type == "cpu":
+        prepare_native_kernels(log)
+    real = RealData(data.images, data.labels, data.num_classes)
+    return Setup(config, prior, generator, synthetic, algorithm, real, list(data.class_names), device, res, dsa)
+
+
+__all__ = ["DTYPES", "Setup", "build_setup", "denoiser_multiple", "device_memory", "prior_class_rows",
+           "resolve_device", "resolve_resolution", "use_memory_efficient_attention"]
