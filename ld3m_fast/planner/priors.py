@@ -52,30 +52,14 @@ FULL_SIZE_PRIORS = {"cin256-v2": cin256_v2, "dit-xl-2-256": dit_xl_2_256, "tiny"
 
 
 def prior_architecture(path) -> Prior:
-    """A prior folder's models built from their configs only (weights are not read)."""
-    import json
-    from pathlib import Path
+    """A prior folder's models built from their configs only (weights are not read).
 
-    import diffusers
+    The same checks as `load_prior` (`ld3m_fast.priors.io.build_prior`): a folder
+    that would not load does not plan either.
+    """
+    from ..priors.io import build_prior
 
-    from ..priors.io import read_manifest
-
-    folder = Path(path)
-    manifest = read_manifest(folder)
-
-    def build(part: dict):
-        cls = getattr(diffusers, part["class"])
-        return cls.from_config(cls.load_config(folder / part["subfolder"]))
-
-    denoiser, autoencoder = build(manifest["denoiser"]), build(manifest["autoencoder"])
-    table = None
-    if manifest["conditioning"] == "cross_attention":
-        dim = denoiser.config.cross_attention_dim
-        table = torch.zeros(manifest["num_classes"] + 1, dim)
-    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    return Prior(wrap_denoiser(denoiser, table),
-                 wrap_autoencoder(autoencoder, manifest["autoencoder"].get("scaling_factor")),
-                 scheduler, num_classes=manifest["num_classes"], image_size=manifest["image_size"])
+    return build_prior(path, weights=False)
 
 
 def build_planning_prior(name_or_path: str) -> Prior:

@@ -11,6 +11,9 @@ quantised latents for VQ, the latents themselves for KL).
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
 
@@ -39,6 +42,10 @@ class DenoiserAdapter(nn.Module):
     def in_channels(self) -> int:
         return self.model.config.in_channels
 
+    @property
+    def out_channels(self) -> int:
+        return self.model.config.out_channels or self.in_channels
+
     def eps(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -55,6 +62,16 @@ class CrossAttentionDenoiser(DenoiserAdapter):
 
     conditioning = "cross_attention"
     subfolder = "unet"
+
+    def __init__(self, model: nn.Module, class_table: torch.Tensor):
+        dim = model.config.cross_attention_dim
+        if class_table.dim() != 2 or not class_table.is_floating_point():
+            raise PriorError(f"the class table must be a 2-D floating-point tensor (num_classes + 1, "
+                             f"D), got {tuple(class_table.shape)} {class_table.dtype}")
+        if isinstance(dim, int) and class_table.shape[1] != dim:
+            raise PriorError(f"the class table has {class_table.shape[1]} values per row but the "
+                             f"UNet's cross_attention_dim is {dim}: they belong to different models")
+        super().__init__(model, class_table)
 
     def eps(self, z_t, t, cond):
         return self.model(z_t, t, encoder_hidden_states=cond[:, None, :]).sample
@@ -119,6 +136,10 @@ class AutoencoderAdapter(nn.Module):
     subfolder: str = ""
 
     def __init__(self, model: nn.Module, scaling_factor: float):
+        if (isinstance(scaling_factor, bool) or not isinstance(scaling_factor, numbers.Real)
+                or not math.isfinite(scaling_factor) or scaling_factor <= 0):
+            raise PriorError(f"the autoencoder's scaling factor must be a positive number, got "
+                             f"{scaling_factor!r}")
         super().__init__()
         self.model = model
         self.scaling_factor = float(scaling_factor)

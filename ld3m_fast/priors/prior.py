@@ -57,6 +57,15 @@ class Prior(nn.Module):
         if self.image_size % self.latent_factor:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the "
                              f"latent factor {self.latent_factor}")
+        channels = self.latent_channels
+        if self.denoiser.in_channels != channels:
+            raise ValueError(f"the denoiser takes {self.denoiser.in_channels} latent channels but "
+                             f"the autoencoder makes {channels}")
+        # DiT predicts (eps, variance): twice the latent channels, of which eps is the first half.
+        allowed = (channels, 2 * channels) if self.conditioning == "adaln" else (channels,)
+        if self.denoiser.out_channels not in allowed:
+            raise ValueError(f"the denoiser predicts {self.denoiser.out_channels} channels, not the "
+                             f"autoencoder's {channels} latent channels")
 
     def train(self, mode: bool = True):
         # Frozen: dropout and friends stay off whatever the caller asks.
