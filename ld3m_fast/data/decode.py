@@ -2,7 +2,9 @@
 
 One geometry everywhere: resize so the *shorter* side equals `res` (bilinear with
 antialiasing), then take the centred `res x res` crop. Grayscale, palette, CMYK and
-alpha images become 3-channel RGB.
+alpha images become 3-channel RGB; 16-bit grayscale is scaled to 8 bits (Pillow's
+own conversion would clip it to white). 32-bit integer images are read when their
+values fit in 0..255; floating-point images have no agreed range and are refused.
 """
 from __future__ import annotations
 
@@ -33,9 +35,27 @@ def _centre_box(width: int, height: int, res: int) -> tuple[int, int, int, int]:
     return left, top, left + res, top + res
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """PIL image of any mode -> 8-bit RGB. Raises ValueError for modes with no 8-bit reading."""
+    if image.mode.startswith("I;16"):
+        # 16-bit grayscale (PNG, TIFF, PGM): 0..65535 -> 0..255, not clipped.
+        wide = np.asarray(image).astype(np.float32)
+        image = Image.fromarray(np.rint(wide / 257.0).astype(np.uint8))
+    elif image.mode == "I":
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise ValueError("32-bit integer image with values outside 0..255: save it as an "
+                             "8- or 16-bit image")
+        image = Image.fromarray(values.astype(np.uint8))
+    elif image.mode == "F":
+        raise ValueError("floating-point image (no agreed value range): save it as an 8- or "
+                         "16-bit image")
+    return image.convert("RGB")
+
+
 def resize_center_crop(image: Image.Image, res: int) -> Image.Image:
     """PIL image (any mode) -> RGB `res x res` PIL image (shorter side to res, centre crop)."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     width, height = image.size
     new_size = _shorter_side_size(width, height, res)
     if new_size != (width, height):

@@ -23,6 +23,7 @@ import json
 import os
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -85,7 +86,7 @@ def load_dataset(source: str | os.PathLike, *, split: str = "train", subset: str
     plan = _plan(source, split, subset, res, max_per_class, log)
     cache_path = _cache_path(Path(cache_dir).expanduser() if cache_dir else default_cache_dir(),
                              plan, split, subset, res, max_per_class)
-    cached = _read_cache(cache_path)
+    cached = _read_cache(cache_path, res, plan.class_names)
     if cached is not None:
         images, labels, class_names = cached
         log(f"loaded {len(labels)} cached images ({plan.label}) from {cache_path}")
@@ -276,19 +277,27 @@ def _cache_path(cache_dir: Path, plan: _Plan, split, subset, res, max_per_class)
     return cache_dir / f"{plan.kind}-{split}-{res}px-{digest}.npz"
 
 
-def _read_cache(path: Path):
+def _read_cache(path: Path, res: int, class_names: list[str]):
+    """The cached (images, labels, class_names), or None (with a warning) when the file is
+    unreadable or does not hold what this key promises: it is then decoded again."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as archive:
-            images = torch.from_numpy(archive["images"])
-            labels = torch.from_numpy(archive["labels"].astype(np.int64))
-            class_names = [str(n) for n in archive["class_names"]]
-    except (OSError, ValueError, KeyError) as error:
+            images = archive["images"]
+            labels = archive["labels"]
+            cached_names = [str(n) for n in archive["class_names"]]
+        if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, res, res)
+                or labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer)
+                or cached_names != list(class_names)
+                or (labels.size and (labels.min() < 0 or labels.max() >= len(class_names)))):
+            raise ValueError(f"unexpected content: images {images.shape} {images.dtype}, "
+                             f"labels {labels.shape} {labels.dtype}")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         warnings.warn(f"ignoring unreadable data cache {path} ({error}); decoding again",
                       stacklevel=3)
         return None
-    return images, labels, class_names
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), cached_names
 
 
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, class_names) -> None:
