@@ -298,6 +298,13 @@ def test_bad_prior_is_one_prior_error(base, tmp_path, name, damage, fragment, ar
         assert expected in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
 
 
+def test_a_file_is_not_a_prior_folder(base, tmp_path):
+    (tmp_path / "prior.safetensors").write_bytes(b"")
+    for call in (load_prior, prior_architecture):
+        with pytest.raises(PriorError, match="prior.safetensors is not a folder"):
+            call(tmp_path / "prior.safetensors")
+
+
 def test_nothing_outside_the_prior_is_read_when_refused(base, tmp_path):
     """A '..' subfolder is refused although the folder it names would load."""
     prior = _damaged(base, tmp_path, _subfolder_outside)

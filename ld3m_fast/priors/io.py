@@ -273,7 +273,8 @@ def read_manifest(path) -> dict:
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise PriorError(f"prior folder {folder} does not exist; pass a folder written by "
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise PriorError(f"prior folder {folder} {problem}; pass a folder written by "
                          "`ld3m-fast convert` or `ld3m_fast.save_prior`")
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
