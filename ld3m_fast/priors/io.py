@@ -8,7 +8,10 @@ Layout of a prior folder:
     scheduler/                 a diffusers scheduler config (the training noise schedule)
     class_table.safetensors    the class table, when it lives outside the denoiser
 
-Loading is strict: weights that do not match their config.json are an error.
+Loading is strict: weights that do not match their config.json are an error. The folder
+is treated as untrusted input: every file it names must lie inside it (no '..', absolute
+paths or symlinks leading out), tensors come only from safetensors files, and anything
+malformed is one `PriorError` line naming the file, checked before any weights are read.
 """
 from __future__ import annotations
 
@@ -187,7 +190,7 @@ _POSITIVE_INT = ("in_channels", "out_channels", "latent_channels", "num_vq_embed
                  "num_class_embeds", "num_layers", "patch_size", "norm_num_groups",
                  "num_embeds_ada_norm", "vq_embed_dim")
 _POSITIVE_INT_OR_LIST = ("layers_per_block", "cross_attention_dim", "attention_head_dim",
-                         "num_attention_heads", "sample_size", "transformer_layers_per_block")
+                         "num_attention_heads", "sample_size")
 _STRING_LIST = ("down_block_types", "up_block_types")
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # What a diffusers constructor raises for a config it cannot build.
