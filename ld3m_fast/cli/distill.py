@@ -2,7 +2,8 @@
 
 Every flag is derived from `ld3m_fast.distill.config.DistillConfig` (one field, one
 flag; its help, type and default come from the field). Settings come from, in
-increasing priority: the field defaults, `--config run.toml` (keys = field names,
+increasing priority: the field defaults, `--preset NAME` (`ld3m-fast presets` lists
+them; a `preset` key in the file works too), `--config run.toml` (keys = field names,
 with '-' or '_'), and flags given on the command line. `--resume RUN_DIR` continues
 a run from its checkpoint; only the settings marked resumable may change then.
 
@@ -125,22 +126,40 @@ def explicit_settings(args) -> dict:
             if getattr(args, name, None) is not None}
 
 
-def run(args) -> int:
+def new_run_config(args):
+    """The settings of a new run: field defaults < --preset < --config file < flags.
+
+    A preset may be named by the flag or by the file's `preset` key; its name is recorded.
+    """
     from ..distill.config import DistillConfig
-    from ..distill.run import resume_run, start_run
+    from ..presets import with_preset
 
     settings = read_config_file(args.config) if args.config else {}
     where = f"config file {args.config}" if args.config else "the settings"
-    if args.resume:
-        explicit = explicit_settings(args)
-        DistillConfig.from_dict({**DistillConfig().to_dict(), **settings, **explicit}, where=where)
-        resume_run(args.resume, {**settings, **explicit})
-        return 0
     settings.update(explicit_settings(args))
+    settings = with_preset(settings)
     if settings.get("threads") is None:
         from .._threads import default_threads
 
         settings["threads"] = default_threads()
-    config = DistillConfig.from_dict({**DistillConfig().to_dict(), **settings}, where=where)
-    start_run(config)
+    return DistillConfig.from_dict({**DistillConfig().to_dict(), **settings}, where=where)
+
+
+def run(args) -> int:
+    from ..distill.config import DistillConfig
+    from ..distill.run import resume_run, start_run
+
+    if args.resume:
+        # The recorded config holds the resolved values (a preset's too); its name stays as provenance.
+        from ..presets import get_preset
+
+        settings = read_config_file(args.config) if args.config else {}
+        settings.update(explicit_settings(args))
+        where = f"config file {args.config}" if args.config else "the settings"
+        if settings.get("preset") is not None:
+            get_preset(settings["preset"])  # an unknown name: the one line that lists the known ones
+        DistillConfig.from_dict({**DistillConfig().to_dict(), **settings}, where=where)
+        resume_run(args.resume, settings)
+        return 0
+    start_run(new_run_config(args))
     return 0

@@ -25,6 +25,7 @@ COMMANDS = {
     "bench": ("ld3m_fast.cli.bench", "benchmark report: simulated full-scale memory/FLOPs, measured CPU speed"),
     "convert": ("ld3m_fast.cli.convert", "convert a CompVis cin256-v2 .ckpt into a prior folder"),
     "info": ("ld3m_fast.cli.info", "versions, devices and the backend each op will use"),
+    "presets": ("ld3m_fast.cli.presets", "the paper's settings as named presets, each value with its source"),
 }
 
 

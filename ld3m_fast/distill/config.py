@@ -63,6 +63,8 @@ class DistillConfig:
     """Everything that defines a distillation run; one field per setting."""
 
     # -- data and prior
+    preset: str | None = setting(None, "named settings (the paper's runs, the embedded default; list: "
+                                 "`ld3m-fast presets`); a config file and flags win over it")
     data: str = setting("fashion-mnist", "data folder (ImageNet tree, ImageFolder, CIFAR-10, "
                         "Fashion-MNIST IDX) or 'fashion-mnist'")
     subset: str | None = setting(None, "ImageNet subset name or alias (imagenette, woof, fruits, ...)")

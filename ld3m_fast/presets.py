@@ -1,0 +1,239 @@
+"""Named settings: the LD3M paper's runs, and the embedded default, each value with its source.
+
+A preset is plain data: a name, a one-line description, the settings it fills (keys are
+`DistillConfig` field names), where each value comes from, and what the user must still
+give (the data, the subset, the prior, the expert buffer: presets never name a folder).
+
+Sources are one of
+- ``prune_and_distill <file>:<line>``: the authors' released LD3M code,
+  github.com/Brian-Moser/prune_and_distill at commit d6912268 (the repository the paper,
+  arXiv 2403.03881, links as its code); the line that sets the value;
+- ``paper Table N``: a table of the paper;
+- ``ld3m-fast: <why>``: ld3m-fast's own choice, with the reason (e.g. a released defect that
+  ld3m-fast fixed, so the released number would not mean the same here).
+
+`ld3m-fast presets` lists them, `ld3m-fast presets NAME` shows every value with its
+source, and `ld3m-fast distill --preset NAME` uses one (priority: field defaults < preset <
+config file < flags). From Python: `DistillConfig.from_dict(with_preset({"preset": NAME,
+"data": ..., ...}))`; `DistillConfig(preset=NAME)` alone only records the name.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+from .errors import LD3MError
+
+RELEASED = "github.com/Brian-Moser/prune_and_distill @ d6912268fa9f076a579961de5ec488d75a8f03bb"
+_R = "prune_and_distill "  # prefix of a source in the released code
+
+# The flag each required setting is given with (and what it holds), for messages.
+NEED_HINTS = {
+    "data": "--data IMAGENET_DIR (train/ and val/ wnid folders)",
+    "subset": "--subset NAME (imagenette, woof, a..e, ...)",
+    "prior": "--prior DIR (cin256-v2, converted with `ld3m-fast convert`)",
+    "buffer": "--buffer DIR (expert trajectories from `ld3m-fast buffer`)",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named setting. `values` and `sources` have the same keys (DistillConfig fields)."""
+
+    name: str
+    description: str
+    values: types.MappingProxyType
+    sources: types.MappingProxyType
+    needs: tuple[str, ...] = ()   # DistillConfig fields the user must give
+    notes: tuple[str, ...] = ()   # shown by `ld3m-fast presets NAME`
+
+    def settings(self) -> dict:
+        """A fresh dict of the preset's values (safe to modify)."""
+        return dict(self.values)
+
+
+# --------------------------------------------------------------------------- the paper's runs
+
+_SCRIPT = {"dm": "src/distill_dm_LD3M.py", "dc": "src/distill_dc_LD3M.py", "mtt": "src/distill_mtt_LD3M.py"}
+# Line of each script's argparse default.
+_LINE = {
+    "lr_w": {"dm": 218, "dc": 262, "mtt": 400},
+    "guidance": {"dm": 220, "dc": 269, "mtt": 403},
+    "ddim_steps": {"dm": 221, "dc": 270, "mtt": 404},
+}
+# The released README's command for each run it shows: (algorithm, res, ipc) -> line.
+_COMMAND = {("dc", 128, 1): 17, ("dm", 128, 1): 27, ("mtt", 128, 1): 41,
+            ("dc", 128, 10): 52, ("dm", 128, 10): 62, ("dc", 256, 1): 72}
+_NAME = {"dm": "DM (distribution matching)", "dc": "DC (gradient matching)",
+         "mtt": "MTT (trajectory matching)"}
+
+
+def _lr(algorithm: str) -> tuple[float, str]:
+    both = "src/glad_utils.py:261,263 (one lr_w for Z and c)"
+    if algorithm == "mtt":
+        return 500.0, (
+            f"ld3m-fast: half the released lr_w 1000 (prune_and_distill {_SCRIPT['mtt']}:400, {both}): "
+            f"the released image gradient is applied at half its stated size (`2 * tuple` at "
+            f"{_SCRIPT['mtt']}:312, then [0] at :322; SPEC §1); ld3m-fast applies the full gradient, "
+            "and SGD with momentum is linear in the gradient, so lr 500 gives the released updates")
+    return ({"dm": 1.0, "dc": 0.1}[algorithm],
+            f"{_R}{_SCRIPT[algorithm]}:{_LINE['lr_w'][algorithm]} (--lr_w), {both}")
+
+
+def _ld3m(algorithm: str, res: int, ipc: int) -> Preset:
+    script = _SCRIPT[algorithm]
+    command = _COMMAND.get((algorithm, res, ipc))
+    lr, lr_source = _lr(algorithm)
+    v: dict = {}
+    s: dict = {}
+
+    def put(key, value, source):
+        v[key] = value
+        s[key] = source
+
+    readme_alg = {"dc": 17, "dm": 27, "mtt": 41}[algorithm]
+    put("algorithm", algorithm, f"{_R}readme.md:{command or readme_alg} (runs {script})")
+    if res == 128:
+        put("res", 128, f"{_R}src/shared_args.py:37 (--res default 128)")
+        put("depth", 5, f"{_R}src/shared_args.py:66 (--depth default 5)")
+    else:
+        put("res", 256, f"{_R}readme.md:72 (--res=256, the released 256² command)")
+        put("depth", 6, f"{_R}readme.md:72 (--depth=6 with --res=256)")
+    if command:
+        put("ipc", ipc, f"{_R}readme.md:{command} (--ipc={ipc})")
+    else:
+        put("ipc", ipc, f"ld3m-fast: the preset's IPC; no released command runs {algorithm.upper()} at "
+                        f"{res}² with IPC {ipc}, the script's defaults apply as for the commands shown")
+    if res == 128:
+        put("steps", 10, f"{_R}{script}:{_LINE['ddim_steps'][algorithm]} (--ddim_steps default 10)")
+    else:
+        put("steps", 20, "ld3m-fast: SPEC §1 (T=20 at 256², the paper's setting as the product brief "
+                         "records it; the released 256² command readme.md:72 passes no --ddim_steps, so "
+                         f"the script runs its default 10, {script}:{_LINE['ddim_steps'][algorithm]}; "
+                         "the paper's text could not be checked here)")
+    put("guidance", 3.0, f"{_R}{script}:{_LINE['guidance'][algorithm]} (--unconditional_guidance_scale)")
+    put("skip", "x0", f"{_R}src/latentdiff/ldm/models/diffusion/ddim.py:200 (the skip mixes pred_x0 "
+                      "with the quantised start latent)")
+    put("eta", 0.0, f"{_R}src/glad_utils.py:986 (sampler.sample(..., eta=0.0))")
+    put("iterations", 10000, f"{_R}src/shared_args.py:18 (--Iteration default 10000)")
+    put("lr_latent", lr, lr_source)
+    put("lr_class", lr, lr_source)
+    put("momentum", 0.5, f"{_R}src/glad_utils.py:261,263 (SGD momentum=0.5 for Z and c)"
+                         + (f"; {script}:126 (the student lr's SGD)" if algorithm == "mtt" else ""))
+    put("max_per_class", None, f"{_R}src/glad_utils.py:51 (every training image of the subset at "
+                               "--percent=100; the README's --percent=60/20 are the follow-up pruning study's)")
+    put("width", 128, f"{_R}src/shared_args.py:65 (--width default 128)")
+    put("norm", "instance", f"{_R}src/utils.py:230 (get_network(..., norm=\"instancenorm\"))")
+    put("dsa", "color_crop_cutout_flip_scale_rotate", f"{_R}src/shared_args.py:30 (--dsa_strategy default)")
+    if algorithm in ("dm", "dc"):
+        put("batch_real", 256, f"{_R}src/shared_args.py:22 (--batch_real default 256)")
+    else:
+        put("mtt_gradient", "truncated", f"{_R}{script}:286-322 (each student step detached, the image "
+                                         "gradient taken step by step)")
+        put("syn_steps", 10, f"{_R}{script}:396 (--syn_steps default 10)")
+        put("expert_epochs", 2, f"{_R}{script}:395 (--expert_epochs default 2)")
+        put("max_start_epoch", 2, f"{_R}{script}:392 (--max_start_epoch default 2)")
+        put("student_lr", 0.01, f"{_R}{script}:388 (--lr_teacher default 0.01), the initial syn_lr at :123")
+        put("lr_student", 1e-6, f"{_R}{script}:401 (--lr_lr default 1e-06), its SGD at :126")
+        put("batch_syn", None, f"{_R}{script}:389 (--batch_syn default None), all images per step at :95-96")
+    put("eval_archs", "convnet,resnet18,vgg11,alexnet,vit",
+        f"{_R}src/shared_args.py:11 (--eval_mode M) and src/utils.py:537 (the pool for M)")
+    put("eval_epochs", 1000, f"{_R}src/shared_args.py:16 (--epoch_eval_train default 1000)")
+    put("eval_seeds", 5, f"{_R}src/shared_args.py:13 (--num_eval default 5)")
+    put("eval_every", 0, "ld3m-fast: the released code evaluates every 100 iterations (src/shared_args.py:14) "
+                         "and reports the best test accuracy over them (src/glad_utils.py:552-553, selection "
+                         "on the test set, SPEC §1); ld3m-fast reports the final set's accuracy: run "
+                         "`ld3m-fast eval RUN_DIR` after the run")
+
+    needs = ("data", "subset", "prior") + (("buffer",) if algorithm == "mtt" else ())
+    notes = [f"released command: readme.md:{command}" if command else
+             "no released command for this combination: the released script's defaults, with the "
+             "released commands' settings for this resolution and IPC"]
+    if algorithm == "mtt":
+        notes.append(
+            f"buffer: ConvNet depth {v['depth']}, width 128, instance norm, at res {res}, plain SGD lr 0.01 "
+            "without momentum (src/buffer_mtt.py:279, :333), at least 3 epochs; the released buffer has "
+            "5000 experts of 15 epochs (readme.md:37). e.g. `ld3m-fast buffer --data DIR --subset NAME "
+            f"--res {res} --out BUFFER --experts 100`")
+    notes.append("final accuracy: `ld3m-fast eval RUN_DIR` (1000 epochs, 5 seeds, ConvNet, AlexNet, VGG-11, "
+                 "ResNet-18, ViT by default)")
+    description = (f"LD3M with {_NAME[algorithm]} at {res}², IPC {ipc}, on an ImageNet subset through "
+                   "the cin256-v2 prior")
+    return Preset(f"ld3m-{algorithm}-{res}-ipc{ipc}", description, types.MappingProxyType(v),
+                  types.MappingProxyType(s), needs, tuple(notes))
+
+
+# --------------------------------------------------------------------------- the embedded default
+
+_EMBEDDED = "ld3m-fast: EMBEDDED_PROFILE in ld3m_fast/distill/config.py"
+_EMBEDDED_DEFAULT = Preset(
+    "embedded-default",
+    "DM on the shipped Fashion-MNIST 32² prior: runs end to end in minutes on a laptop CPU",
+    types.MappingProxyType({"algorithm": "dm", "ipc": 1, "steps": 10, "iterations": 120, "batch_real": 64,
+                            "max_per_class": 500, "lr_latent": 0.1, "lr_class": 0.1}),
+    types.MappingProxyType({
+        "algorithm": "ld3m-fast: the profile's learning rates below are DM's",
+        "ipc": "ld3m-fast: DistillConfig's default",
+        "steps": "ld3m-fast: DistillConfig's default (the released 128² T, "
+                 f"{_R}src/distill_dm_LD3M.py:221)",
+        "iterations": f"{_EMBEDDED} (a few minutes on a CPU)",
+        "batch_real": f"{_EMBEDDED} (64 real images per class per iteration)",
+        "max_per_class": f"{_EMBEDDED} (500 per class keep the decoded cache small)",
+        "lr_latent": f"{_EMBEDDED}: DM's released lr 1 is tuned to cin256's 3x64x64 latents; on the "
+                     "embedded prior's 4x8x8 ones it overshoots, 0.1 stays in range (docs/default_prior.md)",
+        "lr_class": f"{_EMBEDDED}: as lr_latent",
+    }),
+    needs=(),
+    notes=("uses the embedded prior and Fashion-MNIST unless --prior / --data are given",),
+)
+
+
+def _build() -> dict[str, Preset]:
+    presets = {_EMBEDDED_DEFAULT.name: _EMBEDDED_DEFAULT}
+    for algorithm in ("dm", "dc", "mtt"):
+        for res in (128, 256):
+            for ipc in (1, 10):
+                preset = _ld3m(algorithm, res, ipc)
+                presets[preset.name] = preset
+    return presets
+
+
+PRESETS: types.MappingProxyType = types.MappingProxyType(_build())
+
+
+def list_presets() -> list[Preset]:
+    """Every preset, the embedded default first, then the paper's runs by algorithm, res, IPC."""
+    return list(PRESETS.values())
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; an unknown name is an LD3MError listing the known ones."""
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        raise LD3MError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)} "
+                        "(see `ld3m-fast presets`)") from None
+
+
+def with_preset(given: dict) -> dict:
+    """`given` settings (config file and flags, field names) over the preset they name, if any.
+
+    Priority: preset < `given`. The preset's algorithm may not be changed (its learning
+    rates belong to it), and every setting the preset needs must be in `given`.
+    """
+    name = given.get("preset")
+    if name is None:
+        return dict(given)
+    preset = get_preset(name)
+    algorithm = preset.values.get("algorithm")
+    if given.get("algorithm") not in (None, algorithm):
+        raise LD3MError(f"preset {name} is a {str(algorithm).upper()} preset but --algorithm is "
+                        f"{given['algorithm']!r}; use ld3m-{given['algorithm']}-... (see `ld3m-fast presets`)")
+    missing = [key for key in preset.needs if given.get(key) is None]
+    if missing:
+        raise LD3MError(f"preset {name} needs " + ", ".join(NEED_HINTS.get(k, "--" + k.replace("_", "-"))
+                                                            for k in missing))
+    return {**preset.values, **given}
+
+
+__all__ = ["NEED_HINTS", "PRESETS", "Preset", "RELEASED", "get_preset", "list_presets", "with_preset"]
