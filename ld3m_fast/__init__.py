@@ -20,6 +20,7 @@ _LAZY = {
     "ChainNoise": "generator", "ChainSchedule": "generator", "LD3MGenerator": "generator",
     "Prior": "priors", "build_tiny_prior": "priors", "load_prior": "priors", "save_prior": "priors",
     "SyntheticSet": "synthetic",
+    "dm_loss": "losses", "dc_loss": "losses", "mtt_loss": "losses",
 }
 
 __all__ = ["LD3MError", "PriorError", "__version__", *sorted(_LAZY)]

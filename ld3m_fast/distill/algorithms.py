@@ -17,6 +17,9 @@ expose it through `parameters()` and fill its `.grad` during `image_gradient`.
 
 Randomness: every draw (network init, real batches, expert choice, DSA) comes
 from the explicit generators in the `StepContext`, never from the global RNG.
+
+The losses themselves are `ld3m_fast.losses` (dm_loss, dc_loss, mtt_loss and their
+pieces): these objects draw what an iteration needs and call them.
 """
 from __future__ import annotations
 
@@ -25,11 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import functional_call
 
-from .._host import draw_int, host_values
+from .._host import draw_int
 from ..errors import LD3MError
+from ..losses import (FlatNetwork, augment, class_groups, dc_class_term, default_real_batch, dm_loss_from_blocks,
+                      draw_for_class, gradient_distance, micro_batches, mtt_loss_from_plan, mtt_plan)
 from ..normalization import from_uint8
 
 from .config import ALGORITHMS, MTT_GRADIENTS
@@ -131,25 +134,6 @@ class NetworkSpec:
             return self.build()
 
 
-def augment_pair(ctx: StepContext, real: torch.Tensor, syn: torch.Tensor):
-    """DSA in Siamese mode: real and synthetic batches share one draw.
-
-    Row i of both batches gets parameter set i of one draw (the released
-    behaviour, which re-seeded the same generator before each of the two calls).
-    """
-    if ctx.dsa is None:
-        return real, syn
-    draw = ctx.dsa.draw(max(real.shape[0], syn.shape[0]), ctx.dsa_generator, real.device)
-    return ctx.dsa.apply(real, draw), ctx.dsa.apply(syn, draw)
-
-
-def augment(ctx: StepContext, images: torch.Tensor, draw=None):
-    """Per-sample DSA on one batch (`draw` from `ctx.dsa.draw`, or None: no augmentation)."""
-    if ctx.dsa is None or draw is None:
-        return images
-    return ctx.dsa.apply(images, draw)
-
-
 # --------------------------------------------------------------------------- interface
 
 
@@ -190,20 +174,6 @@ def _on_device(module: nn.Module, device) -> nn.Module:
     return module.to(device)
 
 
-def _vjp(output: torch.Tensor, leaf: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """d(output . grad)/d leaf; an augmentation that returned its input passes grad through."""
-    if output is leaf:
-        return grad
-    (result,) = torch.autograd.grad(output, leaf, grad)
-    return result
-
-
-def micro_batches(count: int, size: int | None) -> list[slice]:
-    """Slices covering range(count) in pieces of `size` (None: one piece)."""
-    size = count if not size else int(size)
-    return [slice(i, min(i + size, count)) for i in range(0, count, size)]
-
-
 def check_micro_batch(network: "NetworkSpec", micro_batch: int | None) -> int | None:
     """Micro-batching is exact only when no layer mixes samples (no batch norm)."""
     if micro_batch is None:
@@ -216,12 +186,6 @@ def check_micro_batch(network: "NetworkSpec", micro_batch: int | None) -> int | 
     return int(micro_batch)
 
 
-def _class_groups(labels: torch.Tensor):
-    """[(class, index tensor)] for every class present in `labels`, in class order."""
-    with host_values():  # labels are host bookkeeping (real even while the planner fakes tensors)
-        return [(int(k), torch.nonzero(labels == k).flatten()) for k in torch.unique(labels).tolist()]
-
-
 # --------------------------------------------------------------------------- DM
 
 
@@ -231,9 +195,12 @@ class DM(Algorithm):
 
         L = sum_k || mean_i embed(aug(real_k,i)) - mean_j embed(aug(syn_k,j)) ||^2
 
-    Micro-batched and exact (see `micro_batches`): the real mean accumulates over
-    micro-batches without a graph; the synthetic side takes two passes, the mean
-    first, then dL/d embed_j = -2 (real_mean - syn_mean) / n per micro-batch.
+    The math is `ld3m_fast.losses.dm_loss`; this object draws the network and, class by
+    class, the real batch and the class's augmentation (the released order: one Siamese
+    draw per class). The network runs once over all classes' real images (without a
+    graph, in forwards of at most `losses.REAL_FORWARD_BYTES` of input) and once over all
+    synthetic images. Micro-batched and exact: with `micro_batch`, both sides run in
+    micro-batches and the synthetic side's backward recomputes one micro-batch at a time.
     """
 
     name = "dm"
@@ -246,56 +213,40 @@ class DM(Algorithm):
         self.micro_batch = check_micro_batch(network, micro_batch)
 
     def image_gradient(self, images, labels, ctx):
-        net = _on_device(self.network.build_seeded(ctx.generator), ctx.device)
+        net = _student(self.network, ctx, images.dtype)
         net.requires_grad_(False)  # frozen: only the images receive gradients
-        grad = torch.zeros_like(images)
-        total = images.new_zeros(())
-        # One class at a time: memory does not grow with the class count.
-        for cls, index in _class_groups(labels):
-            syn = images[index].detach().requires_grad_(True)
-            real = ctx.real.sample(cls, self.batch_real, ctx.generator, ctx.device)
-            real_aug, syn_aug = augment_pair(ctx, real, syn)
-            with torch.no_grad():
-                real_mean = _embedding_sum(net, real_aug, self.micro_batch) / real_aug.shape[0]
-                syn_mean = _embedding_sum(net, syn_aug.detach(), self.micro_batch) / syn_aug.shape[0]
-            residual = real_mean - syn_mean
-            total = total + residual.pow(2).sum()
-            row_grad = -2.0 * residual / syn_aug.shape[0]
-            aug_grad = torch.zeros_like(syn_aug)
-            for part in micro_batches(syn_aug.shape[0], self.micro_batch):
-                x_part = syn_aug[part].detach().requires_grad_(True)
-                embedding = net.embed(x_part)
-                (aug_grad[part],) = torch.autograd.grad(embedding, x_part, row_grad.expand_as(embedding))
-            grad[index] = _vjp(syn_aug, syn, aug_grad)
-        return total, grad
+        groups, real_blocks, draws = _draw_classes(self.batch_real, labels, ctx, images.dtype)
+        x = images.detach().requires_grad_(True)
+        loss = dm_loss_from_blocks(net, x, groups, real_blocks, draws, dsa=ctx.dsa, micro_batch=self.micro_batch,
+                                   real_batch=default_real_batch(x, self.micro_batch))
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss.detach(), grad
 
 
-def _embedding_sum(net, images, micro_batch):
-    """sum_i embed(images_i), accumulated over micro-batches."""
-    return sum(net.embed(images[part]).sum(0) for part in micro_batches(images.shape[0], micro_batch))
+def _student(spec: NetworkSpec, ctx: StepContext, dtype: torch.dtype) -> nn.Module:
+    """The iteration's freshly drawn network, on the context's device; float64 when the images
+    are float64 (exactness checks), otherwise float32 (autocast handles lower precision)."""
+    net = _on_device(spec.build_seeded(ctx.generator), ctx.device)
+    return net.double() if dtype == torch.float64 else net
+
+
+def _draw_classes(batch_real: int, labels: torch.Tensor, ctx: StepContext, dtype: torch.dtype):
+    """Per class present in `labels`, in class order: its real batch, then its DSA draw.
+
+    The order of the released loop (and of every earlier version of this one), so each
+    generator is consumed exactly as before: ctx.generator for the real batches,
+    ctx.dsa_generator for one Siamese draw per class of max(n_real, n_syn) rows.
+    """
+    groups = class_groups(labels)
+    real_blocks, draws = [], []
+    for cls, index in groups:
+        real = ctx.real.sample(cls, batch_real, ctx.generator, ctx.device)
+        real_blocks.append(real if dtype != torch.float64 else real.to(dtype))
+        draws.append(draw_for_class(ctx.dsa, ctx.dsa_generator, real.shape[0], index.numel(), real.device))
+    return groups, real_blocks, draws
 
 
 # --------------------------------------------------------------------------- DC
-
-
-def gradient_distance(real_grads, syn_grads) -> torch.Tensor:
-    """Sum over layers of sum over output rows of (1 - cosine), as in the released DC.
-
-    Each gradient is viewed as (out_rows, -1); 1-D parameters (biases, norm
-    scales) are skipped, as the released `distance_wb` does.
-    """
-    total = None
-    for g_real, g_syn in zip(real_grads, syn_grads):
-        if g_real is None or g_syn is None or g_real.dim() == 1:
-            continue
-        rows_real = g_real.reshape(g_real.shape[0], -1)
-        rows_syn = g_syn.reshape(g_syn.shape[0], -1)
-        cosine = (rows_real * rows_syn).sum(-1) / (rows_real.norm(dim=-1) * rows_syn.norm(dim=-1) + 1e-6)
-        term = (1.0 - cosine).sum()
-        total = term if total is None else total + term
-    if total is None:
-        raise ValueError("no multi-dimensional parameter received a gradient")
-    return total
 
 
 class DC(Algorithm):
@@ -306,9 +257,11 @@ class DC(Algorithm):
     loops; here each iteration draws a fresh network, which keeps every
     iteration independent (and resumable) and matches DC's first outer step.
 
-    Micro-batched and exact: both parameter gradients are sums over micro-batches;
-    the synthetic side takes two passes, g_syn first (no graph), then
-    v = dL/dg_syn and, per micro-batch, d(g_part . v)/dimages.
+    The math is `ld3m_fast.losses.dc_loss` (per class `dc_class_term`); the image
+    gradient is taken class by class, so memory does not grow with the class count.
+    Micro-batched and exact: both parameter gradients are sums over micro-batches; the
+    synthetic side's backward recomputes one micro-batch at a time (v = dL/dg_syn, then
+    d(g_part . v)/dimages).
     """
 
     name = "dc"
@@ -320,50 +273,28 @@ class DC(Algorithm):
         self.batch_real = int(batch_real)
         self.micro_batch = check_micro_batch(network, micro_batch)
 
-    def _ce_gradient(self, net, params, x, cls, *, create_graph=False):
-        """dCE/dparams of the batch mean, summed over micro-batches of `x`."""
-        total = None
-        for part in micro_batches(x.shape[0], self.micro_batch):
-            logits = net(x[part])
-            targets = torch.full((logits.shape[0],), cls, dtype=torch.long, device=logits.device)
-            loss = F.cross_entropy(logits, targets, reduction="sum") / x.shape[0]
-            grads = torch.autograd.grad(loss, params, create_graph=create_graph)
-            total = grads if total is None else [a + b for a, b in zip(total, grads)]
-        return total
-
     def image_gradient(self, images, labels, ctx):
-        net = _on_device(self.network.build_seeded(ctx.generator), ctx.device)
+        net = _student(self.network, ctx, images.dtype)
         params = [p for p in net.parameters() if p.requires_grad]
         grad = torch.zeros_like(images)
         total = images.new_zeros(())
-        for cls, index in _class_groups(labels):
-            syn = images[index].detach().requires_grad_(True)
-            real = ctx.real.sample(cls, self.batch_real, ctx.generator, ctx.device)
-            real_aug, syn_aug = augment_pair(ctx, real, syn)
-            real_grads = [g.detach() for g in self._ce_gradient(net, params, real_aug, cls)]
-            syn_grads = [g.detach().requires_grad_(True)
-                         for g in self._ce_gradient(net, params, syn_aug.detach(), cls)]
-            loss = gradient_distance(real_grads, syn_grads)
-            v = torch.autograd.grad(loss, syn_grads, allow_unused=True)
-            v = [torch.zeros_like(g) if vi is None else vi for g, vi in zip(syn_grads, v)]
-            total = total + loss.detach()
-            aug_grad = torch.zeros_like(syn_aug)
-            for part in micro_batches(syn_aug.shape[0], self.micro_batch):
-                x_part = syn_aug[part].detach().requires_grad_(True)
-                logits = net(x_part)
-                targets = torch.full((logits.shape[0],), cls, dtype=torch.long, device=logits.device)
-                part_loss = F.cross_entropy(logits, targets, reduction="sum") / syn_aug.shape[0]
-                part_grads = torch.autograd.grad(part_loss, params, create_graph=True)
-                (aug_grad[part],) = torch.autograd.grad(part_grads, x_part, v)
-            grad[index] = _vjp(syn_aug, syn, aug_grad)
+        for cls, index in class_groups(labels):
+            real = ctx.real.sample(cls, self.batch_real, ctx.generator, ctx.device).to(images.dtype)
+            draw = draw_for_class(ctx.dsa, ctx.dsa_generator, real.shape[0], index.numel(), real.device)
+            x = images[index.to(images.device)].detach().requires_grad_(True)
+            term = dc_class_term(net, params, augment(ctx.dsa, real, draw), augment(ctx.dsa, x, draw), cls,
+                                 self.micro_batch)
+            (grad[index],) = torch.autograd.grad(term, x)
+            total = total + term.detach()
         return total, grad
 
 
 # --------------------------------------------------------------------------- MTT
 
 
-class FlatStudent:
-    """A network evaluated with a flat parameter vector through `functional_call`.
+class FlatStudent(FlatNetwork):
+    """The student network at a flat parameter vector (`losses.FlatNetwork`) in the expert
+    buffer's parameter order, checked against the buffer's names and shapes.
 
     theta: (P,) float, the parameters in `names` order, concatenated.
     """
@@ -378,15 +309,7 @@ class FlatStudent:
                 "expert buffer parameters do not fit the student network "
                 f"(missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]}); "
                 "rebuild the buffer with the student's architecture")
-        self.module = module
-        self.names = list(names)
-        self.shapes = [tuple(s) for s in shapes]
-        self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
-
-    def __call__(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        pieces = torch.split(theta, self.sizes)
-        params = {n: p.view(s) for n, p, s in zip(self.names, pieces, self.shapes)}
-        return functional_call(self.module, params, (x,))
+        super().__init__(module, names, shapes)
 
 
 class MTT(Algorithm):
@@ -476,90 +399,16 @@ class MTT(Algorithm):
 
     def draw_steps(self, count: int, ctx: StepContext):
         """Per student step: (indices of the synthetic batch, DSA draw or None)."""
-        plan = []
-        batch = count if self.batch_syn is None else min(int(self.batch_syn), count)
-        for _ in range(self.syn_steps):
-            if batch == count:
-                index = torch.arange(count)
-            else:
-                index = torch.randperm(count, generator=ctx.generator)[:batch]
-            draw = None if ctx.dsa is None else ctx.dsa.draw(batch, ctx.dsa_generator, ctx.device)
-            plan.append((index.to(ctx.device), draw))
-        return plan
-
-    def _step_gradient(self, theta, x_aug, targets, *, create_graph=False):
-        """g = dCE/dtheta at `theta` (P,) for the augmented batch (whole batch mean)."""
-        count = x_aug.shape[0]
-        total = None
-        for part in micro_batches(count, self.micro_batch):
-            loss = F.cross_entropy(self.student(theta, x_aug[part]), targets[part], reduction="sum") / count
-            (g,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
-            total = g if total is None else total + g
-        return total
+        return mtt_plan(count, self.syn_steps, batch_syn=self.batch_syn, dsa=ctx.dsa, generator=ctx.generator,
+                        dsa_generator=ctx.dsa_generator, device=ctx.device)
 
     def image_gradient(self, images, labels, ctx):
         start, target = self.draw_expert(ctx.generator)
         plan = self.draw_steps(images.shape[0], ctx)
-        if self.gradient == "truncated":
-            return self._truncated(images, labels, ctx, start, target, plan)
-        return self._full(images, labels, ctx, start, target, plan)
-
-    def _truncated(self, images, labels, ctx, start, target, plan):
-        from ..ops import mtt_truncated_terms
-
-        images = images.detach()
-        alpha = self.student_lr.detach()
-        # Pass 1: the student's trajectory, no graph kept (each theta_i detached); only G is kept.
-        grad_sum = torch.zeros_like(start)
-        theta = start
-        for index, draw in plan:
-            theta = theta.detach().requires_grad_(True)
-            with torch.no_grad():
-                x_aug = augment(ctx, images[index], draw)
-            g = self._step_gradient(theta, x_aug, labels[index])
-            grad_sum += g
-            theta = theta.detach() - alpha * g
-        loss, v, dloss_dalpha = mtt_truncated_terms(start, grad_sum, target, alpha)
-        # Pass 2: walk the trajectory again (same arithmetic, so the same theta_i) and take
-        # d(g_i . v)/dimages step by step: one step's graph alive at a time and no stored
-        # theta_i, so memory does not grow with the number of student steps.
-        image_grad = torch.zeros_like(images)
-        theta = start
-        for index, draw in plan:
-            theta = theta.detach().requires_grad_(True)
-            x = images[index].requires_grad_(True)
-            x_aug = augment(ctx, x, draw)
-            aug_grad = torch.zeros_like(x_aug)
-            count = x_aug.shape[0]
-            targets = labels[index]
-            g_value = None
-            for part in micro_batches(count, self.micro_batch):
-                x_part = x_aug[part].detach().requires_grad_(True)
-                loss_part = F.cross_entropy(self.student(theta, x_part), targets[part],
-                                            reduction="sum") / count
-                (g_part,) = torch.autograd.grad(loss_part, theta, create_graph=True)
-                (aug_grad[part],) = torch.autograd.grad(g_part, x_part, grad_outputs=v)
-                g_value = g_part.detach() if g_value is None else g_value + g_part.detach()
-            if x_aug.requires_grad:
-                (step_grad,) = torch.autograd.grad(x_aug, x, grad_outputs=aug_grad)
-            else:
-                step_grad = aug_grad
-            image_grad.index_add_(0, index, step_grad)
-            theta = theta.detach() - alpha * g_value
-        self._accumulate_lr_grad(dloss_dalpha)
-        return loss.detach(), image_grad
-
-    def _full(self, images, labels, ctx, start, target, plan):
-        from ..ops import trajectory_matching_distance
-
         x = images.detach().requires_grad_(True)
-        alpha = self.student_lr
-        theta = start.clone().requires_grad_(True)
-        for index, draw in plan:
-            g = self._step_gradient(theta, augment(ctx, x[index], draw), labels[index], create_graph=True)
-            theta = theta - alpha * g
-        loss = trajectory_matching_distance(theta, start, target)
-        image_grad, lr_grad = torch.autograd.grad(loss, [x, alpha])
+        loss = mtt_loss_from_plan(self.student, x, labels, self.student_lr, start, target, plan, dsa=ctx.dsa,
+                                  micro_batch=self.micro_batch, gradient=self.gradient)
+        image_grad, lr_grad = torch.autograd.grad(loss, [x, self.student_lr])
         self._accumulate_lr_grad(lr_grad)
         return loss.detach(), image_grad
 
@@ -583,3 +432,7 @@ def build_algorithm(name: str, network: NetworkSpec, *, trajectories=None, batch
             raise LD3MError("MTT needs an expert buffer: pass --buffer PATH (build one with `ld3m-fast buffer`)")
         return MTT(network, trajectories, micro_batch=micro_batch, **mtt_options)
     raise LD3MError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+
+
+__all__ = ["DC", "DM", "MTT", "Algorithm", "FlatStudent", "NetworkSpec", "RealData", "StepContext",
+           "build_algorithm", "check_micro_batch", "gradient_distance", "micro_batches", "stream_generator"]
