@@ -41,7 +41,8 @@ def collect() -> dict:
         },
         "devices": devices,
         "environment": {k: os.environ[k] for k in
-                        ("LD3M_FAST_BACKEND", "TRITON_INTERPRET", "HF_HUB_OFFLINE")
+                        ("LD3M_FAST_BACKEND", "LD3M_FAST_JIT", "TORCH_EXTENSIONS_DIR", "CXX",
+                         "TRITON_INTERPRET", "HF_HUB_OFFLINE")
                         if k in os.environ},
         "ops": ops.backend_report(),
     }

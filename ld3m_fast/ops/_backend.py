@@ -95,7 +95,7 @@ def choose(op_name: str, device_type: str, dtype: torch.dtype) -> str:
             raise LD3MError(f"{_ENV}=cpp runs CPU tensors only, got {device_type}; unset it or use triton")
         if _native.get_extension() is None:
             raise LD3MError(f"{_ENV}=cpp but the C++ extension is unavailable ({_native.status()}); "
-                            "build it with `LD3M_FAST_BUILD_EXT=1 pip install --no-build-isolation -e .`")
+                            f"build it with `{_native.BUILD_HINT}` (needs g++)")
         return "cpp"
     if forced == "triton":
         if not triton_usable_on(device_type):
