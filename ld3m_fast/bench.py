@@ -4,9 +4,10 @@ a. simulated at full scale (cin256-v2, 10 classes, CFG 3): peak memory and FLOPs
    iteration for autograd / released (chunks of 10, full-batch student) / ours
    (recompute, chunks of 10, student micro-batches of 10), DM and MTT, fp32 and bf16;
 b. growth of the simulated peak with T, IPC and MTT syn_steps;
-c. measured on this machine: seconds per distillation iteration on the embedded prior,
-   the released scheme in eager PyTorch (reference ops) vs ours (recompute, fused
-   C++ ops, optionally torch.compile), timed in the same process.
+c. measured on this machine: CPU seconds per DM iteration on the embedded prior, the
+   released scheme (reference ops, released-style per-class student) vs ours (recompute,
+   fused C++ ops, our student), at equal chunk and at equal memory budget; each scheme in
+   its own process, one thread, interleaved rounds.
 
 Simulations walk the real iteration under fake tensors (`ld3m_fast.planner`), so parts
 a and b say nothing about speed and part c says nothing about GPUs. Every row names
@@ -96,60 +97,183 @@ def simulated_growth(prior: str = "cin256-v2", syn_steps=(10, 20, 40, 80), log=p
     return rows
 
 
-def _time_iterations(config, iterations: int, backend: str | None) -> list[float]:
-    from .distill import Distiller, build_setup, resolve_defaults
+# --------------------------------------------------------------------------- part c
 
-    previous = os.environ.get("LD3M_FAST_BACKEND")
-    if backend:
-        os.environ["LD3M_FAST_BACKEND"] = backend
-    try:
-        config = resolve_defaults(config, log=lambda *a: None)
-        setup = build_setup(config, log=lambda *a: None)
-        with tempfile.TemporaryDirectory() as run_dir:
-            distiller = Distiller(setup, run_dir, log=lambda *a: None)
-            distiller.step()  # warm-up (and compilation, when asked)
-            times = []
-            for _ in range(iterations):
-                started = time.perf_counter()
-                distiller.step()
-                times.append(time.perf_counter() - started)
-        return times
-    finally:
-        if backend:
-            if previous is None:
-                os.environ.pop("LD3M_FAST_BACKEND", None)
-            else:
-                os.environ["LD3M_FAST_BACKEND"] = previous
+# Part c's schemes. Each runs in its own process (the allocator setting is process-wide:
+# ours applies it as the CLI does, the released code does not), one thread, interleaved.
+PART_C_SCHEMES = {
+    "released": dict(label="released (eager, reference ops)", grad_mode="released", chunk=10,
+                     backend="reference", student="released", keep_memory=False),
+    "ours": dict(label="ours (recompute, fused C++ ops)", grad_mode="recompute", chunk=10,
+                 backend=None, student="ours", keep_memory=True),
+    "released, best chunk": dict(label="released, best chunk (all images)", grad_mode="released",
+                                 chunk=None, backend="reference", student="released", keep_memory=False),
+    "ours, best plan": dict(label="ours, best plan (whole graph kept, all images)", grad_mode="recompute",
+                            chunk=None, store_steps="all", backend=None, student="ours", keep_memory=True),
+    "ours, compiled": dict(label="ours (recompute, fused C++ ops, torch.compile)", grad_mode="recompute",
+                           chunk=10, backend=None, student="ours", keep_memory=True),
+}
+COMPARISONS = {"equal chunk": ("released", "ours", "ours, compiled"),
+               "equal memory budget": ("released", "released, best chunk", "ours", "ours, best plan")}
 
 
-def measured_cpu(resolutions=(32, 128), ipc: int = 10, iterations: int = 3,
-                 compile_backend: str | None = None, log=print) -> list[dict]:
-    """Seconds per iteration on this machine: released (eager, reference ops) vs ours."""
-    from .distill import DistillConfig
+def _generator_options(scheme: dict, steps: int) -> dict:
+    """Generator settings of a scheme that this checkout's LD3MGenerator accepts."""
+    import inspect
 
+    from .generator import LD3MGenerator
+
+    accepted = inspect.signature(LD3MGenerator).parameters
+    options = {}
+    if scheme["student"] == "released" and "checkpoint_attention" in accepted:
+        options["checkpoint_attention"] = True  # the released UNet checkpoints its attention blocks
+    if scheme.get("store_steps") == "all" and "store_steps" in accepted:
+        options["store_steps"] = steps  # the whole chain's graph from the render pass
+    return options
+
+
+def measure_scheme(spec: dict) -> dict:
+    """One part-c process: build the run, 1 warm-up + spec["iterations"] timed iterations.
+
+    spec: res, ipc, steps, batch_real, iterations, scheme (a PART_C_SCHEMES key), compile
+    (backend or None). Returns per-iteration CPU seconds (user + system), system seconds,
+    minor page faults, wall seconds, the peak RSS and what actually ran.
+    """
+    import resource
+
+    scheme = dict(PART_C_SCHEMES[spec["scheme"]])
+    if scheme["keep_memory"]:
+        from ._memory import keep_freed_memory
+
+        keep_freed_memory()
+    if scheme["backend"]:
+        os.environ["LD3M_FAST_BACKEND"] = scheme["backend"]
+    torch.set_num_threads(1)
+    from .distill import DistillConfig, Distiller, build_setup, resolve_defaults
+    from .generator import LD3MGenerator, render_size
+
+    config = DistillConfig(res=spec["res"], ipc=spec["ipc"], steps=spec["steps"], batch_real=spec["batch_real"],
+                           grad_mode=scheme["grad_mode"], chunk=scheme["chunk"], iterations=spec["iterations"] + 1,
+                           threads=1, progress=False, compile=bool(spec.get("compile")),
+                           compile_backend=spec.get("compile") or "inductor")
+    config = resolve_defaults(config, log=lambda *a: None)
+    setup = build_setup(config, log=lambda *a: None)
+    options = _generator_options(scheme, config.steps)
+    if options:
+        gen = setup.generator
+        render = render_size(setup.prior, setup.res)
+        setup.generator = LD3MGenerator(setup.prior, gen.steps, guidance=gen.guidance, skip=gen.skip, eta=gen.eta,
+                                        grad_mode=gen.grad_mode, chunk_size=gen.chunk_size, render_size=render,
+                                        output_size=gen.output_size, **options)
+    if scheme["student"] == "released":
+        from .reference.distill_losses import ReleasedDM
+
+        setup.algorithm = ReleasedDM(setup.algorithm.network, batch_real=config.batch_real)
+    rows = []
+    with tempfile.TemporaryDirectory() as run_dir:
+        distiller = Distiller(setup, run_dir, log=lambda *a: None)
+        for i in range(spec["iterations"] + 1):
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            started = time.perf_counter()
+            distiller.step()
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            rows.append({"warmup": i == 0, "wall_s": time.perf_counter() - started,
+                         "cpu_s": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime,
+                         "sys_s": after.ru_stime - before.ru_stime, "minflt": after.ru_minflt - before.ru_minflt})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"rows": rows, "peak_rss_gib": peak / 2**30, "generator": {"chunk": setup.generator.chunk_size,
+            **options}, "backend": os.environ.get("LD3M_FAST_BACKEND", "auto"), "threads": torch.get_num_threads()}
+
+
+def _spawn_scheme(spec: dict) -> dict:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LD3M_FAST_BACKEND"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    code = "import json, sys; from ld3m_fast.bench import measure_scheme; print(json.dumps(measure_scheme(json.loads(sys.argv[1]))))"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"part c: {spec['scheme']} at {spec['res']}² failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measured_cpu(resolutions=(32, 128), ipc: int = 10, iterations: int = 3, compile_backend: str | None = None,
+                 log=print, *, pairs: int = 3, comparisons=tuple(COMPARISONS), batch_real: int = 64,
+                 steps: int = 10) -> list[dict]:
+    """Part c: CPU seconds per DM iteration on the embedded prior, released vs ours, like with like.
+
+    Per resolution, `pairs` rounds; each round runs every scheme once, interleaved, each in a
+    fresh process (1 thread) with 1 warm-up and `iterations` timed iterations:
+      equal chunk:          released (released grad mode, chunk 10, reference ops, the
+                            released-style per-class student) vs ours (recompute, chunk 10,
+                            fused C++ ops, our student, the CLI's allocator setting);
+      equal memory budget:  each at its fastest setting that fits the budget; on this CPU
+                            (24 GB) everything fits at these sizes, so released at its best of
+                            chunk 10 and all images, ours at its best of chunk 10 and the
+                            generator's whole-graph plan (all images).
+    `compile_backend` adds ours compiled (torch.compile) at chunk 10.
+    Rows: one per scheme and resolution with CPU-time median/min/max (user + system),
+    system time, minor faults, peak RSS, and per comparison the ratio of medians.
+    """
+    names = []
+    for comparison in comparisons:
+        names += [n for n in COMPARISONS[comparison] if n not in names and n != "ours, compiled"]
+    if compile_backend:
+        names.append("ours, compiled")
     rows = []
     for res in resolutions:
-        common = dict(res=res, ipc=ipc, iterations=iterations + 1, batch_real=64, progress=False)
-        variants = {
-            "released (eager, reference ops)": (DistillConfig(grad_mode="released", chunk=10, **common), "reference"),
-            "ours (recompute, fused C++ ops"
-            + (f", compile {compile_backend})" if compile_backend else ")"):
-                (DistillConfig(grad_mode="recompute", compile=bool(compile_backend),
-                               compile_backend=compile_backend or "inductor", **common), None),
-        }
-        timings = {}
-        for name, (config, backend) in variants.items():
-            timings[name] = _time_iterations(config, iterations, backend)
-            log(f"  c: {res}² {name}: median {statistics.median(timings[name]):.2f} s/it")
-        baseline = statistics.median(next(iter(timings.values())))
-        for name, times in timings.items():
-            median = statistics.median(times)
-            rows.append({"part": "c", "scheme": name, "res": res, "ipc": ipc, "algorithm": "dm",
-                         "steps": 10, "seconds_median": median,
-                         "seconds_spread": (max(times) - min(times)) if len(times) > 1 else 0.0,
-                         "speedup_vs_released": baseline / median, "iterations_timed": len(times),
-                         "device": _cpu_name(), "threads": torch.get_num_threads()})
+        results = {name: [] for name in names}
+        for pair in range(pairs):
+            for name in names:
+                spec = dict(res=res, ipc=ipc, steps=steps, batch_real=batch_real, iterations=iterations,
+                            scheme=name, compile=compile_backend if name == "ours, compiled" else None)
+                results[name].append(_spawn_scheme(spec))
+                times = [r["cpu_s"] for r in results[name][-1]["rows"] if not r["warmup"]]
+                log(f"  c: {res}² round {pair + 1}/{pairs} {name}: {statistics.median(times):.2f} CPU s/it")
+        rows += _part_c_rows(res, ipc, steps, batch_real, results, comparisons)
     return rows
+
+
+def _part_c_rows(res, ipc, steps, batch_real, results, comparisons) -> list[dict]:
+    def timed(runs, key="cpu_s"):
+        return [r[key] for run in runs for r in run["rows"] if not r["warmup"]]
+
+    def round_medians(runs):
+        return [statistics.median(r["cpu_s"] for r in run["rows"] if not r["warmup"]) for run in runs]
+
+    rows = {}
+    for name, runs in results.items():
+        times = timed(runs)
+        scheme = PART_C_SCHEMES[name]
+        rows[name] = {"part": "c", "scheme": scheme["label"], "key": name, "res": res, "ipc": ipc,
+                      "algorithm": "dm", "steps": steps, "batch_real": batch_real,
+                      "grad_mode": scheme["grad_mode"], "chunk": runs[0]["generator"]["chunk"],
+                      "generator_options": {k: v for k, v in runs[0]["generator"].items() if k != "chunk"},
+                      "ops": runs[0]["backend"], "student": scheme["student"],
+                      "allocator_keeps_memory": scheme["keep_memory"],
+                      "seconds_median": statistics.median(times), "seconds_min": min(times),
+                      "seconds_max": max(times), "seconds_spread": max(times) - min(times),
+                      "sys_seconds_median": statistics.median(timed(runs, "sys_s")),
+                      "minor_faults_median": statistics.median(timed(runs, "minflt")),
+                      "peak_rss_gib": max(run["peak_rss_gib"] for run in runs),
+                      "iterations_timed": len(times), "rounds": len(runs), "measure": "CPU time (user + system)",
+                      "device": _cpu_name(), "threads": runs[0]["threads"], "comparisons": {}}
+    for comparison in comparisons:
+        members = [n for n in COMPARISONS[comparison] if n in rows]
+        released = min((n for n in members if n.startswith("released")), key=lambda n: rows[n]["seconds_median"])
+        ours = min((n for n in members if n.startswith("ours")), key=lambda n: rows[n]["seconds_median"])
+        per_round = [a / b for a, b in zip(round_medians(results[released]), round_medians(results[ours]))]
+        for n in members:
+            rows[n]["comparisons"][comparison] = {
+                "released": released, "ours": ours, "chosen": n in (released, ours),
+                "speedup_vs_released": rows[released]["seconds_median"] / rows[n]["seconds_median"],
+                "ours_vs_released": rows[released]["seconds_median"] / rows[ours]["seconds_median"],
+                "per_round_ratio_min": min(per_round), "per_round_ratio_max": max(per_round)}
+    for row in rows.values():  # the ratio at equal chunk (or the first comparison) as the headline
+        first = row["comparisons"].get("equal chunk") or next(iter(row["comparisons"].values()), None)
+        row["speedup_vs_released"] = first["speedup_vs_released"] if first else None
+    return list(rows.values())
 
 
 def _cpu_name() -> str:
@@ -183,12 +307,31 @@ def markdown(rows: list[dict]) -> str:
         out.append("")
     c = [r for r in rows if r["part"] == "c"]
     if c:
-        out += [f"### c. Measured: seconds per DM iteration, embedded prior, IPC {c[0]['ipc']}, T=10 "
-                f"({c[0]['device']}, {c[0]['threads']} threads)", "",
-                "| res | scheme | s/iter (median) | spread | speed-up vs released |", "|---:|---|---:|---:|---:|"]
-        for r in c:
-            out.append(f"| {r['res']} | {r['scheme']} | {r['seconds_median']:.2f} | {r['seconds_spread']:.2f} | "
-                       f"{r['speedup_vs_released']:.2f}x |")
+        first = c[0]
+        out += [f"### c. Measured: CPU seconds per DM iteration, embedded prior, IPC {first['ipc']}, T={first['steps']}, "
+                f"batch_real {first['batch_real']} ({first['device']}, {first['threads']} thread(s); "
+                f"{first['rounds']} interleaved rounds x {first['iterations_timed'] // first['rounds']} iterations, "
+                "each scheme in its own process)", "",
+                "Each comparison sets the fastest released row against the fastest ours row it lists "
+                "(marked *). CPU time is user + system; the spread is min-max over every timed iteration, "
+                "the per-round range is the ratio measured round by round.", "",
+                "| res | comparison | scheme | grad mode, chunk | s/iter (median) | min-max | system s | "
+                "minor faults | peak RSS GiB | speed-up vs released | per-round range |",
+                "|---:|---|---|---|---:|---|---:|---:|---:|---:|---|"]
+        order = list(COMPARISONS)
+        table = sorted(((r["res"], order.index(name), COMPARISONS[name].index(r["key"]), name, comp, r)
+                        for r in c for name, comp in r.get("comparisons", {}).items()), key=lambda t: t[:3])
+        for *_, name, comp, r in table:
+            mark = "*" if comp["chosen"] else ""
+            extra = ", ".join(f"{k}={v}" for k, v in r.get("generator_options", {}).items())
+            setting = f"{r['grad_mode']}, {r['chunk'] or 'all'}" + (f", {extra}" if extra else "")
+            ratio = (f"{comp['per_round_ratio_min']:.2f}-{comp['per_round_ratio_max']:.2f}x"
+                     if comp["chosen"] and comp["ours"] == r["key"] else "")
+            out.append(f"| {r['res']} | {name} | {r['scheme']}{mark} | {setting} | {r['seconds_median']:.2f} | "
+                       f"{r['seconds_min']:.2f}-{r['seconds_max']:.2f} | {r['sys_seconds_median']:.2f} | "
+                       f"{r['minor_faults_median']:.0f} | {r['peak_rss_gib']:.2f} | "
+                       f"{comp['speedup_vs_released']:.2f}x | {ratio} |")
+        out.append("")
     return "\n".join(out)
 
 
