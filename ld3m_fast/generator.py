@@ -14,20 +14,39 @@ Three ways to get gradients (same values, different cost), `grad_mode`:
 - "autograd": one graph through all T steps and the decoder (memory grows with T);
 - "released": the released code's scheme: render without grad, then in backward
   re-render each chunk of images with autograd and a checkpoint around every
-  denoiser call (3 denoiser forwards + 1 backward per step);
+  denoiser call (3 denoiser forwards + 1 backward per step). With
+  `checkpoint_attention=True` the denoiser's transformer blocks are also checkpointed
+  inside, as the released UNet's `checkpoint=True` does: they run a 4th forward;
 - "recompute" (default): render without grad keeping only the per-step latents
   z_t, then in backward walk the chain from the last step to the first,
   recomputing one step at a time with grad (2 forwards + 1 backward per step;
-  memory independent of T).
+  memory independent of T). At guidance != 1 the backward holds the conditional and
+  the null call's graphs one after the other (B images each, not 2B).
+
+Between recompute and one whole graph, "recompute" has two knobs the planner sets
+(`ld3m_fast.planner.plan`):
+- `store_steps=k`: the last k steps of the chain keep state from the render pass
+  instead of being recomputed from scratch; `sac_min_flops` says what they keep:
+  None = their whole graph (1 forward + 1 backward per step), N = only the outputs
+  of the ops doing at least N FLOPs per output element (convolutions, matmuls,
+  attention), through `torch.utils.checkpoint`'s selective activation checkpointing;
+  backward recomputes the rest (pointwise ops, norms, the cheaper matmuls). What is
+  kept stays live from the render pass to the backward pass for every image, so it
+  grows with T x images: that is the memory the planner trades for FLOPs.
+- `decoder_chunk`: images per decoder call, in the render pass and in backward
+  (the decoder's backward of 10 images at 256² is larger than a UNet step's).
+All settings give the same images and gradients (tests/test_generator.py).
 """
 from __future__ import annotations
 
+import functools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import ops
 from .normalization import from_autoencoder
@@ -35,6 +54,82 @@ from .priors.prior import Prior
 from .reference.ld3m_step import check_skip
 
 GRAD_MODES = ("autograd", "released", "recompute")
+
+aten = torch.ops.aten
+_ATTENTION_OPS = tuple(getattr(aten, name) for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(aten, name))
+
+
+def flops_per_output_element(func, args) -> float:
+    """FLOPs an aten op spends per element of its output: 2 x its contraction length for
+    convolutions and matmuls, ~4 x the key length for attention, 0 for everything else.
+
+    Ranking ops by this ranks them by FLOPs saved per byte kept, which is what selective
+    activation checkpointing trades (`LD3MGenerator(sac_min_flops=...)`).
+    """
+    packet = getattr(func, "_overloadpacket", func)
+    if packet is aten.convolution:
+        weight, stride, transposed, groups = args[1], args[3], args[6], args[8]
+        kernel = math.prod(weight.shape[2:])
+        if transposed:  # each output gathers in_channels x kernel / stride taps
+            return 2.0 * weight.shape[0] / groups * kernel / max(1, math.prod(stride))
+        return 2.0 * weight.shape[1] * kernel
+    if packet in (aten.mm, aten.bmm):
+        return 2.0 * args[0].shape[-1]
+    if packet in (aten.addmm, aten.baddbmm):
+        return 2.0 * args[1].shape[-1]
+    if packet in _ATTENTION_OPS:
+        query, key, value = args[:3]
+        return 2.0 * key.shape[-2] * (query.shape[-1] + value.shape[-1]) / value.shape[-1]
+    return 0.0
+
+
+def _sac_policy(min_flops: float):
+    """Keep the outputs of ops worth at least `min_flops` FLOPs per element; recompute the rest."""
+    def policy(ctx, func, *args, **kwargs):
+        flops = flops_per_output_element(func, args)
+        if flops > 0 and flops >= min_flops:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return policy
+
+
+def _transformer_blocks_owner(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The diffusers `Transformer2DModel`s inside a denoiser (the CompVis SpatialTransformers,
+    whose BasicTransformerBlocks the released UNet checkpoints with `checkpoint=True`)."""
+    return [m for m in model.modules()
+            if type(m).__name__ == "Transformer2DModel" and hasattr(m, "gradient_checkpointing")]
+
+
+def _checkpoint_module(module, *args):
+    return checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+@contextmanager
+def _checkpointed_transformer_blocks(modules: list[torch.nn.Module]):
+    """Checkpoint every transformer block of `modules` while inside (diffusers honours the
+    flag only when grad is enabled); the previous settings come back afterwards."""
+    saved = [(m.gradient_checkpointing, getattr(m, "_gradient_checkpointing_func", None)) for m in modules]
+    for m in modules:
+        m.gradient_checkpointing = True
+        m._gradient_checkpointing_func = _checkpoint_module
+    try:
+        yield
+    finally:
+        for m, (flag, func) in zip(modules, saved):
+            m.gradient_checkpointing = flag
+            if func is None:
+                del m._gradient_checkpointing_func
+            else:
+                m._gradient_checkpointing_func = func
+
+
+def pieces(count: int, size: int | None) -> list[slice]:
+    """Slices covering range(count) in pieces of `size` (None: one piece)."""
+    size = count if not size else int(size)
+    return [slice(i, min(i + size, count)) for i in range(0, count, size)]
 
 
 def render_size(prior: Prior, res: int) -> int:
@@ -135,23 +230,49 @@ class LD3MGenerator(torch.nn.Module):
             None keeps the decoder's size.
         render_size: image side the chain renders at, a multiple of the latent factor
             (latents of side render_size / factor); None = the prior's native size.
+        decoder_chunk: "recompute" only: images per decoder call, in the render pass
+            and in backward, independent of `chunk_size` (None = the whole chain chunk).
+        store_steps: "recompute" only: the last k steps (0..T) keep state from the
+            render pass instead of being recomputed from scratch (0 = pure recompute).
+        sac_min_flops: what a stored step keeps: None = its whole graph; N = only the
+            outputs of ops doing >= N FLOPs per output element
+            (`flops_per_output_element`), the rest is recomputed in backward.
+        checkpoint_attention: checkpoint the denoiser's transformer blocks inside every
+            call made with grad, as the released UNet does (`checkpoint=True` in its
+            BasicTransformerBlocks); used to model the released scheme faithfully.
     """
 
     def __init__(self, prior: Prior, steps: int = 10, *, guidance: float = 3.0,
                  skip: str | None = "x0", eta: float = 0.0, grad_mode: str = "recompute",
                  chunk_size: int | None = None, output_size: int | None = None,
-                 render_size: int | None = None):
+                 render_size: int | None = None, decoder_chunk: int | None = None,
+                 store_steps: int = 0, sac_min_flops: float | None = None,
+                 checkpoint_attention: bool = False):
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        if decoder_chunk is not None and decoder_chunk < 1:
+            raise ValueError(f"decoder_chunk must be >= 1 or None, got {decoder_chunk}")
+        if not 0 <= int(store_steps) <= int(steps):
+            raise ValueError(f"store_steps must be in 0..{steps} (the chain's steps), got {store_steps}")
+        if sac_min_flops is not None and sac_min_flops < 0:
+            raise ValueError(f"sac_min_flops must be >= 0 or None, got {sac_min_flops}")
+        if grad_mode != "recompute" and (store_steps or decoder_chunk is not None):
+            raise ValueError(f"store_steps and decoder_chunk belong to grad_mode 'recompute', "
+                             f"not {grad_mode!r}")
         self.prior = prior
         self.skip = check_skip(skip)
         self.guidance = float(guidance)
         self.eta = float(eta)
         self.grad_mode = grad_mode
         self.chunk_size = chunk_size
+        self.decoder_chunk = decoder_chunk
+        self.store_steps = int(store_steps)
+        self.sac_min_flops = sac_min_flops
+        self.checkpoint_attention = bool(checkpoint_attention)
+        self._transformers = _transformer_blocks_owner(prior.denoiser) if checkpoint_attention else []
         self.output_size = output_size
         self.latent_shape = prior.latent_shape(render_size)
         self.schedule = ChainSchedule.build(prior.alphas_cumprod, steps, eta=eta, skip=skip)
@@ -189,12 +310,22 @@ class LD3MGenerator(torch.nn.Module):
         """(eps_cond, eps_uncond or None): one denoiser call, batched over cond and null."""
         timestep = torch.full((z_t.shape[0],), t, device=z_t.device, dtype=torch.long)
         if self.guidance == 1.0:
-            return self.prior.eps(z_t, timestep, c), None
-        null = self.prior.class_table[self.prior.null_index].to(c.dtype).expand_as(c)
-        eps = self.prior.eps(torch.cat([z_t, z_t]), torch.cat([timestep, timestep]),
-                             torch.cat([c, null]))
+            return self.denoise(z_t, timestep, c), None
+        eps = self.denoise(torch.cat([z_t, z_t]), torch.cat([timestep, timestep]),
+                           torch.cat([c, self.null_like(c)]))
         eps_cond, eps_uncond = eps.chunk(2)
         return eps_cond, eps_uncond
+
+    def null_like(self, c: torch.Tensor) -> torch.Tensor:
+        return self.prior.class_table[self.prior.null_index].to(c.dtype).expand_as(c)
+
+    def denoise(self, z_t, timestep, cond):
+        """One denoiser call (its transformer blocks checkpointed inside when
+        `checkpoint_attention` is set and grad is enabled)."""
+        if self._transformers and torch.is_grad_enabled():
+            with _checkpointed_transformer_blocks(self._transformers):
+                return self.prior.eps(z_t, timestep, cond)
+        return self.prior.eps(z_t, timestep, cond)
 
     def step(self, j: int, z_t, c, anchor, step_noise=None, *, checkpointed: bool = False):
         """Visit step j (0 = largest timestep): denoiser call(s) + fused LD3M update."""
@@ -204,6 +335,11 @@ class LD3MGenerator(torch.nn.Module):
                                               use_reentrant=False)
         else:
             eps_cond, eps_uncond = self.guided_eps(z_t, s.timesteps[j], c)
+        return self.update(j, z_t, eps_cond, eps_uncond, anchor, step_noise)
+
+    def update(self, j: int, z_t, eps_cond, eps_uncond, anchor, step_noise=None):
+        """The fused LD3M update of step j from the denoiser's answers."""
+        s = self.schedule
         # The chain state stays in Z's dtype; under autocast the denoiser may answer in bf16.
         eps_cond, eps_uncond, anchor = (None if x is None else x.to(z_t.dtype)
                                         for x in (eps_cond, eps_uncond, anchor))
@@ -213,6 +349,55 @@ class LD3MGenerator(torch.nn.Module):
             guidance=self.guidance, sigma=s.sigma[j],
             noise=None if s.sigma[j] == 0.0 else step_noise[j])
 
+    def step_gradient(self, j: int, z_t, c, anchor, step_noise, grad_out):
+        """(dz_t, dc, danchor or None) of step j for the upstream gradient `grad_out`,
+        recomputing the step with grad (called with grad enabled).
+
+        At guidance != 1 the conditional and the null denoiser calls are back-propagated one
+        after the other, each holding the graph of B images instead of 2B (the same FLOPs):
+        the fused update is linear in eps_cond, eps_uncond, z_t and the anchor, so its
+        vector-Jacobian product needs no eps values (zeros stand in for them) and comes first.
+        """
+        z_in = z_t.detach().requires_grad_()
+        c_in = c.detach().requires_grad_()
+        anchor_in = None if anchor is None else anchor.detach().requires_grad_()
+        tail = () if anchor_in is None else (anchor_in,)
+        if self.guidance == 1.0:
+            grads = _grads_or_zeros(self.step(j, z_in, c_in, anchor_in, step_noise), (z_in, c_in) + tail,
+                                    grad_out)
+            return grads[0], grads[1], grads[2] if tail else None
+        eps_cond, eps_uncond = (torch.zeros_like(z_in).requires_grad_() for _ in range(2))
+        z_out = self.update(j, z_in, eps_cond, eps_uncond, anchor_in, step_noise)
+        grads = _grads_or_zeros(z_out, (z_in, eps_cond, eps_uncond) + tail, grad_out)
+        del z_out
+        grad_z, grad_cond, grad_null = grads[:3]
+        timestep = torch.full((z_in.shape[0],), self.schedule.timesteps[j], device=z_in.device,
+                              dtype=torch.long)
+        eps = self.denoise(z_in, timestep, c_in).to(z_in.dtype)
+        grad_from_cond, grad_c = torch.autograd.grad(eps, (z_in, c_in), grad_cond)
+        del eps
+        eps = self.denoise(z_in, timestep, self.null_like(c_in)).to(z_in.dtype)
+        (grad_from_null,) = torch.autograd.grad(eps, z_in, grad_null)
+        return grad_z + grad_from_cond + grad_from_null, grad_c, grads[3] if tail else None
+
+    def stored_step(self, j: int, z_t, c, anchor, step_noise=None):
+        """Step j with grad for the stored part of the chain: its whole graph, or under
+        selective activation checkpointing (only the costly ops' outputs kept), one
+        checkpoint per denoiser call so that backward recomputes B images at a time."""
+        if self.sac_min_flops is None:
+            return self.step(j, z_t, c, anchor, step_noise)
+        contexts = functools.partial(create_selective_checkpoint_contexts,
+                                     _sac_policy(self.sac_min_flops))
+        timestep = torch.full((z_t.shape[0],), self.schedule.timesteps[j], device=z_t.device,
+                              dtype=torch.long)
+
+        def call(cond):
+            return checkpoint(self.denoise, z_t, timestep, cond, use_reentrant=False, context_fn=contexts)
+
+        eps_cond = call(c)
+        eps_uncond = None if self.guidance == 1.0 else call(self.null_like(c))
+        return self.update(j, z_t, eps_cond, eps_uncond, anchor, step_noise)
+
     def to_images(self, z_0: torch.Tensor) -> torch.Tensor:
         """Decode final latents and map them to the shared normalisation (and size)."""
         images = from_autoencoder(self.prior.decode(z_0))
@@ -220,6 +405,13 @@ class LD3MGenerator(torch.nn.Module):
             images = F.interpolate(images, size=(self.output_size, self.output_size),
                                    mode="bilinear", align_corners=False, antialias=True)
         return images
+
+    def decode_pieces(self, z_0: torch.Tensor) -> torch.Tensor:
+        """`to_images` in pieces of `decoder_chunk` images (one call when None)."""
+        parts = pieces(z_0.shape[0], self.decoder_chunk)
+        if len(parts) == 1:
+            return self.to_images(z_0)
+        return torch.cat([self.to_images(z_0[p]) for p in parts])
 
     def render(self, Z, c, noise: ChainNoise, *, keep_latents: bool = False,
                checkpointed: bool = False):
@@ -235,8 +427,38 @@ class LD3MGenerator(torch.nn.Module):
             z = self.step(j, z, c, anchor, noise.steps, checkpointed=checkpointed)
             if keep_latents:
                 latents.append(z)
-        images = self.to_images(z)
+        images = self.decode_pieces(z)
         return (images, torch.stack(latents)) if keep_latents else images
+
+    def render_for_backward(self, Z, c, noise: ChainNoise):
+        """The render pass of "recompute" on one chunk (called without grad).
+
+        Steps 0..T-k-1 run without grad; the last k = `store_steps` run with grad from
+        detached leaves, keeping their graph (or selected op outputs) for backward.
+        Returns (images, latents (T+1, B, C, h, w), stored) with stored None or
+        (z_0 with its graph, (z_{T-k}, c, anchor) leaves).
+        """
+        z = self.start_state(Z, noise.start)
+        anchor = self.anchor(Z, z)
+        latents = [z]
+        first_stored = self.steps - self.store_steps
+        for j in range(first_stored):
+            z = self.step(j, z, c, anchor, noise.steps)
+            latents.append(z)
+        stored = None
+        if self.store_steps:
+            with torch.enable_grad():
+                leaves = (z.detach().requires_grad_(), c.detach().requires_grad_(),
+                          None if anchor is None else anchor.detach().requires_grad_())
+                # Views, not the leaves themselves: autocast caches its casts of leaves that
+                # require grad, so a checkpoint's recompute would see fewer casts than its
+                # forward did and selective checkpointing would refuse the mismatch.
+                z, c_used = leaves[0].view_as(leaves[0]), leaves[1].view_as(leaves[1])
+                for j in range(first_stored, self.steps):
+                    z = self.stored_step(j, z, c_used, leaves[2], noise.steps)
+                    latents.append(z.detach())
+            stored, z = (z, leaves), z.detach()
+        return self.decode_pieces(z), torch.stack(latents), stored
 
     # --------------------------------------------------------------- forward
     def chunks(self, batch: int):
@@ -294,18 +516,23 @@ class _ReleasedChain(torch.autograd.Function):
 
 
 class _RecomputeChain(torch.autograd.Function):
-    """Render without grad keeping z_T..z_0; backward recomputes one step at a time."""
+    """Render without grad keeping z_T..z_0 (and the stored steps' state); backward
+    recomputes one step at a time below the stored ones."""
 
     @staticmethod
     def forward(ctx, gen: LD3MGenerator, Z, c, start_noise, step_noise):
         noise = ChainNoise(start_noise, step_noise)
-        images, latents = [], []
+        images, latents, stored = [], [], []
         for s in gen.chunks(Z.shape[0]):
-            chunk_images, chunk_latents = gen.render(Z[s], c[s], noise.select(s), keep_latents=True)
+            chunk_images, chunk_latents, chunk_stored = gen.render_for_backward(Z[s], c[s], noise.select(s))
             images.append(chunk_images)
             latents.append(chunk_latents)
+            stored.append(chunk_stored)
         ctx.gen = gen
         ctx.autocast = _autocast_state(Z.device.type)
+        # Graphs of the stored steps: held as attributes (they are no inputs or outputs
+        # of this function) and dropped chunk by chunk as backward consumes them.
+        ctx.stored = stored
         ctx.save_for_backward(Z, c, start_noise, step_noise, torch.cat(latents, dim=1))
         return torch.cat(images)
 
@@ -313,37 +540,68 @@ class _RecomputeChain(torch.autograd.Function):
     def backward(ctx, grad_images):
         gen = ctx.gen
         Z, c, start_noise, step_noise, latents = ctx.saved_tensors
+        stored, ctx.stored = ctx.stored, None
         grad_Z, grad_c = torch.zeros_like(Z), torch.zeros_like(c)
         with _autocast(ctx.autocast):
-            for s in gen.chunks(Z.shape[0]):
+            for i, s in enumerate(gen.chunks(Z.shape[0])):
+                box, stored[i] = [stored[i]], None  # the callee takes the only reference
                 grad_Z[s], grad_c[s] = _recompute_chunk(
                     gen, Z[s], c[s], ChainNoise(start_noise, step_noise).select(s),
-                    latents[:, s], grad_images[s])
+                    latents[:, s], grad_images[s], box)
         return None, grad_Z, grad_c, None, None
 
 
-def _recompute_chunk(gen: LD3MGenerator, Z, c, noise: ChainNoise, latents, grad_images):
-    """Gradients (dZ, dc) of one chunk, holding one step's graph at a time."""
+def _decoder_gradient(gen: LD3MGenerator, z_0: torch.Tensor, grad_images: torch.Tensor) -> torch.Tensor:
+    """dL/dz_0, re-running the decoder with grad in pieces of `decoder_chunk` images."""
+    grads = []
+    for p in pieces(z_0.shape[0], gen.decoder_chunk):
+        z = z_0[p].detach().requires_grad_()
+        grads.append(torch.autograd.grad(gen.to_images(z), z, grad_images[p])[0])
+    return grads[0] if len(grads) == 1 else torch.cat(grads)
+
+
+def _grads_or_zeros(outputs, inputs, grad_outputs):
+    """torch.autograd.grad with zeros for inputs the graph does not use."""
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def _recompute_chunk(gen: LD3MGenerator, Z, c, noise: ChainNoise, latents, grad_images, box=None):
+    """Gradients (dZ, dc) of one chunk, holding one step's graph at a time (below the stored steps).
+
+    box: None or [stored] from `render_for_backward`; emptied here so that the stored
+    state is freed as soon as it has been back-propagated.
+    """
     Z_leaf = Z.detach().requires_grad_()
     c_leaf = c.detach().requires_grad_()
     with torch.enable_grad():
         z_T = gen.start_state(Z_leaf, noise.start)
         anchor = gen.anchor(Z_leaf, z_T)
-        # Decoder first (its own graph, freed before the chain's).
-        z_0 = latents[-1].detach().requires_grad_()
-        (grad_z,) = torch.autograd.grad(gen.to_images(z_0), z_0, grad_images)
+        # Decoder first (its own graph, in pieces, freed before the chain's).
+        grad_z = _decoder_gradient(gen, latents[-1], grad_images)
         grad_c = torch.zeros_like(c)
-        anchor_in = None if anchor is None else anchor.detach().requires_grad_()
         grad_anchor = None if anchor is None else torch.zeros_like(anchor)
-        for j in reversed(range(gen.steps)):
-            z_in = latents[j].detach().requires_grad_()
-            c_in = c_leaf.detach().requires_grad_()
-            z_out = gen.step(j, z_in, c_in, anchor_in, noise.steps)
-            inputs = (z_in, c_in) if anchor_in is None else (z_in, c_in, anchor_in)
-            grads = torch.autograd.grad(z_out, inputs, grad_z)
+        recompute_below = gen.steps
+        stored = box.pop() if box else None
+        if stored is not None:
+            # The last k steps: back through what the render pass kept (its graph, or
+            # the selected op outputs, with the rest recomputed by checkpoint).
+            z_0, leaves = stored
+            del stored
+            inputs = tuple(x for x in leaves if x is not None)
+            grads = _grads_or_zeros(z_0, inputs, grad_z)
+            del z_0, leaves, inputs
             grad_z, grad_c = grads[0], grad_c + grads[1]
-            if anchor_in is not None:
+            if grad_anchor is not None:
                 grad_anchor = grad_anchor + grads[2]
+            recompute_below = gen.steps - gen.store_steps
+        anchor_in = None if anchor is None else anchor.detach()
+        for j in reversed(range(recompute_below)):
+            grad_z, step_c, step_anchor = gen.step_gradient(j, latents[j], c_leaf, anchor_in,
+                                                            noise.steps, grad_z)
+            grad_c = grad_c + step_c
+            if step_anchor is not None:
+                grad_anchor = grad_anchor + step_anchor
         # Back through q_sample and the anchor into Z in one autograd call.
         outputs, grads = [z_T], [grad_z]
         if anchor is not None:

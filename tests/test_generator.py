@@ -124,11 +124,108 @@ def test_gradient_modes_agree(denoiser, autoencoder, skip, eta):
         torch.testing.assert_close(results[mode][2], grad_c, rtol=1e-8, atol=1e-10)
 
 
+# Every "recompute" knob: (chunk, decoder_chunk, store_steps, sac_min_flops); batch 5 so that
+# chunks of 2 and decoder pieces of 2 leave a smaller last piece.
+RECOMPUTE_VARIANTS = [
+    (2, 1, 0, None),      # pure recompute, the decoder one image at a time
+    (2, None, 1, None),   # the last step's whole graph kept
+    (3, 2, "T", None),    # every step's graph kept (1 forward + 1 backward per step)
+    (2, 2, 2, 0.0),       # selective: every matmul/conv/attention output kept
+    (4, 3, "T", 600.0),   # selective: only the costlier ops kept
+    (None, 2, 1, 1e12),   # selective, nothing qualifies: everything recomputed
+]
+
+
+@pytest.mark.parametrize("skip,eta,guidance,steps", [
+    ("x0", 0.0, 3.0, 3), ("mean", 0.5, 1.0, 3), (None, 0.3, 3.0, 2), ("x0", 0.0, 1.0, 1),
+    (None, 0.0, 3.0, 1)])
+def test_store_and_decoder_knobs_give_the_autograd_gradients(skip, eta, guidance, steps):
+    """float64: every store_steps / sac_min_flops / decoder_chunk setting equals one autograd graph."""
+    prior = build_tiny_prior("unet-cond", "vq", seed=3).double()
+    Z, c = _inputs(prior, batch=5)
+    weights = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+
+    def run(**kwargs):
+        gen = LD3MGenerator(prior, steps=steps, skip=skip, eta=eta, guidance=guidance, **kwargs)
+        noise = gen.draw_noise(5, torch.Generator().manual_seed(7), dtype=torch.float64)
+        return _gradients(gen, Z, c, noise, weights)
+
+    images, grad_Z, grad_c = run(grad_mode="autograd")
+    assert grad_Z.abs().sum() > 0 and grad_c.abs().sum() > 0
+    for chunk, decoder_chunk, store, sac in RECOMPUTE_VARIANTS:
+        store = steps if store == "T" else min(store, steps)
+        got = run(grad_mode="recompute", chunk_size=chunk, decoder_chunk=decoder_chunk,
+                  store_steps=store, sac_min_flops=sac)
+        label = f"chunk {chunk}, decoder {decoder_chunk}, store {store}, sac {sac}"
+        torch.testing.assert_close(got[0], images, rtol=1e-10, atol=1e-10, msg=label)
+        torch.testing.assert_close(got[1], grad_Z, rtol=1e-8, atol=1e-10, msg=label)
+        torch.testing.assert_close(got[2], grad_c, rtol=1e-8, atol=1e-10, msg=label)
+    got = run(grad_mode="released", chunk_size=2, checkpoint_attention=True)
+    torch.testing.assert_close(got[1], grad_Z, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(got[2], grad_c, rtol=1e-8, atol=1e-10)
+
+
+def test_stored_steps_cost_fewer_flops_and_keep_less_with_selection():
+    """Counted on a real CPU run: each stored step saves one step forward (its graph, or its
+    matmuls/convs/attention under selective checkpointing); selection keeps fewer bytes."""
+    from ld3m_fast.planner import measure
+
+    prior = build_tiny_prior()
+    Z, c = _inputs(prior, batch=4)
+    steps = 3
+    results = {}
+    for name, kwargs in {"recompute": {}, "graph": dict(store_steps=steps),
+                         "selective": dict(store_steps=steps, sac_min_flops=0.0),
+                         "one step": dict(store_steps=1)}.items():
+        gen = LD3MGenerator(prior, steps=steps, chunk_size=2, **kwargs)
+        noise = gen.draw_noise(4, torch.Generator().manual_seed(0))
+        _gradients(gen, Z, c, noise, torch.ones(4, 3, 32, 32))  # warm-up
+        results[name] = measure(lambda: _gradients(gen, Z, c, noise, torch.ones(4, 3, 32, 32)),
+                                existing=(Z, c, noise.start))
+    step = (results["recompute"].flops - results["graph"].flops) / steps
+    assert step > 0
+    # approx: the same matmuls, counted as mm or bmm depending on how the cond and null
+    # calls are batched (selective checkpointing makes one call each).
+    assert results["selective"].flops == pytest.approx(results["graph"].flops, rel=1e-3)
+    assert results["one step"].flops == pytest.approx(results["recompute"].flops - step, rel=1e-3)
+    assert results["selective"].peak_bytes < results["graph"].peak_bytes
+
+
+def test_checkpoint_attention_runs_transformer_blocks_once_more_as_released(monkeypatch):
+    """The released UNet checkpoints its transformer blocks inside: 4 block forwards per
+    step in the released scheme instead of 3, the same gradients."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    calls = []
+    forward = BasicTransformerBlock.forward
+
+    def counted(self, *args, **kwargs):  # the class method: checkpoint's recompute skips module hooks
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BasicTransformerBlock, "forward", counted)
+    prior = build_tiny_prior("unet-cond", "vq", seed=3)
+    blocks = sum(isinstance(m, BasicTransformerBlock) for m in prior.denoiser.modules())
+    Z, c = _inputs(prior, batch=2)
+    grads = {}
+    for inside in (False, True):
+        calls.clear()
+        gen = LD3MGenerator(prior, steps=2, grad_mode="released", chunk_size=2,
+                            checkpoint_attention=inside)
+        noise = gen.draw_noise(2, torch.Generator().manual_seed(0))
+        grads[inside] = _gradients(gen, Z, c, noise, torch.ones(2, 3, 32, 32))[1]
+        assert len(calls) == (4 if inside else 3) * 2 * blocks
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in prior.denoiser.modules())
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+
+
 class _CountingDenoiser(torch.nn.Module):
+    """Counts the images that pass through the denoiser."""
+
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
-        self.forward_calls = 0
+        self.images = 0
 
     def __getattr__(self, name):
         try:
@@ -137,21 +234,24 @@ class _CountingDenoiser(torch.nn.Module):
             return getattr(self.inner, name)
 
     def eps(self, z_t, t, cond):
-        self.forward_calls += 1
+        self.images += z_t.shape[0]
         return self.inner.eps(z_t, t, cond)
 
 
-@pytest.mark.parametrize("mode,calls_per_step", [("autograd", 1), ("recompute", 2), ("released", 3)])
-def test_denoiser_forwards_per_step(mode, calls_per_step):
-    """recompute: 2 forwards + 1 backward per step; released: 3 + 1 (checkpointed re-render)."""
+@pytest.mark.parametrize("mode,calls_per_step,store", [
+    ("autograd", 1, 0), ("recompute", 2, 0), ("released", 3, 0), ("recompute", 1, 4),
+    ("recompute", 1.5, 2)])
+def test_denoiser_forwards_per_step(mode, calls_per_step, store):
+    """Denoiser passes over the guided batch (2 x images) per step: recompute 2 forwards + 1
+    backward; released 3 + 1 (checkpointed re-render); stored steps (whole graph) 1 + 1."""
     prior = build_tiny_prior()
     counter = _CountingDenoiser(prior.denoiser)
     prior.denoiser = counter
-    gen = LD3MGenerator(prior, steps=4, grad_mode=mode)
+    gen = LD3MGenerator(prior, steps=4, grad_mode=mode, store_steps=store)
     Z, c = _inputs(prior, batch=2)
     noise = gen.draw_noise(2, torch.Generator().manual_seed(0))
     _gradients(gen, Z, c, noise, torch.ones(2, 3, 32, 32))
-    assert counter.forward_calls == calls_per_step * 4
+    assert counter.images == calls_per_step * 4 * 2 * 2
 
 
 def test_skip_keeps_gradient_alive_at_fifty_steps():
@@ -205,6 +305,12 @@ def test_bad_arguments():
         LD3MGenerator(prior, grad_mode="magic")
     with pytest.raises(ValueError, match="skip"):
         LD3MGenerator(prior, skip="sideways")
+    with pytest.raises(ValueError, match="store_steps"):
+        LD3MGenerator(prior, steps=2, store_steps=3)
+    with pytest.raises(ValueError, match="recompute"):
+        LD3MGenerator(prior, steps=2, grad_mode="released", store_steps=1)
+    with pytest.raises(ValueError, match="decoder_chunk"):
+        LD3MGenerator(prior, steps=2, decoder_chunk=0)
     gen = LD3MGenerator(prior, steps=2, eta=0.5)
     Z, c = _inputs(prior, batch=2)
     with pytest.raises(ValueError, match="per-step noise"):
@@ -212,19 +318,29 @@ def test_bad_arguments():
 
 
 def test_gradient_modes_agree_under_bf16_autocast():
-    """Backward re-renders under the caller's autocast state (as torch.utils.checkpoint does)."""
+    """Backward re-renders under the caller's autocast state (as torch.utils.checkpoint does):
+    bitwise equal where the same ops run on the same batches; selective checkpointing and
+    decoder pieces (other batch shapes) within 2x the plain bf16 error of an fp32 run."""
     prior = build_tiny_prior()
     Z, c = _inputs(prior, batch=3)
-    grads = {}
-    for mode in ("autograd", "released", "recompute"):
-        gen = LD3MGenerator(prior, steps=3, grad_mode=mode, chunk_size=2)
+
+    def grad(mode="recompute", autocast=True, **knobs):
+        gen = LD3MGenerator(prior, steps=3, grad_mode=mode, chunk_size=2, **knobs)
         noise = gen.draw_noise(3, torch.Generator().manual_seed(0))
         Z_leaf = Z.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             images = gen(Z_leaf, c, noise)
-        assert images.dtype == torch.bfloat16
+        assert images.dtype == (torch.bfloat16 if autocast else torch.float32)
         images.float().square().mean().backward()
         assert Z_leaf.grad.dtype == torch.float32  # the chain state stays in Z's dtype
-        grads[mode] = Z_leaf.grad
-    torch.testing.assert_close(grads["released"], grads["autograd"], rtol=0, atol=0)
-    torch.testing.assert_close(grads["recompute"], grads["autograd"], rtol=0, atol=0)
+        return Z_leaf.grad
+
+    plain = grad("autograd")
+    for mode, knobs in (("released", {}), ("recompute", {}), ("recompute", dict(store_steps=2))):
+        torch.testing.assert_close(grad(mode, **knobs), plain, rtol=0, atol=0, msg=f"{mode} {knobs}")
+    exact = grad("autograd", autocast=False)
+    plain_error = (plain - exact).abs().max()
+    assert plain_error > 0
+    for knobs in (dict(store_steps=2, sac_min_flops=0.0), dict(decoder_chunk=1)):
+        error = (grad(**knobs) - exact).abs().max()
+        assert error <= 2 * plain_error + 1e-6, f"{knobs}: {error:.3g} vs plain {plain_error:.3g}"
