@@ -28,6 +28,8 @@ below. The plain released-style definitions are in `ld3m_fast.reference.distill_
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -168,18 +170,63 @@ def dm_distance(real_means: torch.Tensor, syn_means: torch.Tensor) -> torch.Tens
     return (real_means - syn_means).pow(2).sum()
 
 
+class RealBlock(NamedTuple):
+    """One class's real images, loaded when the network reaches them: `count` rows, `load()`
+    returns them as a (count, C, H, W) float tensor."""
+
+    count: int
+    load: Callable[[], torch.Tensor]
+
+
+def real_class_means(network, blocks, draws, *, dsa=None, batch: int | None = None) -> torch.Tensor:
+    """(K, F) mean embeddings of K classes' real images, without a graph.
+
+    blocks[k]: class k's real images (a tensor or a `RealBlock`); draws[k]: its DSA draw.
+    The classes are augmented one by one and streamed through the network in forwards of
+    `batch` images (None: all at once), which may span classes: memory holds one forward's
+    worth of images, whatever the class count.
+    """
+    counts = [b.count if isinstance(b, RealBlock) else b.shape[0] for b in blocks]
+    total = None
+    pending, pending_rows = [], 0
+    with torch.no_grad():
+        for k, (block, draw) in enumerate(zip(blocks, draws)):
+            images = block.load() if isinstance(block, RealBlock) else block
+            pending.append((k, augment(dsa, images, draw)))
+            pending_rows += images.shape[0]
+            last = k == len(blocks) - 1
+            while pending and (last or batch is not None and pending_rows >= batch):
+                take = pending_rows if batch is None else min(batch, pending_rows)
+                piece, classes, rest = [], [], take
+                while rest:
+                    cls, rows = pending[0]
+                    used = rows[:rest]
+                    piece.append(used)
+                    classes.append(torch.full((used.shape[0],), cls, dtype=torch.long, device=used.device))
+                    if used.shape[0] == rows.shape[0]:
+                        pending.pop(0)
+                    else:
+                        pending[0] = (cls, rows[used.shape[0]:])
+                    rest -= used.shape[0]
+                pending_rows -= take
+                embedding = network.embed(piece[0] if len(piece) == 1 else torch.cat(piece))
+                sums = embedding.new_zeros(len(blocks), embedding.shape[1]).index_add(0, torch.cat(classes), embedding)
+                total = sums if total is None else total + sums
+        sizes = torch.tensor(counts, dtype=total.dtype, device=total.device)
+        return total / sizes[:, None]
+
+
 def dm_loss_from_blocks(network, syn_images, groups, real_blocks, draws, *, dsa=None,
                         micro_batch: int | None = None, real_batch: int | None = None) -> torch.Tensor:
     """DM on prepared per-class inputs (the piece `dm_loss` and the DM object share).
 
-    groups: [(class, index into syn_images)]; real_blocks[k]: class k's real images;
-    draws[k]: its DSA draw (or None). Real embeddings: no graph, all classes together in
-    forwards of `real_batch` images (None: one forward); synthetic embeddings: one
-    differentiable forward for all classes (or micro-batches, see `class_mean_embeddings`).
+    groups: [(class, index into syn_images)]; real_blocks[k]: class k's real images (a
+    tensor or a `RealBlock`); draws[k]: its DSA draw (or None). Real embeddings: no graph,
+    all classes streamed together in forwards of `real_batch` images (`real_class_means`);
+    synthetic embeddings: one differentiable forward for all classes (or micro-batches,
+    see `class_mean_embeddings`).
     """
-    with torch.no_grad():
-        real = torch.cat([augment(dsa, block, draw) for block, draw in zip(real_blocks, draws)])
-        real_means = class_mean_embeddings(network, real, [b.shape[0] for b in real_blocks], real_batch)
+    real_means = real_class_means(network, real_blocks, draws, dsa=dsa, batch=real_batch)
     syn = torch.cat([augment(dsa, syn_images[_to(index, syn_images.device)], draw)
                      for (_, index), draw in zip(groups, draws)])
     syn_means = class_mean_embeddings(network, syn, [index.numel() for _, index in groups], micro_batch)
@@ -187,7 +234,8 @@ def dm_loss_from_blocks(network, syn_images, groups, real_blocks, draws, *, dsa=
 
 
 def default_real_batch(images: torch.Tensor, micro_batch: int | None = None) -> int:
-    """Real images per DM forward: `REAL_FORWARD_BYTES` of input, capped by `micro_batch`."""
+    """Real images per DM forward: `REAL_FORWARD_BYTES` of input (sized from one image of
+    `images`, which have the real images' shape and dtype), capped by `micro_batch`."""
     per_image = images[0].numel() * images.element_size() if images.shape[0] else 1
     size = max(1, REAL_FORWARD_BYTES // max(per_image, 1))
     return size if micro_batch is None else min(size, int(micro_batch))
@@ -503,7 +551,7 @@ def mtt_loss(syn_images: torch.Tensor, syn_labels: torch.Tensor, network, start:
                               micro_batch=micro_batch, gradient=gradient)
 
 
-__all__ = ["FlatNetwork", "MTT_GRADIENTS", "REAL_FORWARD_BYTES", "class_gradient", "class_groups",
+__all__ = ["FlatNetwork", "MTT_GRADIENTS", "REAL_FORWARD_BYTES", "RealBlock", "class_gradient", "class_groups",
            "class_mean_embeddings", "dc_class_term", "dc_loss", "dm_distance", "dm_loss",
            "dm_loss_from_blocks", "gradient_distance", "micro_batches", "mtt_loss", "mtt_loss_from_plan",
-           "mtt_plan", "student_gradient"]
+           "mtt_plan", "real_class_means", "student_gradient"]

@@ -153,7 +153,7 @@ def test_dm_object_matches_released_reference(real_data, micro_batch):
     ctx = _context(real_data, 9)
     net = ConvNetRef.from_network(spec.build_seeded(ctx.generator).double()).requires_grad_(False)
     x = images.clone().requires_grad_(True)
-    expected = dm_loss_ref(net, x, labels, lambda k: real_data.sample(k, 5, ctx.generator, "cpu").double(),
+    expected = dm_loss_ref(net, x, labels, lambda k: real_data.load(real_data.draw(k, 5, ctx.generator), "cpu", DOUBLE),
                            dsa=ctx.dsa, dsa_generator=ctx.dsa_generator)
     (expected_grad,) = torch.autograd.grad(expected, x)
     assert loss.dtype == grad.dtype == DOUBLE
@@ -218,7 +218,7 @@ def test_dc_object_matches_released_reference(real_data, micro_batch):
     ctx = _context(real_data, 13)
     net = ConvNetRef.from_network(spec.build_seeded(ctx.generator).double())
     x = images.clone().requires_grad_(True)
-    expected = dc_loss_ref(net, x, labels, lambda k: real_data.sample(k, 5, ctx.generator, "cpu").double(),
+    expected = dc_loss_ref(net, x, labels, lambda k: real_data.load(real_data.draw(k, 5, ctx.generator), "cpu", DOUBLE),
                            dsa=ctx.dsa, dsa_generator=ctx.dsa_generator)
     (expected_grad,) = torch.autograd.grad(expected, x)
     assert_close(loss, expected, atol=_atol(expected), **EXACT, name="DC loss")
@@ -319,3 +319,25 @@ def test_the_documented_examples_run():
     exec(compile(blocks[0], "docs/losses.md", "exec"), first)
     assert first["syn"].grad is not None and torch.isfinite(first["syn"].grad).all()
     assert first["student_lr"].grad is not None
+
+
+@pytest.mark.parametrize("batch", [None, 1, 3, 100])
+def test_real_class_means_stream_across_classes(batch):
+    """Forwards that span class boundaries (and loaders called only when reached) give the
+    per-class means."""
+    from ld3m_fast.losses import RealBlock, real_class_means
+
+    net = ConvNet(3, 3, 8, width=4, depth=1).double().requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    blocks = [torch.randn(n, 3, 8, 8, generator=g, dtype=DOUBLE) for n in (5, 2, 4)]
+    loaded = []
+
+    def loader(k):
+        loaded.append(k)
+        return blocks[k]
+
+    lazy = [RealBlock(b.shape[0], lambda k=k: loader(k)) for k, b in enumerate(blocks)]
+    means = real_class_means(net, lazy, [None] * 3, batch=batch)
+    expected = torch.stack([net.embed(b).mean(0) for b in blocks])
+    assert loaded == [0, 1, 2]
+    assert_close(means, expected, atol=_atol(expected), **EXACT, name="class means")

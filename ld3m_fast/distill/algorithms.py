@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
 
 from .._host import draw_int
 from ..errors import LD3MError
-from ..losses import (FlatNetwork, augment, class_groups, dc_class_term, default_real_batch, dm_loss_from_blocks,
-                      draw_for_class, gradient_distance, micro_batches, mtt_loss_from_plan, mtt_plan)
+from ..losses import (FlatNetwork, RealBlock, augment, class_groups, dc_class_term, default_real_batch,
+                      dm_loss_from_blocks, draw_for_class, gradient_distance, micro_batches, mtt_loss_from_plan,
+                      mtt_plan)
 from ..normalization import from_uint8
 
 from .config import ALGORITHMS, MTT_GRADIENTS
@@ -65,11 +67,19 @@ class RealData:
     def sample(self, cls: int, count: int, generator: torch.Generator, device) -> torch.Tensor:
         """`count` random images of class `cls` (without replacement when possible),
         as network input (count', 3, res, res) float32 on `device`; count' = min(count, available)."""
+        return self.load(self.draw(cls, count, generator), device)
+
+    def draw(self, cls: int, count: int, generator: torch.Generator) -> torch.Tensor:
+        """The indices `sample` would load: (count',) long, drawn from `generator` as `sample` does."""
         pool = self.class_indices[cls]
         if len(pool) == 0:
             raise LD3MError(f"class {cls} has no real images")
         order = torch.randperm(len(pool), generator=generator)[: min(count, len(pool))]
-        return from_uint8(self.images[pool[order]]).to(device)
+        return pool[order]
+
+    def load(self, index: torch.Tensor, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Images `index` (from `draw`) as network input (n, 3, res, res) on `device`."""
+        return from_uint8(self.images[index], dtype).to(device)
 
 
 @dataclass
@@ -224,10 +234,15 @@ class DM(Algorithm):
 
 
 def _student(spec: NetworkSpec, ctx: StepContext, dtype: torch.dtype) -> nn.Module:
-    """The iteration's freshly drawn network, on the context's device; float64 when the images
-    are float64 (exactness checks), otherwise float32 (autocast handles lower precision)."""
+    """The iteration's freshly drawn network, on the context's device, in `_work_dtype`."""
     net = _on_device(spec.build_seeded(ctx.generator), ctx.device)
-    return net.double() if dtype == torch.float64 else net
+    return net.double() if _work_dtype(dtype) == torch.float64 else net
+
+
+def _work_dtype(images_dtype: torch.dtype) -> torch.dtype:
+    """Network and real images: float64 when the synthetic images are (exactness checks),
+    otherwise float32 (autocast handles lower precision)."""
+    return torch.float64 if images_dtype == torch.float64 else torch.float32
 
 
 def _draw_classes(batch_real: int, labels: torch.Tensor, ctx: StepContext, dtype: torch.dtype):
@@ -236,13 +251,16 @@ def _draw_classes(batch_real: int, labels: torch.Tensor, ctx: StepContext, dtype
     The order of the released loop (and of every earlier version of this one), so each
     generator is consumed exactly as before: ctx.generator for the real batches,
     ctx.dsa_generator for one Siamese draw per class of max(n_real, n_syn) rows.
+    The real batches are returned as loaders (`losses.RealBlock`): the images are
+    decoded only when the network reaches them, one forward's worth at a time.
     """
     groups = class_groups(labels)
     real_blocks, draws = [], []
     for cls, index in groups:
-        real = ctx.real.sample(cls, batch_real, ctx.generator, ctx.device)
-        real_blocks.append(real if dtype != torch.float64 else real.to(dtype))
-        draws.append(draw_for_class(ctx.dsa, ctx.dsa_generator, real.shape[0], index.numel(), real.device))
+        real_index = ctx.real.draw(cls, batch_real, ctx.generator)
+        real_blocks.append(RealBlock(len(real_index), partial(ctx.real.load, real_index, ctx.device,
+                                                              _work_dtype(dtype))))
+        draws.append(draw_for_class(ctx.dsa, ctx.dsa_generator, len(real_index), index.numel(), ctx.device))
     return groups, real_blocks, draws
 
 
@@ -279,7 +297,8 @@ class DC(Algorithm):
         grad = torch.zeros_like(images)
         total = images.new_zeros(())
         for cls, index in class_groups(labels):
-            real = ctx.real.sample(cls, self.batch_real, ctx.generator, ctx.device).to(images.dtype)
+            real = ctx.real.load(ctx.real.draw(cls, self.batch_real, ctx.generator), ctx.device,
+                                 _work_dtype(images.dtype))
             draw = draw_for_class(ctx.dsa, ctx.dsa_generator, real.shape[0], index.numel(), real.device)
             x = images[index.to(images.device)].detach().requires_grad_(True)
             term = dc_class_term(net, params, augment(ctx.dsa, real, draw), augment(ctx.dsa, x, draw), cls,
