@@ -33,3 +33,11 @@ torch.set_num_threads(1)
 def _seeded_global_rng():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_after_each_test():
+    """In-process CLI runs apply their thread policy to this process: restore one thread."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)

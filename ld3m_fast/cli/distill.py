@@ -98,8 +98,9 @@ def apply_threads(args) -> None:
 
 
 def read_config_file(path) -> dict:
-    """Settings from a TOML file, keys normalised to field names; unknown keys are errors."""
-    from ..distill.config import DistillConfig
+    """Settings from a TOML file, keys normalised to field names; unknown keys and values of
+    the wrong type are errors (even where a flag overrides them: the file itself is wrong)."""
+    from ..distill.config import DistillConfig, coerce
 
     path = Path(path)
     if not path.is_file():
@@ -114,7 +115,7 @@ def read_config_file(path) -> dict:
         name = key.replace("-", "_")
         if name not in fields or not fields[name].metadata["in_file"]:
             raise LD3MError(f"unknown key {key!r} in config file {path}")
-        values[name] = value
+        values[name] = coerce(name, value, DistillConfig.types()[name], f"config file {path}")
     return values
 
 

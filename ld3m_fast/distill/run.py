@@ -89,7 +89,6 @@ class Distiller:
         self._last_save_time = time.monotonic()
         self._stop_signal = None
         self._writer = None
-        self._test_set = None
         self._last_images = None
 
     @property
@@ -379,18 +378,18 @@ class Distiller:
         return profiler
 
     def inline_eval(self) -> dict:
-        from ..data import load_dataset
         from .evaluation import EvalConfig, evaluate_synthetic
+        from .setup import load_inline_eval_data
 
         config = self.config
-        if self._test_set is None:
-            self._test_set = load_dataset(config.data, split="test", subset=config.subset, res=self.setup.res,
-                                          cache_dir=config.cache_dir, log=self.log)
+        if self.setup.test_set is None:  # evaluation switched on by a resume
+            self.setup.test_set = load_inline_eval_data(config, self.setup.res, self.log)
+        test = self.setup.test_set
         images, labels, _ = render_final(self.setup, config.seed)
-        eval_config = EvalConfig(archs=tuple(config.eval_archs.split(",")), epochs=config.eval_epochs,
+        eval_config = EvalConfig(archs=tuple(a.strip() for a in config.eval_archs.split(",")), epochs=config.eval_epochs,
                                  seeds=config.eval_seeds, width=config.width, depth=config.depth,
                                  norm=config.norm)
-        result = evaluate_synthetic(images, labels, self._test_set.images, self._test_set.labels,
+        result = evaluate_synthetic(images, labels, test.images, test.labels,
                                     num_classes=self.setup.real.num_classes, config=eval_config,
                                     seed=config.seed, device=self.setup.device)
         record = {"iteration": self.iteration, "eval": result}
@@ -434,6 +433,7 @@ def _refuse_used_folder(run_dir: Path) -> None:
 def start_run(config: DistillConfig, *, log=print, on_iteration=None) -> "Distiller":
     """Validate everything, then create the run folder and distill to the end."""
     config = resolve_defaults(config, log=log)
+    config.validate()
     run_dir = Path(config.out)
     _refuse_used_folder(run_dir)
     apply_threads(config.threads)
@@ -476,6 +476,7 @@ def resume_run(run_dir, overrides: dict | None = None, *, log=print, on_iteratio
     try:
         recorded = load_config(run_dir)
         config = _apply_overrides(recorded, overrides or {}, log=log)
+        config.validate()
         run_id = runfolder.read_identity(run_dir)
         apply_threads(config.threads)
         setup = build_setup(config, log=log)

@@ -39,6 +39,7 @@ class Setup:
     device: torch.device
     res: int
     dsa: object | None = None
+    test_set: object | None = None  # the real test split, when inline evaluation is on
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,8 +99,11 @@ def device_memory(device: torch.device) -> int:
     return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def choose_chunk(config: DistillConfig, res: int, num_classes: int, device, *, log=print) -> int:
-    """--chunk auto: the planner's cheapest chunk that fits the memory budget."""
+def choose_chunk(config: DistillConfig, res: int, num_classes: int, device, *, log=print) -> dict:
+    """--chunk auto: the planner's cheapest (mode, chunk, decoder chunk) that fits the memory budget.
+
+    Returns the generator's knobs {chunk_size, decoder_chunk, store_steps, sac_min_flops}; the
+    knobs the config sets stay fixed, the unset ones are the planner's to choose."""
     from ..planner.plan import format_bytes, parse_bytes, plan
     from ..planner.simulate import IterationSpec
 
@@ -110,13 +114,30 @@ def choose_chunk(config: DistillConfig, res: int, num_classes: int, device, *, l
         algorithm=config.algorithm, grad_mode=config.grad_mode, micro_batch=config.micro_batch,
         dtype=config.dtype, syn_steps=config.syn_steps, mtt_gradient=config.mtt_gradient,
         batch_real=config.batch_real, width=config.width, depth=config.depth)
-    _, best = plan(spec, budget, dtypes=(config.dtype,))
+    fixed = lambda value: None if value is None else [value]  # noqa: E731
+    sac = fixed(config.sac_min_flops) if config.store_steps is None or config.sac_min_flops is not None \
+        else [None]  # a set --store-steps without --sac-min-flops keeps whole graphs
+    _, best = plan(spec, budget, dtypes=(config.dtype,), decoder_chunks=fixed(config.decoder_chunk),
+                   store_steps=fixed(config.store_steps), sac=sac)
     if best is None:
         raise LD3MError(f"--chunk auto: no chunk size fits {format_bytes(budget)}; set --micro-batch, "
                         "lower --ipc or raise --memory-budget")
-    log(f"--chunk auto: chunk {best.estimate.spec.chunk} (planned peak "
-        f"{format_bytes(best.estimate.peak_bytes)} of {format_bytes(budget)})")
-    return best.estimate.spec.chunk
+    s = best.spec
+    log(f"--chunk auto: chunk {s.chunk}, decoder chunk {s.decoder_chunk or s.chunk}, {best.mode} "
+        f"(planned peak {format_bytes(best.estimate.peak_bytes)} of {format_bytes(budget)}, "
+        f"{best.estimate.tflops:.1f} TFLOP per iteration)")
+    return dict(chunk_size=s.chunk, decoder_chunk=s.decoder_chunk, store_steps=s.store_steps,
+                sac_min_flops=s.sac_min_flops if s.store_steps else None)
+
+
+def generator_knobs(config: DistillConfig) -> dict:
+    """The generator's chunk and recompute knobs as the config sets them (not --chunk auto)."""
+    if config.grad_mode != "recompute" and (config.decoder_chunk is not None or config.store_steps):
+        raise LD3MError(f"--decoder-chunk and --store-steps need --grad-mode recompute, not {config.grad_mode}")
+    if config.store_steps is not None and config.store_steps > config.steps:
+        raise LD3MError(f"--store-steps {config.store_steps} is more than the chain's {config.steps} steps")
+    return dict(chunk_size=config.chunk, decoder_chunk=config.decoder_chunk,
+                store_steps=config.store_steps or 0, sac_min_flops=config.sac_min_flops)
 
 
 def use_memory_efficient_attention(prior, device: torch.device, *, log=print) -> str:
@@ -212,19 +233,34 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     synthetic = SyntheticSet.from_real(prior, data.images, data.labels, config.ipc,
                                        stream_generator(config.seed, "init"),
                                        prior_classes=rows, image_size=render).to(device)
-    chunk = choose_chunk(config, res, data.num_classes, device, log=log) if config.chunk == "auto" else config.chunk
+    knobs = generator_knobs(config)
+    if config.chunk == "auto":
+        knobs = choose_chunk(config, res, data.num_classes, device, log=log)
     use_memory_efficient_attention(prior, device, log=log)
     if config.compile:
         compile_prior(prior, config.compile_backend)
     generator = LD3MGenerator(prior, config.steps, guidance=config.guidance,
                               skip=None if config.skip == "none" else config.skip, eta=config.eta,
-                              grad_mode=config.grad_mode, chunk_size=chunk,
-                              render_size=render, output_size=None if res == render else res)
+                              grad_mode=config.grad_mode, render_size=render,
+                              output_size=None if res == render else res, **knobs)
     algorithm.to(device)
     if device.type == "cpu":
         prepare_native_kernels(log)
     real = RealData(data.images, data.labels, data.num_classes)
-    return Setup(config, prior, generator, synthetic, algorithm, real, list(data.class_names), device, res, dsa)
+    test_set = load_inline_eval_data(config, res, log) if config.eval_every else None
+    return Setup(config, prior, generator, synthetic, algorithm, real, list(data.class_names), device, res, dsa,
+                 test_set)
+
+
+def load_inline_eval_data(config: DistillConfig, res: int, log):
+    """The test split and a check of the architectures, now rather than at the first evaluation."""
+    from ..data import load_dataset
+    from ..networks import parse_arch
+
+    for arch in config.eval_archs.split(","):
+        parse_arch(arch.strip())
+    return load_dataset(config.data, split="test", subset=config.subset, res=res,
+                        cache_dir=config.cache_dir, log=log)
 
 
 __all__ = ["DTYPES", "Setup", "build_setup", "denoiser_multiple", "device_memory", "prior_class_rows",
