@@ -1,15 +1,15 @@
 """Paired CPU measurements of the distillation iteration and of the DM student.
 
-    python benchmarks/bench_student.py iteration --before /tmp/before [--pairs 5] [--iterations 4]
+    python benchmarks/bench_student.py iteration --before /tmp/before [--after /tmp/after] [--pairs 5]
     python benchmarks/bench_student.py student [--repeats 5]
     python benchmarks/bench_student.py compile [--iterations 6]
 
 `iteration`: the embedded default (`ld3m-fast distill` with no arguments: DM, Fashion-MNIST
 32², IPC 1, T=10, batch_real 64), one thread, as paired and interleaved processes
 A B A B ...: A imports the package from `--before` (a worktree of an older commit, put first
-on PYTHONPATH), B from this checkout. Each process runs one warm-up iteration and then
-`--iterations` timed ones, recording per iteration CPU time (user + system), system time and
-minor page faults (`resource.getrusage`). B applies the allocator setting the CLI applies at
+on PYTHONPATH), B from `--after` (another worktree) or this checkout. Each process runs one
+warm-up iteration and then `--iterations` timed ones, recording per iteration CPU time (user +
+system), system time and minor page faults (`resource.getrusage`). B applies the allocator setting the CLI applies at
 start-up (`ld3m_fast._memory.keep_freed_memory`), when the package has it; `--allocator off`
 leaves it out (to see what the setting alone does).
 
@@ -83,8 +83,11 @@ def _worker(args) -> None:
             rows.append({"warmup": i < args.warmup, "cpu_s": (u1 - u0) + (s1 - s0), "user_s": u1 - u0,
                          "sys_s": s1 - s0, "minflt": f1 - f0, "wall_s": time.perf_counter() - wall,
                          "loss": record["loss"]})
+    import resource
+
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"package": str(Path(ld3m_fast.__file__).parent), "threads": torch.get_num_threads(),
-                      "allocator": args.allocator, "rows": rows}))
+                      "allocator": args.allocator, "peak_rss_mib": peak_mib, "rows": rows}))
 
 
 def _spawn(pythonpath: str | None, allocator: str, iterations: int, warmup: int, config: str | None) -> dict:
@@ -109,7 +112,7 @@ def _summary(values) -> str:
 def _iteration(args) -> None:
     from ld3m_fast._host import cpu_model
 
-    sides = {"A (before)": (args.before, "off"), "B (this checkout)": (None, args.allocator)}
+    sides = {"A (before)": (args.before, "off"), "B (after)": (args.after, args.allocator)}
     results = {name: [] for name in sides}
     for pair in range(args.pairs):
         for name, (path, allocator) in sides.items():
@@ -123,9 +126,14 @@ def _iteration(args) -> None:
     for name, runs in results.items():
         rows = [r for run in runs for r in run["rows"] if not r["warmup"]]
         report[name] = {key: [r[key] for r in rows] for key in ("cpu_s", "user_s", "sys_s", "minflt", "wall_s")}
+        report[name]["package"] = runs[0]["package"]
+        report[name]["allocator_keeps_memory"] = runs[0]["allocator"] == "on"
+        report[name]["peak_rss_mib"] = max(run.get("peak_rss_mib", 0.0) for run in runs)
         print(f"  {name:20s} cpu {_summary(report[name]['cpu_s'])} s  user {_summary(report[name]['user_s'])} s  "
               f"sys {_summary(report[name]['sys_s'])} s  minflt {statistics.median(report[name]['minflt']):.0f} "
-              f"[{min(report[name]['minflt'])}-{max(report[name]['minflt'])}]")
+              f"[{min(report[name]['minflt'])}-{max(report[name]['minflt'])}]  "
+              f"peak RSS {report[name]['peak_rss_mib']:.0f} MiB  ({report[name]['package']}, "
+              f"allocator setting {'on' if report[name]['allocator_keeps_memory'] else 'off'})")
     a, b = (statistics.median(report[n]["cpu_s"]) for n in results)
     # Per-pair ratios (same moment, same machine load): the spread says how stable the ratio is.
     pairs = [statistics.median(r["cpu_s"] for r in ra["rows"] if not r["warmup"])
@@ -216,6 +224,8 @@ def main(argv=None) -> int:
     worker.add_argument("--config", default=None, help="JSON of DistillConfig overrides")
     iteration = sub.add_parser("iteration")
     iteration.add_argument("--before", required=True, help="package root of the 'before' side")
+    iteration.add_argument("--after", default=None,
+                           help="package root of the 'after' side (default: this checkout)")
     iteration.add_argument("--pairs", type=int, default=5)
     iteration.add_argument("--iterations", type=int, default=4)
     iteration.add_argument("--warmup", type=int, default=1)

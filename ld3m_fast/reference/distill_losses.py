@@ -96,10 +96,11 @@ class _Released:
         self.batch_real = int(batch_real)
 
     def image_gradient(self, images, labels, ctx):
-        net = self.network.build_seeded(ctx.generator)
-        if type(net).__name__ == "ConvNet":  # the released layer stack, same weights
-            from .convnet import ConvNetRef
+        from ..networks import ConvNet
+        from .convnet import ConvNetRef
 
+        net = self.network.build_seeded(ctx.generator)
+        if isinstance(net, ConvNet):  # the released layer stack, same weights
             net = ConvNetRef.from_network(net)
         net = net.to(ctx.device)
         if self.name == "dm":
