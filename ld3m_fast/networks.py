@@ -12,6 +12,25 @@ with the layer shapes of the released DC/DM/MTT/GLaD definitions, so parameter c
 match them exactly (10 classes, 128x128): ConvNet-D5-W128 615,690; ResNet-18 11,173,962;
 VGG-11 9,476,874; AlexNet 2,333,002; ViT 16,176,650.
 
+Small-resolution forms. Below 128x128 (`SMALL_FORM_BELOW`) the 128-sized VGG-11 stops
+learning: its head adaptive-max-pools the 1x1 map of a 32x32 input up to 7x7 (49 copies of
+one vector into a 25,088-input head) and trains to chance, real images included. The
+released code evaluates 32x32 sets with `*_cifar` variants instead, and so do we, chosen
+automatically by resolution (`network_form`; `form=` overrides):
+
+    vgg11  small: the same convs, a max-pool only while the map is at least 2x2, the head
+           on the flattened final map (512 inputs at 32x32, as the released VGG-11-CIFAR)
+    vit    small: depth 6, as ViT-CIFAR (full: 10); both forms cut `vit_patch_size(res)`
+           patches (16 at 128 and 256, 4 at 32 as ViT-CIFAR: at least an 8x8 grid of tokens).
+           Without ViT-CIFAR's LayerNorms by default, like the full form (norm="layer" restores
+           them): on 100 real Fashion-MNIST images at 32x32, 50 SGD steps (lr 0.01, batch 10),
+           the small ViT reached 46% test accuracy without them and 22% with them
+    resnet18  small: below 16x16 a stage downsamples only while its map is at least 4x4
+           (else the last stage's per-sample norm runs on a 1x1 map and zeroes it); the same
+           network at 16x16 and above
+    convnet, alexnet: one form already fits every resolution (the depth follows res; a head
+           sized from res), so "small" changes nothing
+
 Every network is a plain `nn.Module` (usable with `torch.func.functional_call`) exposing
 `embed(x) -> (B, F)` penultimate features (what DM matches) and `forward(x) -> (B, classes)`
 logits = `head(embed(x))`. Inputs are (B, channels, res, res) in the shared normalisation.
@@ -38,6 +57,10 @@ NORMS = ("instance", "batch", "layer", "none")
 DEFAULT_NORMS = {"convnet": "instance", "resnet18": "instance", "vgg11": "instance",
                  "alexnet": "none", "vit": "none"}
 VIT_NORMS = ("none", "layer")
+FORMS = ("full", "small")
+# Below this side the small-resolution forms are used (the 128-sized forms are pinned above).
+SMALL_FORM_BELOW = 128
+SMALL_VIT_DEPTH = 6
 
 
 class NetworkConfigError(LD3MError, ValueError):
@@ -65,6 +88,22 @@ def make_norm(norm: str, channels: int) -> nn.Module:
     if norm == "layer":
         return nn.GroupNorm(1, channels, affine=True)
     return nn.Identity()
+
+
+def network_form(res: int, form: str | None = None) -> str:
+    """"full" (the 128-sized definitions) at res >= 128, "small" below; `form` overrides."""
+    if form is None:
+        return "small" if res < SMALL_FORM_BELOW else "full"
+    if form not in FORMS:
+        raise NetworkConfigError(f"unknown network form {form!r}: use one of {', '.join(FORMS)}")
+    return form
+
+
+def vit_patch_size(res: int) -> int:
+    """ViT patch side for a resolution: the largest divisor of res that is at most
+    min(16, res // 8), so there are at least 8x8 tokens (16 at 128 and 256, 4 at 32, 3 at 24)."""
+    limit = max(1, min(16, res // 8))
+    return max(p for p in range(1, limit + 1) if res % p == 0)
 
 
 def _halved(size: int, times: int) -> int:
@@ -192,14 +231,24 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(ClassifierNet):
-    """CIFAR-style ResNet-18 (3x3 stride-1 stem, no max-pool), global average pool -> 512."""
+    """CIFAR-style ResNet-18 (3x3 stride-1 stem, no max-pool), global average pool -> 512.
 
-    def __init__(self, num_classes: int, channels: int, norm: str = "instance"):
+    With `res` given (the small form), a stage downsamples only while its input map is at
+    least 4x4: below 16x16 the last stage would otherwise run on a 1x1 map, where a
+    per-sample norm subtracts each value from itself and the network outputs a constant.
+    From 16x16 up (and with res=None) the strides are the released 1, 2, 2, 2; the
+    parameter count never changes.
+    """
+
+    def __init__(self, num_classes: int, channels: int, norm: str = "instance", res: int | None = None):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False),
                                   make_norm(norm, 64), nn.ReLU())
-        stages, in_channels = [], 64
+        stages, in_channels, size = [], 64, res
         for out_channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            if size is not None:
+                stride = stride if size >= 4 else 1
+                size = (size + 1) // stride if stride == 2 else size
             stages.append(nn.Sequential(BasicBlock(in_channels, out_channels, stride, norm),
                                         BasicBlock(out_channels, out_channels, 1, norm)))
             in_channels = out_channels
@@ -218,28 +267,40 @@ VGG11_LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
 class VGG11(ClassifierNet):
-    """VGG-11 with norm after every conv; features end in an adaptive max-pool to 7x7.
+    """VGG-11 with norm after every conv.
 
-    The released definition pools to 7x7 whatever the resolution (at 128 the 4x4 map is
-    replicated up to 7x7), which gives the 512*7*7 = 25,088-input head of the pinned count.
+    small=False (the released 128/256 definition): the features end in an adaptive max-pool
+    to 7x7 whatever the resolution (at 128 the 4x4 map is replicated up to 7x7), which gives
+    the 512*7*7 = 25,088-input head of the pinned count. At 32x32 that head sees 49 copies of
+    one 1x1 map and the network trains to chance.
+    small=True (the released VGG-11-CIFAR, generalised): no adaptive pool, the head reads
+    the flattened final map: 512 * (res // 32)^2 inputs at res >= 32, 512 below. Below 32 a
+    max-pool that would leave convolutions to run on a 1x1 map is skipped (a per-sample norm
+    of a 1x1 map is zero), so they run at 2x2 and only the last pool reaches 1x1.
     """
 
-    def __init__(self, num_classes: int, channels: int, res: int, norm: str = "instance"):
+    def __init__(self, num_classes: int, channels: int, res: int, norm: str = "instance",
+                 small: bool = False):
         super().__init__()
-        if _halved(res, 5) < 1:
+        if not small and _halved(res, 5) < 1:
             raise NetworkConfigError(f"VGG-11 needs a resolution of at least 32, got {res}")
         layers: list[nn.Module] = []
-        in_channels = channels
-        for item in VGG11_LAYOUT:
+        in_channels, size = channels, res
+        for i, item in enumerate(VGG11_LAYOUT):
             if item == "M":
-                layers.append(nn.MaxPool2d(2))
+                last = i == len(VGG11_LAYOUT) - 1
+                if not small or size >= (2 if last else 4):
+                    layers.append(nn.MaxPool2d(2))
+                    size //= 2
             else:
                 layers += [nn.Conv2d(in_channels, item, 3, padding=1), make_norm(norm, item),
                            nn.ReLU()]
                 in_channels = item
-        layers.append(nn.AdaptiveMaxPool2d(7))
+        if not small:
+            layers.append(nn.AdaptiveMaxPool2d(7))
+            size = 7
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(512 * 7 * 7, num_classes)
+        self.head = nn.Linear(512 * size * size, num_classes)
 
     def embed(self, x):
         return self.features(x).flatten(1)
@@ -361,7 +422,8 @@ def parse_arch(arch: str) -> tuple[str, int | None]:
 
 
 def build_network(arch: str, *, num_classes: int, channels: int = 3, res: int, width: int = 128,
-                  depth: int | None = None, norm: str | None = None) -> ClassifierNet:
+                  depth: int | None = None, norm: str | None = None,
+                  form: str | None = None) -> ClassifierNet:
     """Build a freshly initialised network (PyTorch default init).
 
     arch: convnet (optionally convnetd<N>), resnet18, vgg11, alexnet, vit.
@@ -369,21 +431,25 @@ def build_network(arch: str, *, num_classes: int, channels: int = 3, res: int, w
         (instance for convnet/resnet18/vgg11, none for alexnet/vit; vit accepts none|layer).
     width, depth: ConvNet only (depth None = `default_convnet_depth(res)`); the other
         architectures have fixed shapes and ignore them.
+    form: "full" | "small" | None = by resolution (`network_form`: small below 128).
     Input (B, channels, res, res); `embed` -> (B, F), `forward` -> (B, num_classes).
     """
     name, depth_from_name = parse_arch(arch)
+    small = network_form(res, form) == "small"
     norm = DEFAULT_NORMS[name] if norm is None else norm
     check_norm(norm, VIT_NORMS if name == "vit" else NORMS)
     if name == "convnet":
         depth = depth or depth_from_name or default_convnet_depth(res)
         return ConvNet(num_classes, channels, res, width=width, depth=depth, norm=norm)
     if name == "resnet18":
-        return ResNet18(num_classes, channels, norm=norm)
+        return ResNet18(num_classes, channels, norm=norm, res=res if small else None)
     if name == "vgg11":
-        return VGG11(num_classes, channels, res, norm=norm)
+        return VGG11(num_classes, channels, res, norm=norm, small=small)
     if name == "alexnet":
         return AlexNet(num_classes, channels, res, norm=norm)
-    return ViT(num_classes, channels, res, norm=norm)
+    if small:
+        return ViT(num_classes, channels, res, norm=norm, patch=vit_patch_size(res), depth=SMALL_VIT_DEPTH)
+    return ViT(num_classes, channels, res, norm=norm, patch=vit_patch_size(res))
 
 
 def count_parameters(module: nn.Module) -> int:

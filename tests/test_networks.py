@@ -8,10 +8,14 @@ from torch.func import functional_call
 from ld3m_fast.errors import LD3MError
 from ld3m_fast.networks import (
     ARCHITECTURES,
+    SMALL_FORM_BELOW,
+    ViT,
     build_network,
     count_parameters,
     default_convnet_depth,
+    network_form,
     parse_arch,
+    vit_patch_size,
 )
 
 # 10 classes, 128x128, the released definitions (issue 3).
@@ -139,8 +143,10 @@ def test_unknown_norm_and_arch_are_rejected():
         build_network("vit", num_classes=10, res=32, norm="instance")
     with pytest.raises(ValueError, match="unknown architecture 'resnet50'"):
         build_network("resnet50", num_classes=10, res=32)
-    with pytest.raises(ValueError, match="divisible by its patch size"):
-        build_network("vit", num_classes=10, res=40)
+    with pytest.raises(ValueError, match="divisible by its patch size 16"):
+        ViT(10, 3, 40)  # an explicit patch must divide the image; build_network picks one that does
+    with pytest.raises(LD3MError, match="unknown network form 'cifar'"):
+        build_network("vgg11", num_classes=10, res=32, form="cifar")
     with pytest.raises(ValueError, match="does not fit resolution"):
         build_network("convnet", num_classes=10, res=32, depth=6)
 
@@ -152,9 +158,53 @@ def test_arch_name_spellings():
     assert parse_arch("ViT") == ("vit", None)
 
 
-def test_vit_layer_norm_variant_and_released_default():
-    released = build_network("vit", num_classes=10, res=32)
+@pytest.mark.parametrize("res, depth", [(128, 10), (32, 6)])  # the full form, the small form
+def test_vit_layer_norm_variant_and_released_default(res, depth):
+    released = build_network("vit", num_classes=10, res=res)
     assert not any(isinstance(m, torch.nn.LayerNorm) for m in released.modules())
-    with_layer_norm = build_network("vit", num_classes=10, res=32, norm="layer")
-    assert sum(isinstance(m, torch.nn.LayerNorm) for m in with_layer_norm.modules()) == 21
-    assert with_layer_norm(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert len(released.blocks) == depth
+    with_layer_norm = build_network("vit", num_classes=10, res=res, norm="layer")
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in with_layer_norm.modules()) == 2 * depth + 1
+    assert with_layer_norm(torch.randn(2, 3, res, res)).shape == (2, 10)
+
+
+# ----------------------------------------------------------------------------- small-resolution forms
+
+def test_form_follows_resolution_and_can_be_forced():
+    assert network_form(SMALL_FORM_BELOW - 1) == "small" and network_form(SMALL_FORM_BELOW) == "full"
+    assert network_form(32, "full") == "full" and network_form(256, "small") == "small"
+    # the pinned 128x128 counts are the full forms (test_parameter_counts_are_pinned); forcing
+    # the full form at 128 changes nothing
+    for arch in ARCHITECTURES:
+        assert count_parameters(build_network(arch, num_classes=10, res=128, form="full")) == PINNED_COUNTS[arch]
+
+
+def test_small_vgg11_is_the_released_cifar_head():
+    small = build_network("vgg11", num_classes=10, res=32)
+    assert small.head.in_features == 512
+    assert not any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in small.modules())
+    # the same convs as the 128-sized form; the head reads 512 features instead of 512*7*7
+    assert count_parameters(small) == PINNED_COUNTS["vgg11"] - (512 * 7 * 7 - 512) * 10
+    full = build_network("vgg11", num_classes=10, res=32, form="full")
+    assert full.head.in_features == 512 * 7 * 7
+    assert build_network("vgg11", num_classes=10, res=64).head.in_features == 512 * 2 * 2
+
+
+def test_vit_patch_size_leaves_at_least_an_8x8_grid_where_it_can():
+    assert [vit_patch_size(r) for r in (8, 12, 16, 24, 28, 32, 40, 64, 128, 132, 256, 512)] == \
+        [1, 1, 2, 3, 2, 4, 5, 8, 16, 12, 16, 16]
+    for res in range(8, 300, 4):
+        patch = vit_patch_size(res)
+        assert res % patch == 0 and patch <= 16
+        assert res // patch >= 8 or patch == 1
+
+
+@pytest.mark.parametrize("res", [8, 12, 16, 20, 24, 28, 40, 48, 64, 96])
+def test_every_architecture_builds_at_small_resolutions(res):
+    # Every side a prior with latent factor 4 gives (>= 8): each network builds and runs.
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, res, res)
+    for arch in ARCHITECTURES:
+        net = build_network(arch, num_classes=3, res=res)
+        logits = net(x)
+        assert logits.shape == (1, 3) and torch.isfinite(logits).all(), (arch, res)
