@@ -50,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .._memory import keep_freed_memory
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # reuse freed large blocks: no page-fault churn (see ld3m_fast/_memory.py)
     try:
         return int(args._run(args) or 0)
     except LD3MError as error:
