@@ -40,10 +40,11 @@ from .errors import LD3MError
 
 MTT_GRADIENTS = ("truncated", "full")
 # The real images of all classes go through the DM network together, in forwards of at most
-# this many bytes of input: one forward at 32² (1365 images of 3x32x32 float32), 85 images at
-# 128², 21 at 256². A ConvNet's first activation is ~43x its input (~700 MiB), so memory stays
-# bounded whatever the class count; pieces of >= 128 images run as fast as one forward on CPU.
-REAL_FORWARD_BYTES = 16 * 2**20
+# this many bytes of input: 341 images of 3x32x32 float32 (the embedded default's 640 in two
+# forwards), 21 at 128², 5 at 256². A ConvNet's first activation is ~43x its input (~170 MiB),
+# so memory stays bounded whatever the class count. Measured (one thread, 640 images at 32²):
+# forwards of 320 images take 701 ms, one of 640 701 ms, ten of 64 740 ms.
+REAL_FORWARD_BYTES = 4 * 2**20
 
 
 # --------------------------------------------------------------------------- shared pieces
