@@ -45,6 +45,7 @@ from ld3m_fast.distill import (
     start_run,
 )
 from ld3m_fast.distill.algorithms import stream_generator
+from ld3m_fast.distill.evaluation import EvalJob, EvalSet, mean_std as library_mean_std, random_real_indices, run_job
 from ld3m_fast._files import atomic_write, write_json_atomic, write_text_atomic
 from ld3m_fast.normalization import from_uint8
 from ld3m_fast.priors.default import default_prior_path, load_default_prior
@@ -137,12 +138,7 @@ def dataset(split: str, max_per_class: int | None = None):
 def initial_real_selection(labels: torch.Tensor, ipc: int, seed: int = SEED) -> torch.Tensor:
     """The indices `SyntheticSet.from_real` picks with the loop's "init" stream (same draws),
     so the random-real baseline and pixel DM start from the images LD3M encodes."""
-    generator = stream_generator(seed, "init")
-    chosen = []
-    for k in range(NUM_CLASSES):
-        members = torch.nonzero(labels == k).flatten()
-        chosen.append(members[torch.randperm(members.numel(), generator=generator)[:ipc]])
-    return torch.cat(chosen)
+    return random_real_indices(labels, [ipc] * NUM_CLASSES, stream_generator(seed, "init"))
 
 
 def set_name(method: str, ipc: int, steps: int = DISTILL_STEPS) -> str:
@@ -335,17 +331,11 @@ def evaluate(method: str, ipc: int, arch: str, seeds: int, steps: int = DISTILL_
 
 
 def evaluate_one_seed(images, labels, test, arch: str, seed: int, config: EvalConfig) -> float:
-    """Eval seed `seed` exactly as `evaluate_synthetic` runs it (same stream, same network draw),
-    so a killed evaluation resumes at the next seed."""
-    from ld3m_fast.distill.evaluation import train_and_test
-
-    generator = stream_generator(SEED, f"eval:{arch}:{seed}")
-    spec = NetworkSpec(num_classes=NUM_CLASSES, res=RES, arch=arch, width=config.width,
-                       depth=config.depth if arch == "convnet" else None,
-                       norm=config.norm if arch == "convnet" else None)
-    network = spec.build_seeded(generator)
-    return train_and_test(network, images, labels, test.images, test.labels,
-                          lr=config.arch_lr.get(arch, config.lr), config=config, generator=generator)
+    """Eval seed `seed` exactly as `evaluate_synthetic` runs it (the library's job for
+    (arch, seed): same stream, same network draw), so a killed evaluation resumes at the next seed."""
+    job = EvalJob("set", arch, seed)
+    return run_job(job, EvalSet("set", images, labels, "distilled"), test.images, test.labels,
+                   num_classes=NUM_CLASSES, config=config, seed=SEED)["accuracy"]
 
 
 # ----------------------------------------------------------------------------- queues
@@ -428,9 +418,11 @@ def load_evals(folder: str = "evals") -> dict:
 
 
 def mean_std(values):
+    """(mean, std) in percent, or None for no values."""
     if not values:
         return None
-    return 100 * statistics.fmean(values), 100 * (statistics.pstdev(values) if len(values) > 1 else 0.0)
+    mean, std = library_mean_std(values)
+    return 100 * mean, 100 * std
 
 
 def fmt(values) -> str:

@@ -1,52 +1,363 @@
-"""`ld3m-fast eval RUN_DIR`: train fresh networks on a run's synthetic set, test on real data."""
+"""`ld3m-fast eval SET [SET ...]`: train fresh networks on synthetic sets, test on real data.
+
+A SET is an ld3m-fast run folder, a folder of images per class (ImageFolder layout) or a
+safetensors file with `images` and `labels` (see docs/evaluation.md). Every set is
+trained under one protocol (`--protocol paper|quick`, flags override it) together with a
+random real subset of the same size per class, and, with `--full-real train`, the whole
+real train split. Before training it prints the plan and an estimate of its time on
+this machine (measured: a few training steps of every architecture); then progress and
+every accuracy as it comes. Results: eval.json and eval.md (eval.png when several sets
+are compared) in `--out` (default: the run folder, when one run is evaluated), rewritten
+after every finished job.
+"""
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+import time
 from pathlib import Path
 
 from ..errors import LD3MError
 from .distill import add_threads_argument, apply_threads
 
+# A non-interactive run prints a progress line at most this often.
+PROGRESS_LINE_SECONDS = 30.0
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished distillation run folder")
-    parser.add_argument("--archs", default="convnet,alexnet,vgg11,resnet18,vit",
-                        help="comma-separated pool (default: convnet,alexnet,vgg11,resnet18,vit)")
-    parser.add_argument("--epochs", type=int, default=1000, help="training epochs (default 1000)")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds per architecture (default 5)")
-    parser.add_argument("--batch", type=int, default=256, help="training batch size (default 256)")
-    parser.add_argument("--data", default=None, help="test data (default: the run's --data)")
-    parser.add_argument("--max-per-class", type=int, default=None, help="test images per class (default all)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("sets", nargs="+", metavar="SET",
+                        help="run folders, image folders (one subfolder per class) or .safetensors files")
+    parser.add_argument("--protocol", choices=("paper", "quick"), default="paper",
+                        help="paper: SPEC §2.5, 5 archs x 5 seeds x 1000 epochs, full test split; quick: "
+                             "convnet+vgg11 x 2 seeds x 50 epochs, 100 test images per class (default: paper)")
+    parser.add_argument("--archs", default=None, help="comma-separated pool (overrides the protocol's)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (overrides the protocol's)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per architecture (overrides the protocol's)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate (overrides the protocol's; VGG-11 keeps 1/10 of it)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch size (default 256)")
+    parser.add_argument("--test-per-class", "--max-per-class", dest="test_per_class", type=int, default=None,
+                        help="test images per class (paper: all, quick: 100)")
     parser.add_argument("--no-dsa", action="store_true", help="train without DSA")
+    parser.add_argument("--data", default=None,
+                        help="real data for the test split and the baselines (default: the runs' --data; "
+                             "needed for sets that are not ld3m-fast runs)")
+    parser.add_argument("--subset", default=None, help="ImageNet subset of --data (default: the runs')")
+    parser.add_argument("--res", type=int, default=None,
+                        help="resolution of the test split; every set must have it (default: the runs', "
+                             "else the first set's)")
+    parser.add_argument("--cache-dir", default=None, help="decoded-data cache folder (default: the runs')")
+    parser.add_argument("--full-real", default=None, metavar="ACC|ARCH=ACC,...|train",
+                        help="full-real accuracy for HLR: one fraction for every architecture (0.91), per "
+                             "architecture (convnet=0.91,vgg11=0.88), or 'train' to train on the whole "
+                             "train split under the same protocol (expensive: see the estimate)")
+    parser.add_argument("--no-random-real", action="store_true",
+                        help="skip the random-real baseline (no IOR; halves the cost for one set)")
+    parser.add_argument("--out", default=None,
+                        help="folder for eval.json / eval.md / eval.png (default: the run folder when "
+                             "exactly one run is evaluated)")
+    parser.add_argument("--estimate-only", action="store_true",
+                        help="print the plan and the time estimate, then stop")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="progress lines every 30 s instead of a progress bar")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="base seed of every job's stream and of the random-real draw (default 0)")
     add_threads_argument(parser)
 
 
-def run(args) -> int:
-    from ..data import load_dataset
-    from ..distill.evaluation import EvalConfig, evaluate_synthetic, format_report
-    from .._files import write_text_atomic
-    from ..distill import load_config, load_final, resolve_device
+def parse_full_real(text: str | None, archs: tuple[str, ...]):
+    """--full-real -> None, "train", or {arch: fraction}."""
     from ..networks import parse_arch
 
+    if text is None:
+        return None
+    if text.strip().lower() == "train":
+        return "train"
+
+    def fraction(value: str, what: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise LD3MError(f"--full-real: {what} {value!r} is not a number") from None
+        if not 0.0 <= number <= 1.0:
+            raise LD3MError(f"--full-real: {what} {value} is not a fraction in [0, 1] (write 0.91, not 91)")
+        return number
+
+    if "=" not in text:
+        value = fraction(text.strip(), "accuracy")
+        return {arch: value for arch in archs}
+    values = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise LD3MError(f"--full-real: expected ARCH=ACC items, got {item!r}")
+        arch, value = item.split("=", 1)
+        values[parse_arch(arch.strip())[0]] = fraction(value.strip(), f"accuracy of {arch.strip()}")
+    return values
+
+
+def _unique_names(paths: list[str]) -> list[str]:
+    names = []
+    for path in paths:
+        base = Path(path).name.removesuffix(".safetensors") or str(path)
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _data_settings(args, run_configs: list[dict]):
+    """(data, subset, cache_dir) for the test split and the baselines."""
+    if args.data is not None:
+        return args.data, args.subset, args.cache_dir
+    if not run_configs:
+        raise LD3MError("none of the sets is an ld3m-fast run: pass --data (and --subset for an ImageNet "
+                        "tree) to name the real data they were made from")
+    sources = {(c["data"], c.get("subset")) for c in run_configs}
+    if len(sources) > 1:
+        raise LD3MError("the runs were made from different data (" + "; ".join(
+            f"{d}{f' --subset {s}' if s else ''}" for d, s in sorted(sources, key=str)) +
+            "): evaluate them separately or pass --data")
+    data, subset = sources.pop()
+    return data, args.subset or subset, args.cache_dir or run_configs[0].get("cache_dir")
+
+
+class Progress:
+    """A tqdm bar in units of estimated seconds (so its remaining time follows the estimate,
+    corrected by the measured rate), or a line every `PROGRESS_LINE_SECONDS` without a TTY
+    or with --no-progress; and one line per finished job."""
+
+    def __init__(self, estimates: dict, *, bar: bool):
+        self.estimates = estimates
+        self.total = sum(estimates.values())
+        self.done = 0.0
+        self.job_spent = 0.0
+        self.started = time.perf_counter()
+        self.last_line = self.started
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="est-s", dynamic_ncols=True, file=sys.stderr,
+                            bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+    def start(self, job, epochs: int):
+        """The `on_epoch` callback for `job`'s training."""
+        share = self.estimates[job] * 0.95 / epochs  # the test pass takes the rest
+        description = f"{job.set} {job.arch} seed {job.seed}"
+        self.job_spent = 0.0
+        if self.bar is not None:
+            self.bar.set_description(description, refresh=False)
+
+        def callback(epoch: int) -> None:
+            self.job_spent += share
+            self.advance(share)
+            now = time.perf_counter()
+            if self.bar is None and now - self.last_line >= PROGRESS_LINE_SECONDS:
+                self.last_line = now
+                print(f"  [{100 * self.done / max(self.total, 1e-9):3.0f}%] {description}: epoch {epoch}/{epochs}, "
+                      f"{self.eta()}", flush=True)
+
+        return callback
+
+    def advance(self, amount: float) -> None:
+        self.done += amount
+        if self.bar is not None:
+            self.bar.update(amount)
+
+    def eta(self) -> str:
+        from ..distill.evaluation import format_duration
+
+        elapsed = time.perf_counter() - self.started
+        if self.done <= 0:
+            return f"{format_duration(elapsed)} elapsed"
+        left = (self.total - self.done) * elapsed / self.done
+        return f"{format_duration(elapsed)} elapsed, about {format_duration(left)} left"
+
+    def finished(self, job, result: dict) -> None:
+        self.advance(self.estimates[job] - self.job_spent)
+        line = (f"{job.set} {job.arch} seed {job.seed}: {100 * result['accuracy']:.2f}% "
+                f"({result['seconds']:.0f} s)")
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            if self.done >= self.total * (1 - 1e-9):  # float shares: end exactly at 100%
+                self.bar.n = self.bar.total
+                self.bar.refresh()
+            self.bar.close()
+
+
+def _protocol(args, first_run: dict):
+    """The EvalConfig: the named protocol, the flags given over it, the runs' ConvNet."""
+    from ..distill import evaluation as ev
+    from ..networks import parse_arch
+
+    for flag in ("epochs", "seeds", "batch", "test_per_class"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise LD3MError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise LD3MError(f"--lr must be > 0, got {args.lr}")
+    overrides = {"epochs": args.epochs, "seeds": args.seeds, "batch_size": args.batch, "lr": args.lr,
+                 "test_per_class": args.test_per_class}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.archs is not None:
+        archs = tuple(dict.fromkeys(parse_arch(a.strip())[0] for a in args.archs.split(",") if a.strip()))
+        if not archs:
+            raise LD3MError("--archs must name at least one architecture")
+        overrides["archs"] = archs
+    base = ev.PROTOCOLS[args.protocol]
+    if args.lr is not None:  # the per-architecture rates keep their ratio to the base rate
+        overrides["arch_lr"] = {a: args.lr * v / base.lr for a, v in base.arch_lr.items()}
+    if args.no_dsa:
+        overrides["dsa_strategy"] = None
+    config = ev.protocol_config(args.protocol, **overrides)
+    # The ConvNet of the runs (as distilled), as before; recorded in eval.json's protocol.
+    for key in ("width", "depth", "norm"):
+        if first_run.get(key) is not None:
+            setattr(config, key, first_run[key])
+    return config
+
+
+def _print_plan(all_sets, config, jobs, test, res, num_classes) -> None:
+    print(f"eval: protocol {config.name}: {len(all_sets)} sets x {len(config.archs)} archs "
+          f"({', '.join(config.archs)}) x {config.seeds} seeds x {config.epochs} epochs = {len(jobs)} trainings; "
+          f"test: {len(test)} images ({test.description}) at {res}²", flush=True)
+    for s in all_sets:
+        info = s.info(num_classes)
+        ipc = f" (IPC {info['ipc']})" if info["ipc"] is not None and s.kind != "full-real" else ""
+        print(f"  {s.name}: {s.kind}, {info['images']} images{ipc}, {s.source}", flush=True)
+        if s.kind == "full-real":
+            print(f"  (full-real trains on all {info['images']} train images every epoch: expensive, see "
+                  "its estimate)", flush=True)
+
+
+def _estimate(all_sets, config, jobs, test, res, num_classes, device) -> dict:
+    """Calibrate, print the estimate (and the quick protocol's when the paper's is long)."""
+    import torch
+
+    from .._host import cpu_model
+    from ..distill import evaluation as ev
+
+    threads = torch.get_num_threads()
+    sizes = {s.name: int(s.labels.numel()) for s in all_sets}
+    print(f"calibrating: a few training steps of every architecture on {device} ({threads} threads)...",
+          flush=True)
+    calibration = ev.calibrate(set(sizes.values()), config=config, res=res, num_classes=num_classes,
+                               device=device)
+    estimates = ev.estimate_seconds(jobs, sizes, len(test), calibration, config)
+    per_set: dict[str, float] = {}
+    for job, seconds in estimates.items():
+        per_set[job.set] = per_set.get(job.set, 0.0) + seconds
+    where = cpu_model() if device.type == "cpu" else str(device)
+    print(f"estimate: about {ev.format_duration(sum(estimates.values()))} on this machine now ({where}, "
+          f"{threads} threads; from steps timed in {calibration.seconds:.0f} s, an estimate only: other load "
+          "changes it): " + ", ".join(f"{n} {ev.format_duration(v)}" for n, v in per_set.items()), flush=True)
+    quick = ev.PROTOCOLS["quick"]
+    if config.name.startswith("paper") and sum(estimates.values()) > 3600 and \
+            all(a in config.archs for a in quick.archs) and config.batch_size == quick.batch_size:
+        quick_jobs = ev.plan_jobs([s.name for s in all_sets if s.kind != "full-real"], quick)
+        quick_test = min(len(test), quick.test_per_class * num_classes)
+        quick_total = sum(ev.estimate_seconds(quick_jobs, sizes, quick_test, calibration, quick).values())
+        print(f"  (long: --protocol quick would take about {ev.format_duration(quick_total)})", flush=True)
+    return {"estimates": estimates, "calibration_seconds": calibration.seconds, "threads": threads,
+            "cpu": cpu_model()}
+
+
+def run(args) -> int:
+    import torch
+
+    from ..data import load_dataset
+    from ..distill import evaluation as ev
+    from ..distill import resolve_device
+
     apply_threads(args)
-    run_dir = Path(args.run_dir)
-    config = load_config(run_dir)
-    images, labels, _ = load_final(run_dir)
-    archs = tuple(parse_arch(a.strip())[0] for a in args.archs.split(",") if a.strip())
-    if not archs or args.epochs < 1 or args.seeds < 1:
-        raise LD3MError("--archs must name at least one architecture and --epochs/--seeds be >= 1")
     device = resolve_device(args.device)
-    test = load_dataset(args.data or config.data, split="test", subset=config.subset, res=images.shape[-1],
-                        cache_dir=config.cache_dir, max_per_class=args.max_per_class)
-    eval_config = EvalConfig(archs=archs, epochs=args.epochs, seeds=args.seeds, batch_size=args.batch,
-                             width=config.width, depth=config.depth, norm=config.norm,
-                             dsa_strategy=None if args.no_dsa else EvalConfig.dsa_strategy)
-    result = evaluate_synthetic(images, labels, test.images, test.labels, num_classes=test.num_classes,
-                                config=eval_config, seed=args.seed, device=device,
-                                progress=lambda a, s, acc: print(f"{a} seed {s}: {100 * acc:.2f}%", flush=True))
-    print(format_report(result))
-    write_text_atomic(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+    sets, run_configs = [], []
+    for path, name in zip(args.sets, _unique_names(args.sets)):
+        eval_set, run_config = ev.load_eval_set(path, name=name)
+        sets.append(eval_set)
+        if run_config is not None:
+            run_configs.append(run_config)
+    out = Path(args.out) if args.out else None
+    if out is None:
+        if len(sets) == 1 and sets[0].kind == "distilled":
+            out = Path(sets[0].source)
+        else:
+            raise LD3MError("pass --out FOLDER to say where eval.json goes (it defaults to the run folder "
+                            "only when exactly one run is evaluated)")
+    config = _protocol(args, run_configs[0] if run_configs else {})
+    full_real = parse_full_real(args.full_real, config.archs)
+
+    # The test split (and the train split for the baselines) at the sets' resolution.
+    res = args.res or next((s.res for s in sets if s.kind == "distilled"), sets[0].res)
+    data, subset, cache_dir = _data_settings(args, run_configs)
+    quiet = lambda *a: None  # noqa: E731
+    test = load_dataset(data, split="test", subset=subset, res=res, cache_dir=cache_dir,
+                        max_per_class=config.test_per_class, log=quiet)
+    num_classes = test.num_classes
+    for s in sets:
+        ev.check_eval_set(s.images, s.labels, num_classes=num_classes, res=res, what=f"set {s.name}")
+    all_sets = list(sets)
+    if not args.no_random_real or full_real == "train":
+        train = load_dataset(data, split="train", subset=subset, res=res, cache_dir=cache_dir, log=quiet)
+        if train.num_classes != num_classes:
+            raise LD3MError(f"{data}: the train split has {train.num_classes} classes, the test split {num_classes}")
+        if not args.no_random_real:
+            all_sets = ev.with_random_real_baselines(sets, train, num_classes=num_classes, seed=args.seed)
+        if full_real == "train":
+            all_sets.append(ev.EvalSet("full-real", train.images, train.labels, "full-real",
+                                       source=f"the whole train split of {train.description}"))
+
+    jobs = ev.plan_jobs([s.name for s in all_sets], config)
+    _print_plan(all_sets, config, jobs, test, res, num_classes)
+    estimate = _estimate(all_sets, config, jobs, test, res, num_classes, device)
+    if args.estimate_only:
+        return 0
+
+    by_name = {s.name: s for s in all_sets}
+    infos = {s.name: s.info(num_classes) for s in all_sets}
+    given_full = {"source": "given", "per_arch": full_real} if isinstance(full_real, dict) else None
+    total = sum(estimate["estimates"].values())
+    timing = {"estimate_seconds": total, "calibration_seconds": estimate["calibration_seconds"],
+              "threads": estimate["threads"], "device": str(device), "cpu": estimate["cpu"],
+              "torch": torch.__version__}
+    test_meta = {"source": test.description or str(data), "images": len(test), "res": res,
+                 "per_class": config.test_per_class, "num_classes": num_classes}
+    results: list[dict] = []
+    started = time.perf_counter()
+
+    def report() -> dict:
+        out_report = ev.gather(results, config=config, sets=infos, full_real=given_full)
+        out_report.update(test=test_meta, seed=args.seed, jobs=list(results),
+                          timing={**timing, "elapsed_seconds": time.perf_counter() - started})
+        if len(sets) == 1:  # the single set's result where `evaluate_synthetic` put it
+            row = out_report["sets"][sets[0].name]
+            out_report.update(per_arch=row["per_arch"], unseen_mean=row["unseen_mean"],
+                              distill_arch=ev.DISTILL_ARCH, epochs=config.epochs, seeds=config.seeds)
+        return out_report
+
+    progress = Progress(estimate["estimates"], bar=not args.no_progress and sys.stderr.isatty())
+    try:
+        for job in jobs:
+            result = ev.run_job(job, by_name[job.set], test.images, test.labels, num_classes=num_classes,
+                                config=config, seed=args.seed, device=device,
+                                on_epoch=progress.start(job, config.epochs))
+            results.append(result)
+            progress.finished(job, result)
+            ev.write_report(report(), out, plot=False)  # a cut-off run keeps what it finished
+    finally:
+        progress.close()
+    final = report()
+    written = ev.write_report(final, out, plot=len(sets) > 1)
+    print(ev.format_markdown(final))
+    print(f"wrote {', '.join(str(p) for p in written)} ({ev.format_duration(time.perf_counter() - started)}; "
+          f"estimated {ev.format_duration(total)})")
     return 0

@@ -1,19 +1,37 @@
-"""Evaluate a synthetic set: train fresh networks on it, test on the real test split.
+"""Evaluate synthetic sets: train fresh networks on them, test on the real test split.
 
-Protocol (SPEC §2.5): ConvNet (the distillation architecture) plus the unseen
-AlexNet, VGG-11, ResNet-18 and ViT; several seeds each; SGD momentum 0.9,
-weight decay 5e-4, lr 1e-3 (VGG-11: 1e-4), linear warm-up then cosine decay per
-step, DSA on, and an exponential moving average (0.995) of the weights is what
-gets tested, bias-corrected so that a short schedule does not keep the untrained
-weights in the average (see `corrected_ema_update`). The reported number is the
-accuracy after the last epoch: never a maximum over epochs or checkpoints
-measured on the test set.
+Protocol (SPEC §2.5, `PROTOCOLS["paper"]`): ConvNet (the distillation architecture) plus
+the unseen AlexNet, VGG-11, ResNet-18 and ViT; 5 seeds each; 1000 epochs; SGD momentum 0.9,
+weight decay 5e-4, lr 1e-3 (VGG-11: 1e-4), linear warm-up then cosine decay per step, DSA
+on, and an exponential moving average (0.995) of the weights is what gets tested,
+bias-corrected so that a short schedule does not keep the untrained weights in the average
+(see `corrected_ema_update`). The reported number is the accuracy after the last epoch:
+never a maximum over epochs or checkpoints measured on the test set. `PROTOCOLS["quick"]`
+is a CPU-sized protocol beside it (docs/evaluation.md says what it costs and why it is
+enough to rank sets).
+
+Structure (so that evaluation can be spread over processes later):
+
+    plan_jobs(set names, config)  -> [EvalJob(set, arch, seed)]   independent jobs
+    run_job(job, train set, test) -> {"set", "arch", "seed", "accuracy", "seconds"}
+    gather(results, ...)          -> the report: mean ± std per architecture, the unseen
+                                     mean, IOR and HLR per set
+
+Every job draws from its own stream, `stream_generator(base_seed, "eval:<arch>:<seed>")`:
+the network's initialisation, the shuffles and the DSA draws of a job are a function of
+(base seed, arch, seed) only, never of the order the jobs run in or of which process runs
+them. The stream does not depend on the set either: every set is trained with the same
+networks and the same draws (common random numbers), so differences between sets of the
+same size, such as IOR, are paired comparisons.
 """
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +47,7 @@ ARCH_LR = {"vgg11": 1e-4}
 
 @dataclass
 class EvalConfig:
-    """Knobs of the evaluation protocol (defaults = SPEC; lower `epochs` to make it cheap)."""
+    """Knobs of the evaluation protocol (defaults = SPEC §2.5, the "paper" protocol)."""
 
     archs: tuple[str, ...] = DEFAULT_POOL
     seeds: int = 5
@@ -46,6 +64,40 @@ class EvalConfig:
     width: int = 128
     depth: int | None = None
     norm: str = "instance"
+    test_per_class: int | None = None   # test images per class (None: the whole test split)
+    name: str = "custom"
+
+    def lr_for(self, arch: str) -> float:
+        return self.arch_lr.get(arch, self.lr)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["archs"] = list(self.archs)
+        return out
+
+
+# The two named protocols. "quick" (measured in docs/evaluation.md on a 2-core Xeon, torch
+# CPU): the distillation architecture and the cheapest unseen one that learns at 32x32,
+# 2 seeds, 50 epochs at the 10x larger learning rate a 50-epoch schedule needs (as in
+# docs/reproduction.md), tested on 100 images per class.
+PROTOCOLS = {
+    "paper": EvalConfig(name="paper"),
+    "quick": EvalConfig(name="quick", archs=("convnet", "vgg11"), seeds=2, epochs=50, lr=1e-2,
+                        arch_lr={"vgg11": 1e-3}, test_per_class=100),
+}
+
+
+def protocol_config(name: str, **overrides) -> EvalConfig:
+    """The named protocol's `EvalConfig` with `overrides` (fields of `EvalConfig`); the
+    result is named "<protocol>+<changed fields>" when anything differs from the protocol."""
+    if name not in PROTOCOLS:
+        raise LD3MError(f"unknown protocol {name!r}: use one of {', '.join(PROTOCOLS)}")
+    base = PROTOCOLS[name]
+    changed = {k: v for k, v in overrides.items() if getattr(base, k) != v}
+    config = replace(base, arch_lr=dict(base.arch_lr), **overrides)
+    if changed:
+        config.name = f"{name}+" + ",".join(sorted(changed))
+    return config
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -58,6 +110,11 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def as_network_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels or float network input -> float network input (the shared normalisation)."""
+    return from_uint8(images) if images.dtype == torch.uint8 else images
 
 
 @torch.no_grad()
@@ -96,11 +153,25 @@ def corrected_ema_update(decay: float):
     return update
 
 
+def _training_step(network, optimizer, dsa, images, labels, index, generator) -> None:
+    x = as_network_input(images[index])
+    if dsa is not None:
+        x = dsa.apply(x, dsa.draw(x.shape[0], generator, x.device))
+    loss = F.cross_entropy(network(x), labels[index])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def train_and_test(network, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
                    test_labels: torch.Tensor, *, lr: float, config: EvalConfig, generator: torch.Generator,
-                   device="cpu") -> float:
-    """Train `network` on the synthetic set (images: (N, 3, H, W) float network input)
-    and return the test accuracy of its weight EMA after the final epoch."""
+                   device="cpu", on_epoch: Callable[[int], None] | None = None) -> float:
+    """Train `network` on a set and return the test accuracy of its weight EMA after the final epoch.
+
+    images: (N, 3, H, W) float network input, or uint8 pixels (converted batch by batch, so
+    a whole real train split can be used without a float copy); labels (N,) long.
+    on_epoch(e) is called after each finished epoch e = 1..config.epochs.
+    """
     from ..dsa import DSA
 
     network = network.to(device)
@@ -114,67 +185,486 @@ def train_and_test(network, images: torch.Tensor, labels: torch.Tensor, test_ima
         optimizer, warmup_cosine(total, max(1, int(config.warmup_fraction * total))))
     ema = AveragedModel(network, multi_avg_fn=corrected_ema_update(config.ema_decay), use_buffers=True)
     network.train()
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
         order = torch.randperm(images.shape[0], generator=generator).to(device)
         for start in range(0, images.shape[0], config.batch_size):
-            index = order[start:start + config.batch_size]
-            x = images[index]
-            if dsa is not None:
-                x = dsa.apply(x, dsa.draw(x.shape[0], generator, x.device))
-            loss = F.cross_entropy(network(x), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _training_step(network, optimizer, dsa, images, labels, order[start:start + config.batch_size],
+                           generator)
             schedule.step()
             ema.update_parameters(network)
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     return test_accuracy(ema.module, test_images, test_labels, batch_size=config.test_batch_size,
                          device=device)
+
+
+# ----------------------------------------------------------------------------- sets
+
+@dataclass
+class EvalSet:
+    """One training set under evaluation.
+
+    images: (N, 3, res, res) float network input or uint8 pixels; labels (N,) long.
+    kind: "distilled" (an ld3m-fast run), "external" (another method's set),
+    "random-real" (the baseline of the same per-class counts), "full-real" (the train split).
+    baseline: the name of the random-real set it is compared with (IOR), if any.
+    draw: for random-real sets, eval seed -> (images, labels) of that seed's own draw
+    (`images`/`labels` are draw 0); None: every seed trains on `images`/`labels`.
+    """
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    kind: str
+    source: str = ""
+    baseline: str | None = None
+    draw: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+
+    @property
+    def res(self) -> int:
+        return int(self.images.shape[-1])
+
+    def training_data(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) that eval seed `seed` trains on."""
+        return self.draw(seed) if self.draw is not None else (self.images, self.labels)
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return torch.bincount(self.labels.long(), minlength=num_classes).tolist()
+
+    def info(self, num_classes: int) -> dict:
+        counts = self.class_counts(num_classes)
+        ipc = counts[0] if len(set(counts)) == 1 else None
+        return {"kind": self.kind, "source": self.source, "images": int(self.labels.numel()),
+                "ipc": ipc, "class_counts": counts, "baseline": self.baseline}
+
+
+def check_eval_set(images: torch.Tensor, labels: torch.Tensor, *, num_classes: int, res: int | None,
+                   what: str) -> None:
+    """One-line `LD3MError`s for a set that cannot be evaluated against a test split of
+    `num_classes` classes at `res` x `res`."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise LD3MError(f"{what}: images must be (N, 3, H, W), got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise LD3MError(f"{what} has no images")
+    if images.shape[-1] != images.shape[-2]:
+        raise LD3MError(f"{what}: images are {images.shape[-1]}x{images.shape[-2]}, not square")
+    if res is not None and images.shape[-1] != res:
+        raise LD3MError(f"{what} is {images.shape[-1]}² but the test images are {res}²: evaluate sets "
+                        f"of one resolution together, at that resolution")
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        raise LD3MError(f"{what}: labels must be (N,) class indices with N = {images.shape[0]} images, "
+                        f"got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise LD3MError(f"{what}: labels must be integer class indices, got {labels.dtype}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise LD3MError(f"{what}: label {low if low < 0 else high} is out of range for the "
+                        f"{num_classes} classes of the test data")
+    counts = torch.bincount(labels.long(), minlength=num_classes)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise LD3MError(f"{what}: class {empty[0]} has no images ({len(empty)} of {num_classes} classes empty)")
+    if images.is_floating_point() and not torch.isfinite(images).all():
+        raise LD3MError(f"{what}: images contain NaN or infinity")
+
+
+def random_real_indices(labels: torch.Tensor, counts: list[int], generator: torch.Generator) -> torch.Tensor:
+    """Positions of `counts[k]` random images of every class k, class by class, drawn with
+    `generator` only (a permutation of each class's members, first counts[k] taken: the
+    draw `SyntheticSet.from_real` makes for its initial images)."""
+    chosen = []
+    for k, count in enumerate(counts):
+        members = torch.nonzero(labels == k).flatten()
+        if members.numel() < count:
+            raise LD3MError(f"the real train split has {members.numel()} images of class {k}, fewer than "
+                            f"the {count} a random-real baseline of the same size needs")
+        chosen.append(members[torch.randperm(members.numel(), generator=generator)[:count]])
+    return torch.cat(chosen)
+
+
+def random_real_set(train, counts: list[int], seed: int) -> EvalSet:
+    """The random-real baseline for sets with `counts` images per class, drawn from `train`
+    (an `ImageSet`): eval seed s trains on its own draw, from the stream
+    `stream_generator(seed, "random-real:<counts>:<s>")`, so the baseline's mean ± std is over
+    draws as well as networks. (One draw is a poor baseline at IPC 1: two draws of one
+    Fashion-MNIST image per class measured 53.2% and 44.4% on ConvNet under the quick protocol.)"""
+    from .algorithms import stream_generator
+
+    key = ",".join(str(c) for c in counts)
+
+    def draw(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = random_real_indices(train.labels, counts, stream_generator(seed, f"random-real:{key}:{s}"))
+        return train.images[index], train.labels[index]
+
+    balanced = len(set(counts)) == 1
+    name = f"random-real-ipc{counts[0]}" if balanced else f"random-real-{key.replace(',', '-')}"
+    images, labels = draw(0)
+    return EvalSet(name, images, labels, "random-real", draw=draw,
+                   source=f"{counts[0] if balanced else key} per class from {train.description}, "
+                          "a new draw per eval seed")
+
+
+def with_random_real_baselines(sets: list[EvalSet], train, *, num_classes: int, seed: int) -> list[EvalSet]:
+    """`sets` followed by one random-real baseline per distinct per-class count among them
+    (sets of the same counts share one); each set's `baseline` names its own."""
+    baselines: dict[tuple, EvalSet] = {}
+    for s in sets:
+        counts = tuple(s.class_counts(num_classes))
+        if counts not in baselines:
+            baselines[counts] = random_real_set(train, list(counts), seed)
+        s.baseline = baselines[counts].name
+    return list(sets) + list(baselines.values())
+
+
+def read_image_folder_set(folder, *, what: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ImageFolder-layout set: one subfolder per class of PNG/JPEG/... images.
+
+    Labels: the subfolder names when all are integers ("0", "1", ...), else the position
+    of the name in sorted order (torchvision's ImageFolder rule). Images are read as they
+    are (RGB, never resized): all must have the same square size.
+    Returns (images (N, 3, H, W) uint8, labels (N,) long).
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from ..data.decode import to_rgb
+    from ..data.readers import class_subfolders, list_image_files
+
+    folder = Path(folder)
+    what = what or str(folder)
+    subfolders = class_subfolders(folder)
+    if not subfolders:
+        raise LD3MError(f"{what} has no class subfolders: give one subfolder of images per class")
+    names = [p.name for p in subfolders]
+    if all(n.isdigit() for n in names):
+        label_of = {n: int(n) for n in names}
+    else:
+        label_of = {n: i for i, n in enumerate(names)}
+    images, labels, size = [], [], None
+    for sub in subfolders:
+        files = list_image_files(sub)
+        if not files:
+            raise LD3MError(f"{what}: class folder {sub.name!r} has no images")
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                    pixels = np.asarray(to_rgb(image), dtype=np.uint8)
+            except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+                raise LD3MError(f"{what}: cannot read image {path}: {error}") from None
+            if size is None:
+                size = pixels.shape[:2]
+            elif pixels.shape[:2] != size:
+                raise LD3MError(f"{what}: {path.name} is {pixels.shape[1]}x{pixels.shape[0]} but the first "
+                                f"image is {size[1]}x{size[0]}: every image of a set must have one size")
+            images.append(torch.from_numpy(pixels.transpose(2, 0, 1).copy()))
+            labels.append(label_of[sub.name])
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+# Float images beyond this many units of the shared normalisation (|x| > 50 is a pixel
+# value of ~12 on the [0, 1] scale) were saved in 0..255, not normalised.
+_FLOAT_RANGE_LIMIT = 50.0
+
+
+def read_safetensors_set(path, *, what: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A safetensors file with `images` and `labels`.
+
+    images: uint8 (N, 3, H, W) pixels (or (N, 1, H, W) grayscale, repeated to RGB), or
+    float (N, 3, H, W) in the library's normalisation (`ld3m_fast.normalization`: pixels
+    in [0, 1] minus the ImageNet mean, over its std; what `ld3m-fast distill` writes to
+    final/images.safetensors). labels: (N,) integer class indices.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    path = Path(path)
+    what = what or str(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            missing = {"images", "labels"} - keys
+            if missing:
+                raise LD3MError(f"{what} has no {' or '.join(sorted(missing))} tensor (it has: "
+                                f"{', '.join(sorted(keys)) or 'nothing'})")
+            images, labels = f.get_tensor("images"), f.get_tensor("labels")
+    except (SafetensorError, OSError) as error:
+        raise LD3MError(f"cannot read {what}: {error}") from None
+    if images.dtype == torch.uint8:
+        if images.dim() == 4 and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1).contiguous()
+    elif images.is_floating_point():
+        if images.dim() == 4 and images.shape[1] == 3 and images.numel() and \
+                float(images.abs().max()) > _FLOAT_RANGE_LIMIT:
+            raise LD3MError(f"{what}: float images reach {float(images.abs().max()):.0f}, far outside the "
+                            "library's normalisation: save 0..255 pixels as uint8, or normalise "
+                            "with ld3m_fast.normalization.normalize_unit")
+        images = images.float()
+    else:
+        raise LD3MError(f"{what}: images must be uint8 pixels or float in the library's normalisation, "
+                        f"got {images.dtype}")
+    return images, labels
+
+
+def load_eval_set(path, *, name: str | None = None) -> tuple[EvalSet, dict | None]:
+    """Read a set to evaluate from `path`: an ld3m-fast run folder (final/images.safetensors),
+    an ImageFolder-layout folder, or a safetensors file with `images` and `labels`.
+
+    Returns (set, the run's config as a dict or None). Labels are checked against the test
+    data later (`check_eval_set`).
+    """
+    from .config import load_config
+    from .export import load_final
+
+    path = Path(path)
+    name = name or path.name or str(path)
+    if not path.exists():
+        raise LD3MError(f"{path} does not exist: give a run folder, an image folder or a .safetensors file")
+    if path.is_dir() and ((path / "final").is_dir() or (path / "config.json").is_file()):
+        images, labels, _ = load_final(path)
+        config = load_config(path).to_dict()
+        return EvalSet(name, images, labels.long(), "distilled", source=str(path)), config
+    if path.is_dir():
+        images, labels = read_image_folder_set(path, what=name)
+        return EvalSet(name, images, labels, "external", source=str(path)), None
+    if path.suffix == ".safetensors":
+        images, labels = read_safetensors_set(path, what=name)
+        return EvalSet(name, images, labels, "external", source=str(path)), None
+    raise LD3MError(f"{path} is neither a run folder, an image folder nor a .safetensors file")
+
+
+# ----------------------------------------------------------------------------- jobs
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One training run: network `arch`, eval seed `seed` (0-based), trained on set `set`."""
+
+    set: str
+    arch: str
+    seed: int
+
+    @property
+    def stream(self) -> str:
+        return f"eval:{self.arch}:{self.seed}"
+
+
+def plan_jobs(set_names: Iterable[str], config: EvalConfig) -> list[EvalJob]:
+    """Every (set, arch, seed) of the protocol, seed-major: the first seed of every set and
+    architecture comes before any second seed, so a run cut short leaves even tables."""
+    names = list(set_names)
+    return [EvalJob(name, arch, seed) for seed in range(config.seeds) for name in names
+            for arch in config.archs]
+
+
+def build_eval_network(arch: str, generator: torch.Generator, *, num_classes: int, res: int,
+                       config: EvalConfig):
+    """The network of one job, initialised from `generator` alone (the draw every caller
+    of `NetworkSpec.build_seeded` makes): ConvNet with the config's width/depth/norm, the
+    others in their released form for `res` (small below 128, see `ld3m_fast.networks`)."""
+    from .algorithms import NetworkSpec
+
+    spec = NetworkSpec(num_classes=num_classes, res=res, arch=arch, width=config.width,
+                       depth=config.depth if arch == "convnet" else None,
+                       norm=config.norm if arch == "convnet" else None)
+    return spec.build_seeded(generator)
+
+
+def run_job(job: EvalJob, train: EvalSet, test_images: torch.Tensor, test_labels: torch.Tensor, *,
+            num_classes: int, config: EvalConfig, seed: int = 0, device="cpu",
+            on_epoch: Callable[[int], None] | None = None) -> dict:
+    """Train one network of `job` on `train`, test it; a function of (job, seed, sets) only.
+
+    Returns {"set", "arch", "seed", "accuracy" (a fraction), "seconds" (wall)}.
+    """
+    from .algorithms import stream_generator
+
+    started = time.perf_counter()
+    images, labels = train.training_data(job.seed)
+    generator = stream_generator(seed, job.stream)
+    network = build_eval_network(job.arch, generator, num_classes=num_classes, res=train.res, config=config)
+    accuracy = train_and_test(network, images, labels, test_images, test_labels,
+                              lr=config.lr_for(job.arch), config=config, generator=generator, device=device,
+                              on_epoch=on_epoch)
+    return {"set": job.set, "arch": job.arch, "seed": job.seed, "accuracy": accuracy,
+            "seconds": time.perf_counter() - started}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, population std); std 0 for a single value."""
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(accuracies_by_arch: dict[str, list[float]]) -> dict:
+    """{"per_arch": {arch: {"mean", "std", "accuracies"}}, "unseen_mean"} (unseen = all but ConvNet)."""
+    per_arch = {}
+    for arch, accuracies in accuracies_by_arch.items():
+        if accuracies:
+            mean, std = mean_std(accuracies)
+            per_arch[arch] = {"mean": mean, "std": std, "accuracies": list(accuracies)}
+    unseen = [row["mean"] for arch, row in per_arch.items() if arch != DISTILL_ARCH]
+    return {"per_arch": per_arch, "unseen_mean": statistics.fmean(unseen) if unseen else None}
+
+
+def gather(results: Iterable[dict], *, config: EvalConfig, sets: dict[str, dict],
+           full_real: dict | None = None) -> dict:
+    """The report from job results (any order, any subset; duplicates are an error).
+
+    sets: {name: EvalSet.info()} in display order. full_real: {"per_arch": {arch: accuracy},
+    "source": ...} given by the user, or None (a "full-real" set among `sets` is used if
+    evaluated). Per set: per_arch (mean ± std over seeds), unseen_mean, and where they
+    apply ior = acc(set) - acc(its random-real baseline) and hlr = acc(full real) - acc(set),
+    per architecture and for the unseen mean.
+    """
+    by_key: dict[tuple, float] = {}
+    for r in results:
+        key = (r["set"], r["arch"], int(r["seed"]))
+        if key in by_key:
+            raise LD3MError(f"job {key} was reported twice")
+        by_key[key] = float(r["accuracy"])
+    expected = len(sets) * len(config.archs) * config.seeds
+    out_sets = {}
+    for name, info in sets.items():
+        accuracies = {arch: [by_key[(name, arch, s)] for s in range(config.seeds) if (name, arch, s) in by_key]
+                      for arch in config.archs}
+        out_sets[name] = {**info, **summarize(accuracies)}
+    reference = None
+    if full_real is not None:
+        reference = dict(full_real["per_arch"])
+    elif any(info["kind"] == "full-real" for info in sets.values()):
+        name = next(n for n, info in sets.items() if info["kind"] == "full-real")
+        reference = {arch: row["mean"] for arch, row in out_sets[name]["per_arch"].items()}
+    for name, row in out_sets.items():
+        if row["kind"] not in ("distilled", "external"):
+            continue
+        base = out_sets.get(row.get("baseline") or "")
+        if base is not None:
+            row["ior"] = _gaps(row, base, lambda mine, other: mine - other)
+        if reference is not None:
+            ref_row = summarize({a: [v] for a, v in reference.items() if a in config.archs})
+            row["hlr"] = _gaps(row, ref_row, lambda mine, other: other - mine)
+    return {"format": "ld3m-fast-eval", "protocol": config.to_dict(), "complete": len(by_key) >= expected,
+            "jobs_done": len(by_key), "jobs_total": expected, "sets": out_sets,
+            "full_real": full_real if full_real is not None else (
+                {"source": "trained", "per_arch": reference} if reference is not None else None)}
+
+
+def _gaps(row: dict, other: dict, gap) -> dict:
+    out = {arch: gap(r["mean"], other["per_arch"][arch]["mean"])
+           for arch, r in row["per_arch"].items() if arch in other["per_arch"]}
+    unseen_mine = [r["mean"] for a, r in row["per_arch"].items() if a != DISTILL_ARCH and a in other["per_arch"]]
+    unseen_other = [other["per_arch"][a]["mean"] for a in row["per_arch"]
+                    if a != DISTILL_ARCH and a in other["per_arch"]]
+    if unseen_mine:
+        out["unseen"] = gap(statistics.fmean(unseen_mine), statistics.fmean(unseen_other))
+    return out
 
 
 def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
                        test_labels: torch.Tensor, *, num_classes: int, config: EvalConfig | None = None,
                        seed: int = 0, device="cpu", progress=None) -> dict:
-    """Evaluate the synthetic set on every architecture of the pool, `config.seeds` seeds each.
+    """Evaluate one synthetic set on every architecture of the pool, `config.seeds` seeds each.
 
     images: (N, 3, res, res) float32 in the shared normalisation; labels (N,) long;
     test_images: (M, 3, res, res) uint8; test_labels (M,) long.
+    progress(arch, seed, accuracy) is called after each network.
     Returns {"per_arch": {arch: {"mean", "std", "accuracies"}}, "unseen_mean": float or None,
     "distill_arch": "convnet", "epochs", "seeds"}; accuracies are fractions in [0, 1].
     """
-    from .algorithms import NetworkSpec, stream_generator
-
     config = config or EvalConfig()
     if images.shape[-1] != test_images.shape[-1]:
         raise LD3MError(f"synthetic images are {images.shape[-1]}² but the test images are "
                         f"{test_images.shape[-1]}²; load the test split at the run's --res")
-    res = images.shape[-1]
-    per_arch = {}
-    for arch in config.archs:
-        accuracies = []
-        for s in range(config.seeds):
-            generator = stream_generator(seed, f"eval:{arch}:{s}")
-            spec = NetworkSpec(num_classes=num_classes, res=res, arch=arch, width=config.width,
-                               depth=config.depth if arch == "convnet" else None,
-                               norm=config.norm if arch == "convnet" else None)
-            network = spec.build_seeded(generator)
-            lr = config.arch_lr.get(arch, config.lr)
-            accuracy = train_and_test(network, images, labels, test_images, test_labels, lr=lr,
-                                      config=config, generator=generator, device=device)
-            accuracies.append(accuracy)
-            if progress is not None:
-                progress(arch, s, accuracy)
-        per_arch[arch] = {
-            "mean": statistics.fmean(accuracies),
-            "std": statistics.pstdev(accuracies) if len(accuracies) > 1 else 0.0,
-            "accuracies": accuracies,
-        }
-    unseen = [v["mean"] for a, v in per_arch.items() if a != DISTILL_ARCH]
-    return {"per_arch": per_arch, "unseen_mean": statistics.fmean(unseen) if unseen else None,
-            "distill_arch": DISTILL_ARCH, "epochs": config.epochs, "seeds": config.seeds}
+    train = EvalSet("synthetic", images, labels, "distilled")
+    accuracies: dict[str, list[float]] = {arch: [] for arch in config.archs}
+    for job in sorted(plan_jobs([train.name], config), key=lambda j: (config.archs.index(j.arch), j.seed)):
+        result = run_job(job, train, test_images, test_labels, num_classes=num_classes, config=config,
+                         seed=seed, device=device)
+        accuracies[job.arch].append(result["accuracy"])
+        if progress is not None:
+            progress(job.arch, job.seed, result["accuracy"])
+    return {**summarize(accuracies), "distill_arch": DISTILL_ARCH, "epochs": config.epochs,
+            "seeds": config.seeds}
 
+
+# ----------------------------------------------------------------------------- cost estimate
+
+@dataclass
+class Calibration:
+    """Measured wall seconds on this device now: one training step per (arch, batch size)
+    and one test image per arch."""
+
+    step_seconds: dict = field(default_factory=dict)   # (arch, batch) -> seconds
+    test_seconds_per_image: dict = field(default_factory=dict)  # arch -> seconds
+    seconds: float = 0.0   # what the calibration itself took
+
+    def epoch_seconds(self, arch: str, images: int, config: EvalConfig) -> float:
+        batch = min(images, config.batch_size)
+        return self.step_seconds[(arch, batch)] * images / batch
+
+    def job_seconds(self, arch: str, images: int, test_images: int, config: EvalConfig) -> float:
+        return config.epochs * self.epoch_seconds(arch, images, config) + \
+            test_images * self.test_seconds_per_image[arch]
+
+
+def calibrate(set_sizes: Iterable[int], *, config: EvalConfig, res: int, num_classes: int, device="cpu",
+              steps: int = 2, test_images: int = 64) -> Calibration:
+    """Time `steps` training steps (after one warm-up) of every architecture at every batch
+    size the sets need, DSA included, and a forward pass over `test_images` test-sized
+    inputs. Uses its own stream ("eval-calibration"): the jobs' streams are untouched."""
+    from ..dsa import DSA
+    from .algorithms import stream_generator
+
+    started = time.perf_counter()
+    calibration = Calibration()
+    generator = stream_generator(0, "eval-calibration")
+    batches = sorted({min(int(n), config.batch_size) for n in set_sizes})
+    dsa = DSA(config.dsa_strategy) if config.dsa_strategy else None
+    for arch in config.archs:
+        network = build_eval_network(arch, generator, num_classes=num_classes, res=res, config=config).to(device)
+        optimizer = torch.optim.SGD(network.parameters(), lr=1e-6, momentum=config.momentum)
+        network.train()
+        for batch in batches:
+            images = torch.randn(batch, 3, res, res, generator=generator).to(device)
+            labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+            index = torch.arange(batch, device=device)
+            times = []
+            for i in range(steps + 1):
+                t = time.perf_counter()
+                _training_step(network, optimizer, dsa, images, labels, index, generator)
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            calibration.step_seconds[(arch, batch)] = statistics.median(times[1:])
+        network.eval()
+        with torch.no_grad():
+            x = torch.randn(test_images, 3, res, res, generator=generator).to(device)
+            network(x[:2])
+            t = time.perf_counter()
+            network(x)
+            calibration.test_seconds_per_image[arch] = (time.perf_counter() - t) / test_images
+    calibration.seconds = time.perf_counter() - started
+    return calibration
+
+
+def estimate_seconds(jobs: Iterable[EvalJob], set_sizes: dict[str, int], test_count: int,
+                     calibration: Calibration, config: EvalConfig) -> dict[EvalJob, float]:
+    """Estimated wall seconds of every job from the calibration."""
+    return {job: calibration.job_seconds(job.arch, set_sizes[job.set], test_count, config) for job in jobs}
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ----------------------------------------------------------------------------- reports
 
 def format_report(result: dict) -> str:
-    """A small table: architecture, mean ± std (percent), seeds."""
+    """A small table of one `evaluate_synthetic` result: architecture, mean ± std (percent), seeds."""
     lines = [f"{'arch':<10} {'accuracy (%)':>16}  seeds"]
     for arch, row in result["per_arch"].items():
         mark = "" if arch == result["distill_arch"] else " (unseen)"
@@ -183,3 +673,121 @@ def format_report(result: dict) -> str:
     if result["unseen_mean"] is not None:
         lines.append(f"{'unseen':<10} {100 * result['unseen_mean']:>8.2f}")
     return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+def _signed(value) -> str:
+    return "—" if value is None else f"{100 * value:+.2f}"
+
+
+def format_markdown(report: dict) -> str:
+    """Markdown tables of a `gather` report: accuracy (%) per set and architecture (mean ± std
+    over seeds, n), the unseen mean, then IOR and HLR (percentage points) per set."""
+    protocol = report["protocol"]
+    archs = protocol["archs"]
+    lines = [f"Protocol {protocol['name']}: {', '.join(archs)}; {protocol['seeds']} seeds, "
+             f"{protocol['epochs']} epochs, lr {protocol['lr']:g}"
+             + "".join(f" ({a} {v:g})" for a, v in protocol["arch_lr"].items() if a in archs)
+             + f", DSA {protocol['dsa_strategy'] or 'off'}, EMA {protocol['ema_decay']:g}."]
+    test = report.get("test")
+    if test:
+        lines[0] += f" Test: {test['images']} images of {test['source']} at {test['res']}²."
+    if not report["complete"]:
+        lines.append(f"Incomplete: {report['jobs_done']} of {report['jobs_total']} jobs finished.")
+    lines += ["", "Test accuracy (%), mean ± std over seeds:", "",
+              "| set | kind | IPC | " + " | ".join(archs) + " | unseen mean |",
+              "|---|---|---|" + "---|" * len(archs) + "---|"]
+    for name, row in report["sets"].items():
+        cells = []
+        for arch in archs:
+            r = row["per_arch"].get(arch)
+            cells.append("—" if r is None else
+                         f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={len(r['accuracies'])})")
+        ipc = row["ipc"] if row["ipc"] is not None else f"{row['images']} images"
+        lines.append(f"| {name} | {row['kind']} | {ipc} | " + " | ".join(cells) +
+                     f" | {_pct(row['unseen_mean'])} |")
+    gap_rows = [(n, r) for n, r in report["sets"].items() if "ior" in r or "hlr" in r]
+    if gap_rows:
+        columns = list(archs) + (["unseen"] if any(a != DISTILL_ARCH for a in archs) else [])
+        lines += ["", "IOR = acc(set) − acc(random real, same IPC); HLR = acc(full real) − acc(set); "
+                      "percentage points:", "",
+                  "| set | gap | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+        for name, row in gap_rows:
+            for gap in ("ior", "hlr"):
+                if gap in row:
+                    lines.append(f"| {name} | {gap.upper()} | " +
+                                 " | ".join(_signed(row[gap].get(c)) for c in columns) + " |")
+        full = report.get("full_real")
+        if full:
+            lines += ["", f"Full real ({full['source']}): " + ", ".join(
+                f"{a} {_pct(v)}" for a, v in full["per_arch"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, path) -> bool:
+    """Grouped bars: test accuracy per architecture (and the unseen mean), one bar per set,
+    error bars = std over seeds. Written atomically; False when matplotlib is missing."""
+    from .._files import atomic_write
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    archs = list(report["protocol"]["archs"])
+    groups = archs + (["unseen mean"] if any(a != DISTILL_ARCH for a in archs) else [])
+    names = list(report["sets"])
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(groups) * max(1, len(names)) ** 0.5 + 4), 4))
+    for i, name in enumerate(names):
+        row = report["sets"][name]
+        xs, means, stds = [], [], []
+        for j, group in enumerate(groups):
+            if group == "unseen mean":
+                value, std = row["unseen_mean"], 0.0
+            else:
+                r = row["per_arch"].get(group)
+                value, std = (None, 0.0) if r is None else (r["mean"], r["std"])
+            if value is not None:
+                xs.append(j + (i - len(names) / 2 + 0.5) * width)
+                means.append(100 * value)
+                stds.append(100 * std)
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=name,
+               hatch="//" if row["kind"] in ("random-real", "full-real") else None)
+    ax.set_xticks(range(len(groups)), groups)
+    test = report.get("test") or {}
+    ax.set(ylabel="test accuracy (%)", ylim=(0, 100),
+           title=f"protocol {report['protocol']['name']}" + (f", {test['source']} {test['res']}²" if test else ""))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return True
+
+
+def write_report(report: dict, out_dir, *, plot: bool) -> list[Path]:
+    """eval.json, eval.md (and eval.png when `plot`) in `out_dir`, each written atomically."""
+    from .._files import write_json_atomic, write_text_atomic
+
+    out_dir = Path(out_dir)
+    written = [out_dir / "eval.json", out_dir / "eval.md"]
+    write_json_atomic(written[0], report)
+    write_text_atomic(written[1], format_markdown(report))
+    if plot and plot_report(report, out_dir / "eval.png"):
+        written.append(out_dir / "eval.png")
+    return written
+
+
+__all__ = [
+    "ARCH_LR", "Calibration", "DEFAULT_POOL", "DISTILL_ARCH", "EvalConfig", "EvalJob", "EvalSet", "PROTOCOLS",
+    "as_network_input", "build_eval_network", "calibrate", "check_eval_set", "corrected_ema_update",
+    "estimate_seconds", "evaluate_synthetic", "format_duration", "format_markdown", "format_report", "gather",
+    "load_eval_set", "mean_std", "plan_jobs", "plot_report", "protocol_config", "random_real_indices",
+    "random_real_set", "read_image_folder_set", "read_safetensors_set", "run_job", "summarize",
+    "test_accuracy", "train_and_test", "warmup_cosine", "with_random_real_baselines", "write_report",
+]
