@@ -2,7 +2,8 @@
 import pytest
 
 from ld3m_fast import LD3MError
-from ld3m_fast.planner.plan import candidate_chunks, parse_bytes, plan
+from ld3m_fast.planner.plan import (candidate_chunks, candidate_decoder_chunks, mode_name, parse_bytes, plan,
+                                    released_reference, sac_levels, store_counts)
 from ld3m_fast.planner.simulate import IterationSpec, estimate, image_unit
 
 
@@ -12,9 +13,13 @@ def _spec(**overrides):
     return IterationSpec(**{**base, **overrides})
 
 
-@pytest.mark.parametrize("algorithm", ["dm", "mtt"])
-def test_extrapolation_matches_direct_simulation(algorithm):
-    spec = _spec(algorithm=algorithm)
+@pytest.mark.parametrize("algorithm,knobs", [
+    ("dm", {}), ("mtt", {}),
+    pytest.param("dm", dict(steps=3, num_classes=2, store_steps=3, sac_min_flops=1000.0, decoder_chunk=1),
+                 marks=pytest.mark.slow)])
+def test_extrapolation_matches_direct_simulation(algorithm, knobs):
+    """Every step stored (here under selective checkpointing) extrapolates from T in {1, 2} too."""
+    spec = _spec(algorithm=algorithm, **knobs)
     direct = estimate(spec, direct=True)
     extrapolated = estimate(spec)
     assert extrapolated.method.startswith("extrapolated")
@@ -42,11 +47,65 @@ def test_units_and_chunks():
 
 def test_plan_picks_the_cheapest_candidate_that_fits():
     spec = _spec(algorithm="dm", steps=3)
-    candidates, best = plan(spec, budget_bytes=parse_bytes("1GiB"), chunks=[1, 2], dtypes=("fp32",))
+    candidates, best = plan(spec, budget_bytes=parse_bytes("1GiB"), chunks=[1, 2], dtypes=("fp32",),
+                            store_steps=[0])
     assert best is not None and best.fits
     assert {c.estimate.spec.chunk for c in candidates} == {1, 2}
-    _, nothing = plan(spec, budget_bytes=1024, chunks=[2], dtypes=("fp32",))
+    _, nothing = plan(spec, budget_bytes=1024, chunks=[2], dtypes=("fp32",), store_steps=[0])
     assert nothing is None
+
+
+@pytest.mark.slow
+def test_stored_steps_between_zero_and_all_are_exact_in_flops_and_an_upper_bound_in_peak():
+    spec = _spec(steps=3, store_steps=2, num_classes=2, decoder_chunk=2)
+    between = estimate(spec)
+    direct = estimate(spec, direct=True)
+    assert "interpolated" in between.method
+    assert between.flops == pytest.approx(direct.flops, rel=1e-3)
+    # An upper bound, up to the 2% the extrapolation of its two ends may itself be off by.
+    assert 0.98 * direct.peak_bytes <= between.peak_bytes <= 1.15 * direct.peak_bytes
+
+
+def test_plan_trades_memory_for_flops_and_takes_the_largest_chunk_that_fits():
+    """Whole graphs cost fewer FLOPs and more memory than recompute: the planner keeps them when
+    the budget allows, recomputes when it does not, and never picks a candidate over budget."""
+    spec = _spec(algorithm="dm", steps=2, num_classes=2)  # simulated directly: T <= 2, 2 classes
+    options = dict(chunks=[2, 4], dtypes=("fp32",), store_steps=[0, 2], sac=[None], decoder_chunks=[1, 2])
+    rich, chosen = plan(spec, parse_bytes("1GiB"), **options)
+    recompute = next(c for c in rich if c.mode == "recompute")
+    assert chosen.mode == "graph last 2/2" and chosen.estimate.flops < recompute.estimate.flops
+    assert chosen.spec.chunk == 4 and chosen.spec.decoder_chunk == 2  # the largest that fit
+    stored = max(c.estimate.peak_bytes for c in rich if c.spec.store_steps == 2)
+    lean = max(c.estimate.peak_bytes for c in rich if c.mode == "recompute")
+    budget = int((stored + lean) / 2)
+    candidates, chosen = plan(spec, budget, **options)
+    assert chosen.mode == "recompute" and chosen.fits
+    assert all(c.fits == (c.estimate.peak_bytes <= budget) for c in candidates)
+    cheaper = [c for c in candidates if c.fits and c.estimate.flops < chosen.estimate.flops]
+    assert not cheaper
+
+
+def test_candidate_knobs():
+    spec = _spec(steps=8)
+    assert store_counts(8) == [0, 2, 4, 6, 8]
+    assert store_counts(8, [3, 0]) == [0, 3]
+    with pytest.raises(LD3MError, match="stored steps"):
+        store_counts(8, [9])
+    assert candidate_decoder_chunks(10) == [1, 2, 5, 10]
+    assert candidate_decoder_chunks(4, [2, 8]) == [2, 4]
+    levels = sac_levels(spec)
+    assert levels == sorted(levels, reverse=True) and len(levels) >= 2 and levels[-1] > 0
+    assert mode_name(_spec(store_steps=2)) == "graph last 2/5"
+    assert mode_name(_spec(store_steps=5, sac_min_flops=64.0)) == "sac>=64 last 5/5"
+    assert mode_name(_spec()) == "recompute"
+
+
+def test_released_reference_is_the_released_scheme_as_released():
+    released = released_reference(_spec(num_classes=2, steps=2))
+    assert released.spec.grad_mode == "released" and released.spec.checkpoint_attention
+    assert released.spec.micro_batch is None and released.spec.chunk == 4  # all 4 images: fewer than 10
+    plain = estimate(_spec(num_classes=2, steps=2, grad_mode="released", chunk=4, micro_batch=None))
+    assert released.flops > plain.flops  # the transformer blocks' 4th forward
 
 
 def test_parse_bytes():

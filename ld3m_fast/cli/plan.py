@@ -1,9 +1,19 @@
-"""`ld3m-fast plan`: peak memory and FLOPs per iteration before a run starts."""
+"""`ld3m-fast plan`: peak memory and FLOPs per iteration before a run starts.
+
+Prints every candidate (mode, chunk, decoder chunk, dtype) the planner simulated, its choice,
+and the released scheme in the same setting. `--json PATH` writes one object:
+
+    {"setting": {prior, res, ipc, classes, steps, algorithm, budget_bytes, ...},
+     "candidates": [{mode, chunk, decoder_chunk, dtype, peak_bytes, flops, fits, ...}],
+     "choice": one of the candidates, or null,
+     "released": {chunk, peak_bytes, flops, ...}}
+"""
 from __future__ import annotations
 
 import json
 
-from ..planner.plan import format_bytes, format_table, parse_bytes, plan
+from ..errors import LD3MError
+from ..planner.plan import GRAPH, format_bytes, format_table, parse_bytes, plan, released_reference
 from ..planner.simulate import IterationSpec
 
 
@@ -23,8 +33,18 @@ def add_arguments(parser):
     parser.add_argument("--mtt-gradient", choices=("truncated", "full"), default="truncated")
     parser.add_argument("--budget", default="24GiB", help="device memory budget, e.g. 24GiB, 40GB")
     parser.add_argument("--chunks", default="", help="comma-separated chunk sizes to try (default: automatic)")
+    parser.add_argument("--decoder-chunks", default="",
+                        help="comma-separated decoder chunk sizes to try (default: 1, 2, 5, ... up to the chunk)")
+    parser.add_argument("--store-steps", default="",
+                        help="comma-separated counts k of last steps stored from the render pass, 0 = pure "
+                             "recompute (default: 0, T/4, T/2, 3T/4, T)")
+    parser.add_argument("--sac-min-flops", default="",
+                        help="what a stored step keeps: comma-separated thresholds N (selective checkpointing "
+                             "keeps ops doing >= N FLOPs per output element) and/or 'graph' (default: levels "
+                             "from the prior, and graph)")
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    parser.add_argument("--json", default=None, help="also write setting, candidates, choice and the released "
+                                                     "scheme as one JSON object here")
 
 
 def spec_from_args(args) -> IterationSpec:
@@ -34,29 +54,76 @@ def spec_from_args(args) -> IterationSpec:
                          syn_steps=args.syn_steps, mtt_gradient=args.mtt_gradient)
 
 
+def _ints(text: str, flag: str) -> list[int] | None:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LD3MError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+    return values or None
+
+
+def _levels(text: str) -> list[float | None] | None:
+    levels = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        if item == GRAPH:
+            levels.append(None)
+            continue
+        try:
+            levels.append(float(item))
+        except ValueError:
+            raise LD3MError(f"--sac-min-flops takes numbers or 'graph', got {item!r}") from None
+    return levels or None
+
+
+def summary(setting: dict, candidates, best, released) -> dict:
+    """The --json object."""
+    return {"setting": setting, "candidates": [c.summary() for c in candidates],
+            "choice": None if best is None else best.summary(),
+            "released": {"chunk": released.spec.chunk, "peak_bytes": int(released.peak_bytes),
+                         "flops": int(released.flops), "micro_batch": released.spec.micro_batch,
+                         "dtype": released.spec.dtype, "checkpoint_attention": True,
+                         "phase_peaks": {k: int(v) for k, v in released.phase_peaks.items()}}}
+
+
 def run(args) -> int:
+    from pathlib import Path
+
     from .._files import write_text_atomic
 
     budget = parse_bytes(args.budget)
     spec = spec_from_args(args)
-    chunks = [int(c) for c in args.chunks.split(",") if c.strip()] or None
+    chunks = _ints(args.chunks, "--chunks")
     print(f"planning {spec.algorithm.upper()} on {spec.prior} at {spec.res}², IPC {spec.ipc} x "
           f"{spec.num_classes} classes, T={spec.steps}, {spec.grad_mode}, budget {format_bytes(budget)} "
           "(simulated with fake tensors on the CPU dispatch path)")
-    candidates, best = plan(spec, budget, chunks=chunks, dtypes=tuple(args.dtypes.split(",")), log=print)
+    candidates, best = plan(spec, budget, chunks=chunks, dtypes=tuple(args.dtypes.split(",")),
+                            decoder_chunks=_ints(args.decoder_chunks, "--decoder-chunks"),
+                            store_steps=_ints(args.store_steps, "--store-steps"),
+                            sac=_levels(args.sac_min_flops), log=print)
     print(format_table(candidates, best, budget))
+    released = released_reference(spec)
+    print(f"released scheme, same setting (chunk {released.spec.chunk}, full-batch student, fp32, transformer "
+          f"blocks checkpointed inside as released): peak {format_bytes(released.peak_bytes)}, "
+          f"{released.tflops:.1f} TFLOP per iteration")
     if best is None:
         print("nothing fits the budget: lower --ipc, the student --micro-batch, or raise --budget")
     else:
-        e = best.estimate
-        print(f"choice: --chunk {e.spec.chunk} --dtype {e.spec.dtype} "
-              f"(peak {format_bytes(e.peak_bytes)}, {e.tflops:.1f} TFLOP per iteration)")
+        e, s = best.estimate, best.spec
+        knobs = f" --decoder-chunk {s.decoder_chunk}" if s.decoder_chunk else ""
+        if s.store_steps:
+            knobs += f" --store-steps {s.store_steps}"
+            knobs += f" --sac-min-flops {s.sac_min_flops:g}" if s.sac_min_flops is not None else ""
+        print(f"choice: --chunk {s.chunk}{knobs} --dtype {s.dtype} ({best.mode}; peak "
+              f"{format_bytes(e.peak_bytes)}, {e.tflops:.1f} TFLOP per iteration, "
+              f"{e.flops / released.flops:.2f}x the released scheme's FLOPs)")
     if args.json:
-        from pathlib import Path
-
-        rows = [{**c.estimate.spec.describe(), "peak_bytes": c.estimate.peak_bytes,
-                 "flops": c.estimate.flops, "phase_peaks": c.estimate.phase_peaks,
-                 "fits": c.fits, "chosen": c is best, "method": c.estimate.method}
-                for c in candidates]
-        write_text_atomic(Path(args.json), json.dumps({"budget_bytes": budget, "rows": rows}, indent=2))
+        setting = {"prior": spec.prior, "res": spec.res, "ipc": spec.ipc, "classes": spec.num_classes,
+                   "steps": spec.steps, "algorithm": spec.algorithm, "budget_bytes": budget,
+                   "guidance": spec.guidance, "micro_batch": spec.micro_batch, "grad_mode": spec.grad_mode,
+                   "device": "simulated (fake tensors, CPU dispatch path)"}
+        path = Path(args.json)
+        write_text_atomic(path, json.dumps(summary(setting, candidates, best, released), indent=2) + "\n")
+        print(f"JSON: {path}")
     return 0 if best is not None else 1

@@ -89,6 +89,16 @@ class DistillConfig:
                                       parse=parse_chunk)
     memory_budget: str | None = setting(None, "memory budget for --chunk auto, e.g. 24GiB "
                                         "(default: the device's)")
+    decoder_chunk: int | None = setting(None, "recompute: images per decoder call, independent of --chunk "
+                                        "(default: the whole chunk; with --chunk auto, the planner's)",
+                                        minimum=1)
+    store_steps: int | None = setting(None, "recompute: the last K chain steps keep state from the render "
+                                      "pass instead of being recomputed (default 0; with --chunk auto, the "
+                                      "planner's); same gradients, fewer FLOPs, more memory", minimum=0)
+    sac_min_flops: float | None = setting(None, "what a stored step keeps: only the outputs of ops doing >= N "
+                                          "FLOPs per output element (selective activation checkpointing); "
+                                          "unset: its whole graph (with --chunk auto, the planner's)",
+                                          minimum=0)
     dtype: str = setting("fp32", "fp32 | bf16 (autocast; Z, c and the latent chain stay fp32)",
                          choices=DTYPE_NAMES)
     compile: bool = setting(False, "torch.compile the denoiser, decoder and distillation network",

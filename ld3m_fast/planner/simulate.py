@@ -14,9 +14,15 @@ unit is the smallest set of whole classes that also fills whole generator
 chunks), and extrapolates each phase's peak (render / distill / backward) and
 the FLOPs bilinearly in (T, images). The model is exact when each phase's peak
 is bilinear in T and the image count, which holds for this pipeline (per-step
-latents and per-image state grow linearly, working memory is per chunk, per
-class or per micro-batch); `tests/test_planner.py` checks the extrapolation
-against a direct simulation.
+latents, stored steps and per-image state grow linearly, working memory is per
+chunk, per class or per micro-batch); `tests/test_planner.py` checks the
+extrapolation against a direct simulation.
+
+Stored steps (`store_steps=k`, see `ld3m_fast.generator`) are walked at k = 0 and
+k = T (both extrapolated as above); a k in between is interpolated linearly between
+them. The FLOPs are exactly linear in k; each phase's peak is the largest of a few
+terms linear in k, so the interpolated peak is an upper bound, up to the error of the
+two extrapolated ends (tested too).
 """
 from __future__ import annotations
 
@@ -40,6 +46,9 @@ class IterationSpec:
 
     chunk: images per generator chunk (None = all at once); micro_batch: images
     per student micro-batch (None = full batch); dtype: "fp32" or "bf16" (autocast).
+    decoder_chunk, store_steps, sac_min_flops: the "recompute" knobs of
+    `LD3MGenerator`; checkpoint_attention: the released UNet's internal checkpointing
+    of its transformer blocks (set it to model the released scheme as released).
     """
 
     prior: str = "cin256-v2"
@@ -59,6 +68,10 @@ class IterationSpec:
     batch_real: int = 256
     width: int = 128
     depth: int | None = None
+    decoder_chunk: int | None = None
+    store_steps: int = 0
+    sac_min_flops: float | None = None
+    checkpoint_attention: bool = False
 
     @property
     def images(self) -> int:
@@ -113,7 +126,10 @@ def _build(spec: IterationSpec):
     synthetic.labels = labels  # real: class bookkeeping reads it on the host
     generator = LD3MGenerator(prior, spec.steps, guidance=spec.guidance, skip=spec.skip,
                               grad_mode=spec.grad_mode, chunk_size=spec.chunk,
-                              render_size=render, output_size=None if spec.res == render else spec.res)
+                              render_size=render, output_size=None if spec.res == render else spec.res,
+                              decoder_chunk=spec.decoder_chunk, store_steps=spec.store_steps,
+                              sac_min_flops=spec.sac_min_flops,
+                              checkpoint_attention=spec.checkpoint_attention)
     network = NetworkSpec(num_classes=spec.num_classes, res=spec.res, width=spec.width, depth=spec.depth)
     extra = dict(syn_steps=spec.syn_steps, gradient=spec.mtt_gradient) if spec.algorithm == "mtt" else {}
     algorithm = build_algorithm(spec.algorithm, network, batch_real=spec.batch_real,
@@ -183,6 +199,10 @@ def _bilinear(values: dict, t: float, g: float) -> float:
 
 def estimate(spec: IterationSpec, *, direct: bool = False) -> Estimate:
     """Peak memory and FLOPs of one iteration; `direct=True` walks the full iteration."""
+    if not 0 <= spec.store_steps <= spec.steps:
+        raise LD3MError(f"store_steps must be in 0..{spec.steps}, got {spec.store_steps}")
+    if 0 < spec.store_steps < spec.steps and not direct:
+        return _between_stored(spec)
     unit = image_unit(spec)
     if direct or (spec.steps <= 2 and spec.num_classes <= 2 * unit):
         m = simulate(spec)
@@ -194,7 +214,9 @@ def estimate(spec: IterationSpec, *, direct: bool = False) -> Estimate:
     weights = 0
     for t in (1, 2):
         for g in (1, 2):
-            m = simulate(replace(spec, steps=t, num_classes=g * unit))
+            # store_steps is 0 or T here: all steps stored stays all steps at T = t.
+            m = simulate(replace(spec, steps=t, num_classes=g * unit,
+                                 store_steps=t if spec.store_steps else 0))
             weights = m.weights_bytes
             points[(t, g)] = m
     target_g = spec.num_classes / unit
@@ -205,3 +227,15 @@ def estimate(spec: IterationSpec, *, direct: bool = False) -> Estimate:
     flops = _bilinear({k: float(m.flops) for k, m in points.items()}, spec.steps, target_g)
     peak = max(phase_peaks.values())
     return Estimate(spec, peak, flops, phase_peaks, weights, "extrapolated (T in 1,2; 2 image counts)")
+
+
+def _between_stored(spec: IterationSpec) -> Estimate:
+    """0 < k < T stored steps: linear between k = 0 and k = T (FLOPs exact, peaks an upper bound)."""
+    low = estimate(replace(spec, store_steps=0))
+    high = estimate(replace(spec, store_steps=spec.steps))
+    f = spec.store_steps / spec.steps
+    mix = lambda a, b: (1 - f) * a + f * b  # noqa: E731
+    phase_peaks = {name: mix(low.phase_peaks.get(name, 0.0), high.phase_peaks.get(name, 0.0))
+                   for name in PHASES}
+    return Estimate(spec, max(phase_peaks.values()), mix(low.flops, high.flops), phase_peaks,
+                    high.weights_bytes, f"{high.method}; stored steps interpolated between 0 and T")
