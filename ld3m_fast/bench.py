@@ -1,9 +1,19 @@
 """The pipeline benchmark suite: one harness, three parts, one report.
 
-a. simulated at full scale (cin256-v2, 10 classes, CFG 3): peak memory and FLOPs per
-   iteration for autograd / released (chunks of 10, full-batch student) / ours
-   (recompute, chunks of 10, student micro-batches of 10), DM and MTT, fp32 and bf16;
-b. growth of the simulated peak with T, IPC and MTT syn_steps;
+a. simulated at full scale (cin256-v2, 10 classes, CFG 3, fp32), DM and MTT, in two
+   comparisons that name both sides' settings:
+   - equal chunk: the released scheme and ours at the same chain chunk (10) and the same
+     student batching (micro-batches of 10 on both sides);
+   - equal memory budget (8, 24, 80 GiB): each scheme at its fastest configuration that fits:
+     the released scheme with its own full-batch student at its largest chunk that fits (its
+     FLOPs do not depend on the chunk), ours at the planner's choice (mode, chunk, decoder
+     chunk; student micro-batches of 10).
+   "released (as released)" renders without grad, re-renders chunks with a checkpoint around
+   each UNet call, and checkpoints the UNet's transformer blocks inside as the released UNet
+   does (`checkpoint=True`: a 4th forward of those blocks); a row without that inner
+   checkpointing stands beside it at equal chunk;
+b. growth of the simulated peak with T, IPC and MTT syn_steps (both sides chunk 10, student
+   micro-batches of 10, fp32);
 c. measured on this machine: CPU seconds per DM iteration on the embedded prior, the
    released scheme (reference ops, released-style per-class student) vs ours (recompute,
    fused C++ ops, our student), at equal chunk and at equal memory budget; each scheme in
@@ -27,68 +37,108 @@ from pathlib import Path
 import torch
 
 from ._host import cpu_model
-from .planner.plan import plan
+from .planner.plan import candidate_chunks, mode_name, plan
 from .planner.simulate import IterationSpec, estimate
 
 SETTINGS = [(256, 10, 20), (128, 1, 10), (128, 10, 10)]  # (res, ipc, T)
-PLAN_BUDGET = 8 * 2**30  # the issue's target: ours within 8 GiB at the planner's chunk
-SCHEMES = {  # name -> spec overrides
-    "autograd": dict(grad_mode="autograd", chunk=None, micro_batch=None),
-    "released": dict(grad_mode="released", chunk=10, micro_batch=None),
-    "ours": dict(grad_mode="recompute", chunk=10, micro_batch=10),
+BUDGETS_GIB = (8, 24, 80)
+EQUAL_CHUNK = 10     # part a, equal chunk, and part b: both sides' chain chunk
+STUDENT_BATCH = 10   # our student micro-batch (the released side's too at equal chunk)
+DECODER_CHUNK = 2    # ours at equal chunk: the decoder back-propagated 2 images at a time
+SIMULATED = "simulated (fake tensors, CPU dispatch path)"
+RELEASED = dict(grad_mode="released", checkpoint_attention=True, decoder_chunk=None, store_steps=0,
+                sac_min_flops=None)
+OURS_AT_CHUNK = f"ours: recompute, decoder chunk {DECODER_CHUNK}"
+SCHEMES = {  # part a, equal chunk: name -> spec overrides (chunk and student batching are shared)
+    "released (as released)": RELEASED,
+    "released, no inner checkpointing": {**RELEASED, "checkpoint_attention": False},
+    "ours: recompute, decoder whole": dict(grad_mode="recompute", decoder_chunk=None),
+    OURS_AT_CHUNK: dict(grad_mode="recompute", decoder_chunk=DECODER_CHUNK),
+    "autograd (one graph, all images)": dict(grad_mode="autograd", chunk=None, decoder_chunk=None),
 }
 
 
-def _row(part: str, spec: IterationSpec, scheme: str, result) -> dict:
+def _row(part: str, spec: IterationSpec, scheme: str, result, **extra) -> dict:
     return {"part": part, "scheme": scheme, "prior": spec.prior, "res": spec.res, "ipc": spec.ipc,
             "steps": spec.steps, "algorithm": spec.algorithm, "dtype": spec.dtype,
-            "syn_steps": spec.syn_steps, "mtt_gradient": spec.mtt_gradient, "chunk": spec.chunk,
-            "micro_batch": spec.micro_batch, "peak_gib": result.peak_gib, "tflops": result.tflops,
+            "syn_steps": spec.syn_steps, "mtt_gradient": spec.mtt_gradient, "grad_mode": spec.grad_mode,
+            "chunk": spec.chunk, "decoder_chunk": spec.decoder_chunk, "micro_batch": spec.micro_batch,
+            "mode": mode_name(spec), "store_steps": spec.store_steps, "sac_min_flops": spec.sac_min_flops,
+            "checkpoint_attention": spec.checkpoint_attention,
+            "peak_gib": result.peak_gib, "tflops": result.tflops,
             "phase_peaks_gib": {k: v / 2**30 for k, v in result.phase_peaks.items()},
             "weights_gib": result.weights_bytes / 2**30, "method": result.method,
-            "device": "simulated (fake tensors, CPU dispatch path)"}
+            "device": SIMULATED, **extra}
 
 
-def simulated_full_scale(prior: str = "cin256-v2", settings=SETTINGS, plan_chunks=(1, 2, 5, 10),
-                         log=print) -> list[dict]:
-    """Part a over `settings` [(res, ipc, T)]; `plan_chunks` () skips the planner rows."""
+def released_at_budget(base: IterationSpec, budget: int):
+    """(the released scheme's fastest configuration within `budget` or None, it at chunk 10).
+
+    Its own full-batch student; the largest chunk that fits (its FLOPs do not depend on the
+    chunk). When the distill phase alone is over budget no chunk helps and none is tried."""
+    spec = replace(base, micro_batch=None, dtype="fp32", **RELEASED)
+    default = estimate(replace(spec, chunk=min(EQUAL_CHUNK, spec.images)))
+    if default.phase_peaks.get("distill", 0.0) > budget:
+        return None, default
+    for chunk in sorted(candidate_chunks(spec), reverse=True):
+        result = estimate(replace(spec, chunk=chunk))
+        if result.peak_bytes <= budget:
+            return result, default
+    return None, default
+
+
+def simulated_full_scale(prior: str = "cin256-v2", settings=SETTINGS, budgets_gib=BUDGETS_GIB,
+                         algorithms=("dm", "mtt"), log=print, *, spec_overrides=None,
+                         plan_options=None) -> list[dict]:
+    """Part a over `settings` [(res, ipc, T)]: equal chunk, then equal budget per `budgets_gib`.
+
+    spec_overrides: other `IterationSpec` fields for every row (tests shrink the student);
+    plan_options: keyword arguments for `plan` (default: its automatic candidates)."""
     rows = []
     for res, ipc, steps in settings:
-        for algorithm in ("dm", "mtt"):
-            base = IterationSpec(prior=prior, res=res, ipc=ipc, steps=steps, algorithm=algorithm)
+        for algorithm in algorithms:
+            base = IterationSpec(prior=prior, res=res, ipc=ipc, steps=steps, algorithm=algorithm,
+                                 micro_batch=STUDENT_BATCH, **(spec_overrides or {}))
+            chunk = min(EQUAL_CHUNK, base.images)
             for scheme, overrides in SCHEMES.items():
-                for dtype in ("fp32", "bf16") if scheme == "ours" else ("fp32",):
-                    spec = replace(base, dtype=dtype, **overrides)
-                    started = time.perf_counter()
-                    rows.append(_row("a", spec, scheme, estimate(spec)))
-                    log(f"  a: {res}² ipc {ipc} T={steps} {algorithm} {scheme} {dtype}: "
-                        f"{rows[-1]['peak_gib']:.2f} GiB ({time.perf_counter() - started:.0f} s)")
-            for dtype in ("fp32", "bf16") if plan_chunks else ():
-                spec = replace(base, dtype=dtype, **SCHEMES["ours"])
-                _, best = plan(spec, PLAN_BUDGET, chunks=[c for c in plan_chunks if c <= spec.images],
-                               dtypes=(dtype,))
+                spec = replace(base, **{"chunk": chunk, **overrides})
+                started = time.process_time()
+                rows.append(_row("a", spec, scheme, estimate(spec), comparison="equal chunk"))
+                log(f"  a, equal chunk: {res}² ipc {ipc} T={steps} {algorithm} {scheme}: "
+                    f"{rows[-1]['peak_gib']:.2f} GiB, {rows[-1]['tflops']:.1f} TFLOP "
+                    f"({time.process_time() - started:.0f} s CPU)")
+            for gib in budgets_gib:
+                budget = int(gib * 2**30)
+                released, default = released_at_budget(base, budget)
+                _, best = plan(base, budget, **{"dtypes": ("fp32",), **(plan_options or {})})
+                extra = dict(comparison="equal budget", budget_gib=gib, released_default_tflops=default.tflops)
+                rows.append(_row("a", (released or default).spec, "released (as released)", released or default,
+                                 fits=released is not None, **extra))
                 if best is not None:
-                    rows.append(_row("a", best.estimate.spec, "ours, planner's chunk (8 GiB)", best.estimate))
-                    log(f"  a: {res}² ipc {ipc} T={steps} {algorithm} planned {dtype}: chunk "
-                        f"{best.estimate.spec.chunk}, {rows[-1]['peak_gib']:.2f} GiB")
-                else:
-                    log(f"  a: {res}² ipc {ipc} T={steps} {algorithm} planned {dtype}: nothing fits 8 GiB")
+                    rows.append(_row("a", best.spec, "ours (planner's choice)", best.estimate, fits=True, **extra))
+                log(f"  a, equal budget {gib} GiB: {res}² ipc {ipc} T={steps} {algorithm}: released "
+                    + (f"chunk {released.spec.chunk}" if released else "does not fit") + ", ours "
+                    + (f"{best.mode}, chunk {best.spec.chunk}, decoder {best.spec.decoder_chunk}"
+                       if best else "nothing fits"))
     return rows
 
 
 def simulated_growth(prior: str = "cin256-v2", syn_steps=(10, 20, 40, 80), log=print) -> list[dict]:
+    """Part b: both sides at chain chunk 10 and student micro-batches of 10, fp32."""
     rows = []
-    base = IterationSpec(prior=prior, res=256, ipc=10, steps=20, algorithm="dm")
+    base = IterationSpec(prior=prior, res=256, ipc=10, steps=20, algorithm="dm", chunk=EQUAL_CHUNK,
+                         micro_batch=STUDENT_BATCH)
     growth = [("steps", t, replace(base, steps=t)) for t in (10, 20, 40, 80)]
     growth += [("ipc", n, replace(base, ipc=n)) for n in (1, 10, 50)]
     mtt = replace(base, algorithm="mtt")
     growth += [("syn_steps", n, replace(mtt, syn_steps=n, mtt_gradient=g))
                for g in ("truncated", "full") for n in syn_steps]
+    schemes = {"released (as released)": RELEASED, OURS_AT_CHUNK: SCHEMES[OURS_AT_CHUNK]}
     for name, value, spec in growth:
-        for scheme in ("released", "ours"):
-            if name == "syn_steps" and scheme == "released":
+        for scheme, overrides in schemes.items():
+            if name == "syn_steps" and scheme.startswith("released"):
                 continue
-            spec_s = replace(spec, **SCHEMES[scheme])
+            spec_s = replace(spec, **overrides)
             row = _row("b", spec_s, scheme, estimate(spec_s))
             row["varied"] = name
             rows.append(row)
@@ -280,30 +330,81 @@ def _cpu_name() -> str:
     return f"CPU: {cpu_model()} ({os.cpu_count()} cores)"
 
 
+def _peak_phase(row: dict) -> str:
+    return max(row["phase_peaks_gib"], key=row["phase_peaks_gib"].get)
+
+
+def _setting(r: dict) -> str:
+    """A row's own settings in words: mode, chain chunk, decoder chunk, student batch."""
+    student = f"student micro-batch {r['micro_batch']}" if r["micro_batch"] else "full-batch student"
+    chunk = f"chunk {r['chunk'] or 'all'}"
+    if r["grad_mode"] == "recompute":
+        chunk += f", decoder {r['decoder_chunk'] or r['chunk'] or 'all'}"
+    inner = ", attention checkpointed inside" if r.get("checkpoint_attention") else ""
+    return f"{r['mode']}{inner}; {chunk}; {student}"
+
+
+def _markdown_a(a: list[dict]) -> list[str]:
+    out = []
+    same = [r for r in a if r.get("comparison") == "equal chunk"]
+    if same:
+        out += [f"### a1. Equal chunk: both sides chain chunk {EQUAL_CHUNK}, student micro-batches of "
+                f"{STUDENT_BATCH}, fp32 (cin256-v2, 10 classes, CFG 3; {SIMULATED})", "",
+                "| res | IPC | T | alg | scheme | settings | peak GiB | peak phase | TFLOP/iter | "
+                "vs released peak | vs released FLOPs |",
+                "|---:|---:|---:|---|---|---|---:|---|---:|---:|---:|"]
+        for r in same:
+            ref = next(x for x in same if x["scheme"] == "released (as released)" and x["res"] == r["res"]
+                       and x["ipc"] == r["ipc"] and x["algorithm"] == r["algorithm"])
+            out.append(f"| {r['res']} | {r['ipc']} | {r['steps']} | {r['algorithm']} | {r['scheme']} | "
+                       f"{_setting(r)} | {r['peak_gib']:.2f} | {_peak_phase(r)} | {r['tflops']:.1f} | "
+                       f"{r['peak_gib'] / ref['peak_gib']:.2f}x | {r['tflops'] / ref['tflops']:.2f}x |")
+        out.append("")
+    budget = [r for r in a if r.get("comparison") == "equal budget"]
+    if budget:
+        out += ["### a2. Equal memory budget: each scheme at its fastest configuration that fits, fp32 "
+                f"(released: its full-batch student, its largest chunk that fits; ours: the planner's choice, "
+                f"student micro-batches of {STUDENT_BATCH}; {SIMULATED})", "",
+                "| res | IPC | T | alg | budget | released: settings | peak GiB | TFLOP/iter | ours: settings | "
+                "peak GiB | TFLOP/iter | ours / released FLOPs |",
+                "|---:|---:|---:|---|---:|---|---:|---:|---|---:|---:|---:|"]
+        keys = sorted({(r["res"], r["ipc"], r["steps"], r["algorithm"], r["budget_gib"]) for r in budget},
+                      key=lambda k: (-k[0], k[1], k[3], k[4]))
+        for key in keys:
+            group = [r for r in budget if (r["res"], r["ipc"], r["steps"], r["algorithm"], r["budget_gib"]) == key]
+            rel = next(r for r in group if r["scheme"].startswith("released"))
+            ours = next((r for r in group if r["scheme"].startswith("ours")), None)
+            if rel["fits"]:
+                rel_cells = f"{_setting(rel)} | {rel['peak_gib']:.2f} | {rel['tflops']:.1f}"
+                ratio = f"{ours['tflops'] / rel['tflops']:.2f}x" if ours else ""
+            else:
+                rel_cells = (f"does not fit (chunk {rel['chunk']}: {rel['peak_gib']:.2f} GiB, "
+                             f"{_peak_phase(rel)}) | - | -")
+                ratio = (f"({ours['tflops'] / rel['released_default_tflops']:.2f}x its chunk-{rel['chunk']} FLOPs)"
+                         if ours else "")
+            ours_cells = (f"{_setting(ours)} | {ours['peak_gib']:.2f} | {ours['tflops']:.1f}" if ours
+                          else "nothing fits | - | -")
+            out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]:g} GiB | {rel_cells} | "
+                       f"{ours_cells} | {ratio} |")
+        out.append("")
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
     """The report: one table per part."""
     out = []
-    a = [r for r in rows if r["part"] == "a"]
-    if a:
-        out += ["### a. Simulated at full scale (cin256-v2 prior, 10 classes, CFG 3; fake tensors)", "",
-                "| res | IPC | T | alg | scheme | chunk | dtype | peak GiB | peak phase | TFLOP/iter | vs released peak | vs released FLOPs |",
-                "|---:|---:|---:|---|---|---:|---|---:|---|---:|---:|---:|"]
-        for r in a:
-            ref = next(x for x in a if x["scheme"] == "released" and x["res"] == r["res"]
-                       and x["ipc"] == r["ipc"] and x["algorithm"] == r["algorithm"])
-            phase = max(r["phase_peaks_gib"], key=r["phase_peaks_gib"].get)
-            out.append(f"| {r['res']} | {r['ipc']} | {r['steps']} | {r['algorithm']} | {r['scheme']} | "
-                       f"{r['chunk'] or 'all'} | {r['dtype']} | {r['peak_gib']:.2f} | {phase} | {r['tflops']:.1f} | "
-                       f"{r['peak_gib'] / ref['peak_gib']:.2f}x | {r['tflops'] / ref['tflops']:.2f}x |")
-        out.append("")
+    out += _markdown_a([r for r in rows if r["part"] == "a"])
     b = [r for r in rows if r["part"] == "b"]
     if b:
-        out += ["### b. Growth of the simulated peak (256², DM unless MTT; chunks of 10)", "",
-                "| varied | value | scheme | MTT gradient | peak GiB |", "|---|---:|---|---|---:|"]
+        out += ["### b. Growth of the simulated peak (256², IPC 10, T=20 unless varied; DM unless MTT; fp32; "
+                f"both sides chain chunk {EQUAL_CHUNK}, student micro-batches of {STUDENT_BATCH})", "",
+                "| varied | value | scheme | decoder chunk | MTT gradient | peak GiB | peak phase |",
+                "|---|---:|---|---:|---|---:|---|"]
         for r in b:
             value = r[r["varied"]]
             grad = r["mtt_gradient"] if r["varied"] == "syn_steps" else ""
-            out.append(f"| {r['varied']} | {value} | {r['scheme']} | {grad} | {r['peak_gib']:.2f} |")
+            out.append(f"| {r['varied']} | {value} | {r['scheme']} | {r['decoder_chunk'] or r['chunk']} | {grad} | "
+                       f"{r['peak_gib']:.2f} | {_peak_phase(r)} |")
         out.append("")
     c = [r for r in rows if r["part"] == "c"]
     if c:

@@ -11,8 +11,9 @@ def add_arguments(parser):
     parser.add_argument("--prior", default="cin256-v2", help="prior simulated in parts a and b")
     parser.add_argument("--settings", default="256:10:20,128:1:10,128:10:10",
                         help="part a: comma-separated res:ipc:T settings")
-    parser.add_argument("--plan-chunks", default="1,2,5,10",
-                        help="part a: chunks the planner may choose for the 8 GiB rows ('' skips them)")
+    parser.add_argument("--budgets", default="8,24,80",
+                        help="part a: memory budgets in GiB for the equal-budget rows ('' skips them)")
+    parser.add_argument("--algorithms", default="dm,mtt", help="part a: distillation algorithms")
     parser.add_argument("--syn-steps", default="10,20,40,80", help="part b: MTT syn_steps values")
     parser.add_argument("--resolutions", default="32,128", help="part c: image sides to time")
     parser.add_argument("--iterations", type=int, default=3, help="part c: timed iterations per variant")
@@ -32,8 +33,10 @@ def run(args) -> int:
     rows = []
     if "a" in args.parts:
         settings = [tuple(int(x) for x in item.split(":")) for item in args.settings.split(",") if item]
-        chunks = tuple(int(c) for c in args.plan_chunks.split(",") if c.strip())
-        rows += bench.simulated_full_scale(args.prior, settings=settings, plan_chunks=chunks)
+        budgets = tuple(float(b) for b in args.budgets.split(",") if b.strip())
+        algorithms = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
+        rows += bench.simulated_full_scale(args.prior, settings=settings, budgets_gib=budgets,
+                                           algorithms=algorithms)
     if "b" in args.parts:
         syn_steps = tuple(int(n) for n in args.syn_steps.split(",") if n.strip())
         rows += bench.simulated_growth(args.prior, syn_steps=syn_steps)
