@@ -96,7 +96,7 @@ def _sac_policy(min_flops: float):
     return policy
 
 
-def _transformer_blocks_owner(model: torch.nn.Module) -> list[torch.nn.Module]:
+def _transformer_models(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The diffusers `Transformer2DModel`s inside a denoiser (the CompVis SpatialTransformers,
     whose BasicTransformerBlocks the released UNet checkpoints with `checkpoint=True`)."""
     return [m for m in model.modules()
@@ -272,7 +272,7 @@ class LD3MGenerator(torch.nn.Module):
         self.store_steps = int(store_steps)
         self.sac_min_flops = sac_min_flops
         self.checkpoint_attention = bool(checkpoint_attention)
-        self._transformers = _transformer_blocks_owner(prior.denoiser) if checkpoint_attention else []
+        self._transformers = _transformer_models(prior.denoiser) if checkpoint_attention else []
         self.output_size = output_size
         self.latent_shape = prior.latent_shape(render_size)
         self.schedule = ChainSchedule.build(prior.alphas_cumprod, steps, eta=eta, skip=skip)
@@ -462,8 +462,7 @@ class LD3MGenerator(torch.nn.Module):
 
     # --------------------------------------------------------------- forward
     def chunks(self, batch: int):
-        size = self.chunk_size or batch
-        return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
+        return pieces(batch, self.chunk_size)
 
     def forward(self, Z: torch.Tensor, c: torch.Tensor, noise: ChainNoise) -> torch.Tensor:
         if Z.shape[0] != c.shape[0] or Z.shape[0] != noise.start.shape[0]:
