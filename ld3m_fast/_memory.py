@@ -27,7 +27,9 @@ import sys
 # <malloc.h>
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_TRIM_NEVER = 2**31 - 1  # mallopt takes an int; ~2 GiB of free heap top stays with the process
+# mallopt(3): -1 disables trimming completely. (A positive int tops out at 2 GiB, and at 128²
+# an iteration frees more than that at once: measured 1.2 million faults per iteration.)
+_TRIM_NEVER = -1
 
 _applied = False
 
