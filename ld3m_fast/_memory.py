@@ -12,7 +12,13 @@ over a run; a fresh 44 MB output costs 2.3x an add into an existing buffer.
 (`M_MMAP_MAX = 0`) and never to trim the heap's free top (`M_TRIM_THRESHOLD`), so a
 freed block is reused by the next allocation of its size without faulting. The cost:
 the process keeps its peak heap size until it exits (what a long-running job wants
-anyway, and what PyTorch's CUDA caching allocator does on GPUs).
+anyway, and what PyTorch's CUDA caching allocator does on GPUs), and that peak is
+higher: PyTorch asks for 64-byte-aligned blocks, which glibc pads, so a freed block
+does not fit the next request of its size until neighbouring holes have merged; the
+heap settles after a few iterations at up to several times the largest block.
+Measured peak RSS, one thread: the embedded default 590 -> 1020 MiB; DM at 128², IPC
+10: 5.6 -> 7.3 GiB. In exchange the minor faults drop from ~390,000 to ~4 per iteration
+and the system time from ~0.8 s to 0 (embedded default).
 
 The CLI calls it once at start-up. It changes nothing but the C allocator's policy
 (no tensor values), is a no-op where the C library is not glibc, and
