@@ -1,12 +1,14 @@
 """Test tiers: the default run is the CPU tier; `slow` is opt-in, `gpu` needs CUDA."""
 import os
 
-# Must be set before anything imports triton: Triton kernels then run on CPU tensors.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import pytest  # noqa: E402
-import torch  # noqa: E402
+import torch  # noqa: E402  (torch does not import triton)
+
+# Must be set before anything imports triton: without a GPU, Triton kernels run on CPU tensors
+# through the interpreter; with one, the GPU tier runs the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_addoption(parser):

@@ -65,7 +65,7 @@ def run_forward_backward(fn, tensors, skip, sigma, grad_out):
 def check_against_reference(op_fn, tensors, skip, sigma, dtype):
     """op vs float64 oracle, bounded by the plain low-precision reference's error."""
     generator = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(tensors[0].shape, generator=generator).to(dtype)
+    grad_out = torch.randn(tensors[0].shape, generator=generator).to(device=tensors[0].device, dtype=dtype)
     out, grads = run_forward_backward(op_fn, tensors, skip, sigma, grad_out)
     wide = [None if t is None else t.to(torch.float64) for t in tensors]
     oracle, oracle_grads = run_forward_backward(ld3m_step_ref, wide, skip, sigma, grad_out.to(torch.float64))
