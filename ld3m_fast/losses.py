@@ -184,35 +184,38 @@ def real_class_means(network, blocks, draws, *, dsa=None, batch: int | None = No
 
     blocks[k]: class k's real images (a tensor or a `RealBlock`); draws[k]: its DSA draw.
     The classes are augmented one by one and streamed through the network in forwards of
-    `batch` images (None: all at once), which may span classes: memory holds one forward's
+    at most `batch` images (None: all at once) holding whole classes; a class of more than
+    `batch` images goes alone, in pieces of `batch` counted from its first image. So a
+    class's sum is added up in the same pieces whichever classes come before it (a process
+    holding only some of the classes gets the same sums), and memory holds one forward's
     worth of images, whatever the class count.
     """
     counts = [b.count if isinstance(b, RealBlock) else b.shape[0] for b in blocks]
-    total = None
+    state = {"total": None}
     pending, pending_rows = [], 0
+
+    def forward(pieces):
+        classes = torch.cat([torch.full((x.shape[0],), k, dtype=torch.long, device=x.device) for k, x in pieces])
+        embedding = network.embed(pieces[0][1] if len(pieces) == 1 else torch.cat([x for _, x in pieces]))
+        sums = embedding.new_zeros(len(blocks), embedding.shape[1]).index_add(0, classes, embedding)
+        state["total"] = sums if state["total"] is None else state["total"] + sums
+
     with torch.no_grad():
         for k, (block, draw) in enumerate(zip(blocks, draws)):
+            if pending and batch is not None and pending_rows + counts[k] > batch:
+                forward(pending)
+                pending, pending_rows = [], 0
             images = block.load() if isinstance(block, RealBlock) else block
-            pending.append((k, augment(dsa, images, draw)))
-            pending_rows += images.shape[0]
-            last = k == len(blocks) - 1
-            while pending and (last or batch is not None and pending_rows >= batch):
-                take = pending_rows if batch is None else min(batch, pending_rows)
-                piece, classes, rest = [], [], take
-                while rest:
-                    cls, rows = pending[0]
-                    used = rows[:rest]
-                    piece.append(used)
-                    classes.append(torch.full((used.shape[0],), cls, dtype=torch.long, device=used.device))
-                    if used.shape[0] == rows.shape[0]:
-                        pending.pop(0)
-                    else:
-                        pending[0] = (cls, rows[used.shape[0]:])
-                    rest -= used.shape[0]
-                pending_rows -= take
-                embedding = network.embed(piece[0] if len(piece) == 1 else torch.cat(piece))
-                sums = embedding.new_zeros(len(blocks), embedding.shape[1]).index_add(0, torch.cat(classes), embedding)
-                total = sums if total is None else total + sums
+            augmented = augment(dsa, images, draw)
+            if batch is not None and augmented.shape[0] > batch:
+                for part in micro_batches(augmented.shape[0], batch):
+                    forward([(k, augmented[part])])
+                continue
+            pending.append((k, augmented))
+            pending_rows += augmented.shape[0]
+        if pending:
+            forward(pending)
+        total = state["total"]
         sizes = torch.tensor(counts, dtype=total.dtype, device=total.device)
         return total / sizes[:, None]
 
@@ -403,6 +406,9 @@ def mtt_plan(count: int, syn_steps: int, *, batch_syn: int | None = None, dsa=No
 
     The whole batch every step unless `batch_syn` < count (then a random subset drawn
     from `generator`); one DSA draw per step from `dsa_generator`.
+
+    A step may also be (indices, draw, batch): one process's part of a step whose whole
+    batch has `batch` images on all processes together (`mtt_loss_from_plan` with `comm`).
     """
     plan = []
     batch = count if batch_syn is None else min(int(batch_syn), count)
@@ -422,12 +428,23 @@ def mtt_plan(count: int, syn_steps: int, *, batch_syn: int | None = None, dsa=No
     return plan
 
 
+def _step_parts(step):
+    """(indices, draw, whole batch size) of a plan step: (index, draw) or (index, draw, batch)."""
+    index, draw, *batch = step
+    return index, draw, (batch[0] if batch else index.numel())
+
+
 def student_gradient(student, theta, x_aug, targets, micro_batch: int | None = None, *,
-                     create_graph: bool = False) -> torch.Tensor:
-    """g = dCE/dtheta at `theta` (P,) of the batch mean, summed over micro-batches."""
-    count = x_aug.shape[0]
+                     create_graph: bool = False, count: int | None = None) -> torch.Tensor:
+    """g = dCE/dtheta at `theta` (P,) of the batch mean, summed over micro-batches.
+
+    count: the batch size the mean divides by (default: x_aug's; a process holding part of
+    a batch divides by the whole batch's, and the parts are summed across processes)."""
+    count = x_aug.shape[0] if count is None else int(count)
+    if x_aug.shape[0] == 0:  # none of this step's images on this process
+        return theta * 0.0 if create_graph else torch.zeros_like(theta)
     total = None
-    for part in micro_batches(count, micro_batch):
+    for part in micro_batches(x_aug.shape[0], micro_batch):
         loss = F.cross_entropy(student(theta, x_aug[part]), targets[part], reduction="sum") / count
         (g,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
         total = g if total is None else total + g
@@ -442,26 +459,30 @@ class _TruncatedMTT(torch.autograd.Function):
     backward (pass 2): walks the trajectory again (same arithmetic, so the same theta_i)
     and takes d(g_i . v)/d images step by step, v = -2 alpha r / D: one step's graph alive
     at a time, so memory does not grow with the number of steps; dL/dalpha = -2 G.r / D.
+    Split across processes (`comm`), every g_i is the all-reduced sum of the processes'
+    parts (in both passes), so every process walks the same theta_i.
     """
 
     @staticmethod
-    def forward(ctx, images, alpha, student, start, target, labels, plan, dsa, micro_batch):
+    def forward(ctx, images, alpha, student, start, target, labels, plan, dsa, micro_batch, comm):
         from .ops import mtt_truncated_terms
 
         alpha_value = alpha.detach()
         grad_sum = torch.zeros_like(start)
         theta = start
         with torch.enable_grad():
-            for index, draw in plan:
+            for step in plan:
+                index, draw, count = _step_parts(step)
                 theta = theta.detach().requires_grad_(True)
                 with torch.no_grad():
-                    x_aug = augment(dsa, images[index], draw)
-                g = student_gradient(student, theta, x_aug, labels[index], micro_batch)
+                    x_aug = augment(dsa, images[index], draw) if index.numel() else images[index]
+                g = _all_reduce(comm, student_gradient(student, theta, x_aug, labels[index], micro_batch,
+                                                       count=count))
                 grad_sum += g
                 theta = theta.detach() - alpha_value * g
         loss, v, dloss_dalpha = mtt_truncated_terms(start, grad_sum, target, alpha_value)
         ctx.save_for_backward(images, start, labels, v, dloss_dalpha)
-        ctx.student, ctx.plan, ctx.dsa, ctx.micro_batch = student, plan, dsa, micro_batch
+        ctx.student, ctx.plan, ctx.dsa, ctx.micro_batch, ctx.comm = student, plan, dsa, micro_batch, comm
         ctx.alpha = alpha_value
         return loss
 
@@ -471,15 +492,19 @@ class _TruncatedMTT(torch.autograd.Function):
         image_grad = torch.zeros_like(images)
         theta = start
         with torch.enable_grad():
-            for index, draw in ctx.plan:
+            for step in ctx.plan:
+                index, draw, count = _step_parts(step)
                 theta = theta.detach().requires_grad_(True)
+                if index.numel() == 0:  # none of this step's images here: only the trajectory
+                    g_value = _all_reduce(ctx.comm, torch.zeros_like(theta))
+                    theta = theta.detach() - ctx.alpha * g_value
+                    continue
                 x = images[index].detach().requires_grad_(True)
                 x_aug = augment(ctx.dsa, x, draw)
                 aug_grad = torch.zeros_like(x_aug)
-                count = x_aug.shape[0]
                 targets = labels[index]
                 g_value = None
-                for part in micro_batches(count, ctx.micro_batch):
+                for part in micro_batches(x_aug.shape[0], ctx.micro_batch):
                     x_part = x_aug[part].detach().requires_grad_(True)
                     loss_part = F.cross_entropy(ctx.student(theta, x_part), targets[part],
                                                 reduction="sum") / count
@@ -491,29 +516,43 @@ class _TruncatedMTT(torch.autograd.Function):
                 else:
                     step_grad = aug_grad
                 image_grad.index_add_(0, index, step_grad)
-                theta = theta.detach() - ctx.alpha * g_value
+                theta = theta.detach() - ctx.alpha * _all_reduce(ctx.comm, g_value)
         lr_grad = (dloss_dalpha * grad_loss).to(ctx.alpha.dtype).reshape(ctx.alpha.shape)
-        return image_grad * grad_loss, lr_grad, None, None, None, None, None, None, None
+        return image_grad * grad_loss, lr_grad, None, None, None, None, None, None, None, None
+
+
+def _all_reduce(comm, g: torch.Tensor) -> torch.Tensor:
+    return g if comm is None else comm.all_reduce_(g)
 
 
 def mtt_loss_from_plan(student, images, labels, alpha, start, target, plan, *, dsa=None,
-                       micro_batch: int | None = None, gradient: str = "truncated") -> torch.Tensor:
+                       micro_batch: int | None = None, gradient: str = "truncated", comm=None) -> torch.Tensor:
     """The MTT loss for a drawn `plan` (the piece `mtt_loss` and the MTT object share).
 
     gradient="truncated": value = the loss, gradient = the truncated form (`_TruncatedMTT`);
     gradient="full": exact autograd through all unrolled steps (memory grows with them).
+
+    comm (`ld3m_fast.distributed`, None: one process): `images` are this process's part of
+    the synthetic set and the plan's steps its parts (index, draw, whole batch size); every
+    step's parameter gradient is summed over the processes (all-reduce), so every process
+    gets the same loss and dL/dalpha, and the gradient of its own images.
     """
     if gradient == "truncated":
-        return _TruncatedMTT.apply(images, alpha, student, start, target, labels, plan, dsa, micro_batch)
+        return _TruncatedMTT.apply(images, alpha, student, start, target, labels, plan, dsa, micro_batch, comm)
     if gradient != "full":
         raise LD3MError(f"unknown MTT gradient {gradient!r}; choose one of {', '.join(MTT_GRADIENTS)}")
     from .ops import trajectory_matching_distance
 
     theta = start.clone().requires_grad_(True)
-    for index, draw in plan:
-        g = student_gradient(student, theta, augment(dsa, images[index], draw), labels[index], micro_batch,
-                             create_graph=True)
-        theta = theta - alpha * g
+    for step in plan:
+        index, draw, count = _step_parts(step)
+        # Split: theta is the same on every process, and each one's part of the step uses it,
+        # so its gradient is summed over the processes (`replicated`); the parts of g are summed
+        # forward (`sum_across_ranks`). One process: both are the identity.
+        theta_in = theta if comm is None else comm.replicated(theta)
+        x_aug = augment(dsa, images[index], draw) if index.numel() else images[index]
+        g = student_gradient(student, theta_in, x_aug, labels[index], micro_batch, create_graph=True, count=count)
+        theta = theta - alpha * (g if comm is None else comm.sum_across_ranks(g))
     return trajectory_matching_distance(theta, start, target)
 
 

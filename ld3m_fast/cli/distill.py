@@ -90,11 +90,12 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
 def apply_threads(args) -> None:
     """Set torch's CPU thread count from --threads, or the default policy."""
     from .._threads import apply_threads as apply, default_threads
+    from ..distributed import processes_per_node
 
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
         raise LD3MError(f"--threads must be >= 1, got {threads}")
-    apply(threads if threads is not None else default_threads())
+    apply(threads if threads is not None else max(1, default_threads() // processes_per_node()))
 
 
 def read_config_file(path) -> dict:
@@ -141,8 +142,10 @@ def new_run_config(args):
     settings = with_preset(settings)
     if settings.get("threads") is None:
         from .._threads import default_threads
+        from ..distributed import processes_per_node
 
-        settings["threads"] = default_threads()
+        # The idle cores, shared by the processes torchrun started on this machine.
+        settings["threads"] = max(1, default_threads() // processes_per_node())
     return DistillConfig.from_dict({**DistillConfig().to_dict(), **settings}, where=where)
 
 

@@ -9,6 +9,10 @@ this machine (measured: a few training steps of every architecture); then progre
 every accuracy as it comes. Results: eval.json and eval.md (eval.png when several sets
 are compared) in `--out` (default: the run folder, when one run is evaluated), rewritten
 after every finished job.
+
+Under torchrun (`torchrun --nproc-per-node N -m ld3m_fast eval ...`) the jobs are spread over
+the ranks (longest estimated first, to the least loaded rank); every job's result depends
+only on (set, architecture, seed), so rank 0 gathers them and writes the same report.
 """
 from __future__ import annotations
 
@@ -274,12 +278,15 @@ def _estimate(all_sets, config, jobs, test, res, num_classes, device) -> dict:
 def run(args) -> int:
     import torch
 
+    from .. import distributed
     from ..data import load_dataset
     from ..distill import evaluation as ev
     from ..distill import resolve_device
 
+    comm = distributed.from_environment(args.device)
+    main = comm.is_main
     apply_threads(args)
-    device = resolve_device(args.device)
+    device = comm.device(resolve_device(args.device))
     sets, run_configs = [], []
     for path, name in zip(args.sets, _unique_names(args.sets)):
         eval_set, run_config = ev.load_eval_set(path, name=name)
@@ -317,10 +324,17 @@ def run(args) -> int:
                                        source=f"the whole train split of {train.description}"))
 
     jobs = ev.plan_jobs([s.name for s in all_sets], config)
-    _print_plan(all_sets, config, jobs, test, res, num_classes)
-    estimate = _estimate(all_sets, config, jobs, test, res, num_classes, device)
+    estimate = None
+    if main:  # the other ranks wait for rank 0's plan at the broadcast below
+        _print_plan(all_sets, config, jobs, test, res, num_classes)
+        estimate = _estimate(all_sets, config, jobs, test, res, num_classes, device)
+        if comm.world_size > 1:
+            print(f"distributed: {comm.describe()}; the jobs are spread over the ranks", flush=True)
     if args.estimate_only:
         return 0
+    if comm.world_size > 1:
+        estimate = comm.broadcast_object(estimate)
+    mine = ev.assign_jobs(jobs, estimate["estimates"], comm.world_size)[comm.rank]
 
     by_name = {s.name: s for s in all_sets}
     infos = {s.name: s.info(num_classes) for s in all_sets}
@@ -344,17 +358,27 @@ def run(args) -> int:
                               distill_arch=ev.DISTILL_ARCH, epochs=config.epochs, seeds=config.seeds)
         return out_report
 
-    progress = Progress(estimate["estimates"], bar=not args.no_progress and sys.stderr.isatty())
+    shown = {jobs[i]: estimate["estimates"][jobs[i]] for i in mine}
+    progress = Progress(shown, bar=main and not args.no_progress and sys.stderr.isatty())
     try:
-        for job in jobs:
+        for i in mine:
+            job = jobs[i]
             result = ev.run_job(job, by_name[job.set], test.images, test.labels, num_classes=num_classes,
                                 config=config, seed=args.seed, device=device,
-                                on_epoch=progress.start(job, config.epochs))
+                                on_epoch=progress.start(job, config.epochs) if main else None)
             results.append(result)
-            progress.finished(job, result)
-            ev.write_report(report(), out, plot=False)  # a cut-off run keeps what it finished
+            if main:
+                progress.finished(job, result)
+                ev.write_report(report(), out, plot=False)  # a cut-off run keeps what it finished
     finally:
         progress.close()
+    if comm.world_size > 1:
+        gathered = comm.gather_to_main(results)
+        if not main:
+            return 0
+        order = {(j.set, j.arch, j.seed): i for i, j in enumerate(jobs)}
+        results[:] = sorted((r for part in gathered for r in part),
+                            key=lambda r: order[(r["set"], r["arch"], r["seed"])])
     final = report()
     written = ev.write_report(final, out, plot=len(sets) > 1)
     print(ev.format_markdown(final))

@@ -3,6 +3,10 @@
 User errors (`LD3MError`, and malformed flags) print one line on stderr and exit
 with code 2; a run stopped by SIGINT/SIGTERM exits with 128 + the signal number after
 saying how to resume; anything else is a bug and keeps its traceback.
+
+Under torchrun (`python -m ld3m_fast`, `ld3m_fast/__main__.py`) every rank runs this; an
+error raised alike on every rank is printed by rank 0 only, a failed collective by each
+rank that sees it (`ld3m_fast.distributed.reports`), and the process group is left at exit.
 """
 from __future__ import annotations
 
@@ -55,15 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()  # reuse freed large blocks: no page-fault churn (see ld3m_fast/_memory.py)
+    from .. import distributed
+
     try:
         return int(args._run(args) or 0)
     except LD3MError as error:
-        print(f"ld3m-fast {args.command}: error: {error}", file=sys.stderr)
+        if distributed.reports(error):
+            print(f"ld3m-fast {args.command}: error: {error}", file=sys.stderr, flush=True)
         return getattr(error, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"ld3m-fast {args.command}: interrupted; files already written are complete "
               "(every write is atomic)", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

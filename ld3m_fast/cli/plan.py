@@ -1,7 +1,9 @@
 """`ld3m-fast plan`: peak memory and FLOPs per iteration before a run starts.
 
 Prints every candidate (mode, chunk, decoder chunk, dtype) the planner simulated, its choice,
-and the released scheme in the same setting. `--json PATH` writes one object:
+and the released scheme in the same setting. `--world-size N` plans one GPU of an N-process
+run (`torchrun`, docs/distributed.md): the busiest rank's classes, with the whole Z and c
+every rank holds. `--json PATH` writes one object:
 
     {"setting": {prior, res, ipc, classes, steps, algorithm, budget_bytes, ...},
      "candidates": [{mode, chunk, decoder_chunk, dtype, peak_bytes, flops, fits, ...}],
@@ -31,7 +33,9 @@ def add_arguments(parser):
                         help="student micro-batch (exact with per-sample norm); 0 = full batch")
     parser.add_argument("--syn-steps", type=int, default=10)
     parser.add_argument("--mtt-gradient", choices=("truncated", "full"), default="truncated")
-    parser.add_argument("--budget", default="24GiB", help="device memory budget, e.g. 24GiB, 40GB")
+    parser.add_argument("--budget", default="24GiB", help="device memory budget (per GPU), e.g. 24GiB, 40GB")
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="processes (GPUs) of the run: plan one rank's share of the classes (default 1)")
     parser.add_argument("--chunks", default="", help="comma-separated chunk sizes to try (default: automatic)")
     parser.add_argument("--decoder-chunks", default="",
                         help="comma-separated decoder chunk sizes to try (default: 1, 2, 5, ... up to the chunk)")
@@ -48,10 +52,15 @@ def add_arguments(parser):
 
 
 def spec_from_args(args) -> IterationSpec:
+    from ..distributed import class_share
+
+    if args.world_size < 1:
+        raise LD3MError(f"--world-size must be >= 1, got {args.world_size}")
+    class_share(args.classes, 0, args.world_size)  # more processes than classes: one line
     return IterationSpec(prior=args.prior, res=args.res, ipc=args.ipc, num_classes=args.classes,
                          steps=args.steps, guidance=args.guidance, algorithm=args.algorithm,
                          grad_mode=args.grad_mode, micro_batch=args.micro_batch or None,
-                         syn_steps=args.syn_steps, mtt_gradient=args.mtt_gradient)
+                         syn_steps=args.syn_steps, mtt_gradient=args.mtt_gradient, world_size=args.world_size)
 
 
 def _ints(text: str, flag: str) -> list[int] | None:
@@ -95,8 +104,10 @@ def run(args) -> int:
     budget = parse_bytes(args.budget)
     spec = spec_from_args(args)
     chunks = _ints(args.chunks, "--chunks")
+    ranks = ("" if spec.world_size == 1 else
+             f", one GPU of {spec.world_size} ({spec.local_classes} classes = {spec.images} images on the busiest)")
     print(f"planning {spec.algorithm.upper()} on {spec.prior} at {spec.res}², IPC {spec.ipc} x "
-          f"{spec.num_classes} classes, T={spec.steps}, {spec.grad_mode}, budget {format_bytes(budget)} "
+          f"{spec.num_classes} classes{ranks}, T={spec.steps}, {spec.grad_mode}, budget {format_bytes(budget)} "
           "(simulated with fake tensors on the CPU dispatch path)")
     candidates, best = plan(spec, budget, chunks=chunks, dtypes=tuple(args.dtypes.split(",")),
                             decoder_chunks=_ints(args.decoder_chunks, "--decoder-chunks"),
@@ -122,6 +133,7 @@ def run(args) -> int:
         setting = {"prior": spec.prior, "res": spec.res, "ipc": spec.ipc, "classes": spec.num_classes,
                    "steps": spec.steps, "algorithm": spec.algorithm, "budget_bytes": budget,
                    "guidance": spec.guidance, "micro_batch": spec.micro_batch, "grad_mode": spec.grad_mode,
+                   "world_size": spec.world_size, "classes_per_gpu": spec.local_classes,
                    "device": "simulated (fake tensors, CPU dispatch path)"}
         path = Path(args.json)
         write_text_atomic(path, json.dumps(summary(setting, candidates, best, released), indent=2) + "\n")

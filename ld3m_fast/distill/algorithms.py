@@ -16,7 +16,17 @@ Algorithms with learnable state of their own (MTT's student learning rate)
 expose it through `parameters()` and fill its `.grad` during `image_gradient`.
 
 Randomness: every draw (network init, real batches, expert choice, DSA) comes
-from the explicit generators in the `StepContext`, never from the global RNG.
+from `ctx.stream(purpose, key)`, never from the global RNG. A run's context has a seed:
+each (iteration, purpose, class or student step) then gets a fresh generator of its
+own (`stream_generator`), so a draw does not depend on which process makes it or on
+what was drawn before: the result is independent of the world size, and a checkpoint
+needs only the iteration. Without a seed (tests, the planner) the two sequential
+generators `ctx.generator` / `ctx.dsa_generator` serve every purpose, in the same order.
+
+Distributed (`ld3m_fast.distributed`): the loop hands an algorithm only this rank's
+images (`ctx.rows` of the whole set); DM and DC are per class and sum their loss over
+the ranks; MTT splits every student step's batch by owner and all-reduces the step's
+parameter gradient (`ctx.comm`).
 
 The losses themselves are `ld3m_fast.losses` (dm_loss, dc_loss, mtt_loss and their
 pieces): these objects draw what an iteration needs and call them.
@@ -30,7 +40,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from .._host import draw_int
+from .._host import draw_int, host_values
 from ..errors import LD3MError
 from ..losses import (FlatNetwork, RealBlock, augment, class_groups, dc_class_term, default_real_batch,
                       dm_loss_from_blocks, draw_for_class, gradient_distance, micro_batches, mtt_loss_from_plan,
@@ -47,6 +57,41 @@ def stream_generator(seed: int, stream: str) -> torch.Generator:
     """A CPU generator for one named random stream, independent of every other stream/seed pair."""
     digest = hashlib.sha256(f"ld3m-fast:{seed}:{stream}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def iteration_stream(seed: int, iteration: int, purpose: str, key=None) -> torch.Generator:
+    """The generator of one (iteration, purpose[, class or step]) of a run (stateless)."""
+    name = f"iteration:{iteration}:{purpose}" + ("" if key is None else f":{key}")
+    return stream_generator(seed, name)
+
+
+def class_rows(labels: torch.Tensor, classes: range) -> slice:
+    """The rows of the images of `classes` in a class-major set with `labels`: one slice."""
+    from .._host import host_values
+
+    with host_values():
+        mine = torch.nonzero((labels.cpu() >= classes.start) & (labels.cpu() < classes.stop)).flatten()
+        start, stop = int(mine[0]), int(mine[-1]) + 1
+    if stop - start != mine.numel():
+        raise ValueError("the synthetic set is not in class-major order")
+    return slice(start, stop)
+
+
+def class_noise(generator, labels: torch.Tensor, seed: int, stream: str, *, device="cpu"):
+    """Chain noise for images with `labels` (class-major, contiguous classes), one stream per
+    class: `stream:CLASS` of `seed`. Any process drawing a class gets the same noise.
+
+    Returns a `ChainNoise` for labels.shape[0] images, drawn on the CPU and moved to `device`.
+    """
+    from ..generator import ChainNoise
+
+    starts, steps = [], []
+    for cls, index in class_groups(labels):
+        noise = generator.draw_noise(index.numel(), stream_generator(seed, f"{stream}:{cls}"), device="cpu")
+        starts.append(noise.start)
+        steps.append(noise.steps)
+    noise = ChainNoise(torch.cat(starts), None if steps[0] is None else torch.cat(steps, dim=1))
+    return noise.to(device)
 
 
 class RealData:
@@ -86,16 +131,51 @@ class RealData:
 class StepContext:
     """What an algorithm may use besides the synthetic images.
 
-    `generator` drives network inits, real batches and expert choice;
-    `dsa_generator` drives the augmentation draws. Both are CPU generators so
-    that a run is reproducible across devices and resumable from saved states.
+    Randomness (`stream`): with `seed` set (a run), every (iteration, purpose, key) has
+    its own CPU generator derived from the seed; without it, `generator` drives network
+    inits, real batches, expert choice and student batches and `dsa_generator` the
+    augmentation draws, consumed in sequence. CPU generators either way: reproducible
+    across devices.
+
+    Distributed: `rows` is the slice of the whole synthetic set (`total_images` images)
+    whose images this process renders (None: all of them); `comm` the process group
+    (`ld3m_fast.distributed`; a no-op `Single` by default).
     """
 
     real: RealData | None
-    generator: torch.Generator
+    generator: torch.Generator | None = None
     dsa: object | None = None
     dsa_generator: torch.Generator | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int | None = None
+    iteration: int = 0
+    rows: slice | None = None
+    total_images: int | None = None
+    comm: object = field(default_factory=lambda: _single())
+
+    def stream(self, purpose: str, key=None) -> torch.Generator:
+        """The generator for `purpose` ("network", "real", "dsa", "expert", "batch") of this
+        iteration, keyed by class or student step."""
+        if self.seed is None:
+            generator = self.dsa_generator if purpose == "dsa" else self.generator
+            if generator is None:
+                what = "an explicit dsa_generator" if purpose == "dsa" else "an explicit generator"
+                raise LD3MError(f"{purpose} draws need {what} (a torch.Generator) or a seed")
+            return generator
+        return iteration_stream(self.seed, self.iteration, purpose, key)
+
+    def whole(self, count: int) -> int:
+        """The number of images of the whole synthetic set, given this process's `count`."""
+        return count if self.total_images is None else int(self.total_images)
+
+    def first_row(self) -> int:
+        return 0 if self.rows is None else int(self.rows.start or 0)
+
+
+def _single():
+    from ..distributed import Single
+
+    return Single()
 
 
 @dataclass
@@ -230,12 +310,13 @@ class DM(Algorithm):
         loss = dm_loss_from_blocks(net, x, groups, real_blocks, draws, dsa=ctx.dsa, micro_batch=self.micro_batch,
                                    real_batch=default_real_batch(x, self.micro_batch))
         (grad,) = torch.autograd.grad(loss, x)
-        return loss.detach(), grad
+        return ctx.comm.all_reduce_(loss.detach().clone()), grad  # the classes of every rank
 
 
 def _student(spec: NetworkSpec, ctx: StepContext, dtype: torch.dtype) -> nn.Module:
-    """The iteration's freshly drawn network, on the context's device, in `_work_dtype`."""
-    net = _on_device(spec.build_seeded(ctx.generator), ctx.device)
+    """The iteration's freshly drawn network (the same on every rank), on the context's
+    device, in `_work_dtype`."""
+    net = _on_device(spec.build_seeded(ctx.stream("network")), ctx.device)
     return net.double() if _work_dtype(dtype) == torch.float64 else net
 
 
@@ -248,20 +329,26 @@ def _work_dtype(images_dtype: torch.dtype) -> torch.dtype:
 def _draw_classes(batch_real: int, labels: torch.Tensor, ctx: StepContext, dtype: torch.dtype):
     """Per class present in `labels`, in class order: its real batch, then its DSA draw.
 
-    The order of the released loop (and of every earlier version of this one), so each
-    generator is consumed exactly as before: ctx.generator for the real batches,
-    ctx.dsa_generator for one Siamese draw per class of max(n_real, n_syn) rows.
+    The order of the released loop (and of every earlier version of this one), so the
+    sequential generators are consumed exactly as before: ctx.generator for the real
+    batches, ctx.dsa_generator for one Siamese draw per class of max(n_real, n_syn) rows
+    (with a seed: the streams ("real", class) and ("dsa", class)).
     The real batches are returned as loaders (`losses.RealBlock`): the images are
     decoded only when the network reaches them, one forward's worth at a time.
     """
     groups = class_groups(labels)
     real_blocks, draws = [], []
     for cls, index in groups:
-        real_index = ctx.real.draw(cls, batch_real, ctx.generator)
+        real_index = ctx.real.draw(cls, batch_real, ctx.stream("real", cls))
         real_blocks.append(RealBlock(len(real_index), partial(ctx.real.load, real_index, ctx.device,
                                                               _work_dtype(dtype))))
-        draws.append(draw_for_class(ctx.dsa, ctx.dsa_generator, len(real_index), index.numel(), ctx.device))
+        draws.append(draw_for_class(ctx.dsa, _dsa_stream(ctx, cls), len(real_index), index.numel(), ctx.device))
     return groups, real_blocks, draws
+
+
+def _dsa_stream(ctx: StepContext, key):
+    """The DSA generator for `key` (None when there is no augmentation: nothing is drawn)."""
+    return None if ctx.dsa is None else ctx.stream("dsa", key)
 
 
 # --------------------------------------------------------------------------- DC
@@ -297,15 +384,15 @@ class DC(Algorithm):
         grad = torch.zeros_like(images)
         total = images.new_zeros(())
         for cls, index in class_groups(labels):
-            real = ctx.real.load(ctx.real.draw(cls, self.batch_real, ctx.generator), ctx.device,
+            real = ctx.real.load(ctx.real.draw(cls, self.batch_real, ctx.stream("real", cls)), ctx.device,
                                  _work_dtype(images.dtype))
-            draw = draw_for_class(ctx.dsa, ctx.dsa_generator, real.shape[0], index.numel(), real.device)
+            draw = draw_for_class(ctx.dsa, _dsa_stream(ctx, cls), real.shape[0], index.numel(), real.device)
             x = images[index.to(images.device)].detach().requires_grad_(True)
             term = dc_class_term(net, params, augment(ctx.dsa, real, draw), augment(ctx.dsa, x, draw), cls,
                                  self.micro_batch)
             (grad[index],) = torch.autograd.grad(term, x)
             total = total + term.detach()
-        return total, grad
+        return ctx.comm.all_reduce_(total), grad  # the classes of every rank
 
 
 # --------------------------------------------------------------------------- MTT
@@ -354,6 +441,11 @@ class MTT(Algorithm):
 
     `micro_batch` splits each student step into micro-batches (exact: the
     ConvNet's per-sample norm makes samples independent); None = whole batch.
+
+    Distributed: each student step's batch is split by owner (`ctx.rows`); every rank
+    computes its images' part of the step's parameter gradient (divided by the whole
+    batch size) and the parts are all-reduced, so every rank walks the same trajectory
+    and gets the same loss and dL/dalpha; each rank's image gradient is its own rows'.
     """
 
     name = "mtt"
@@ -417,16 +509,40 @@ class MTT(Algorithm):
         return start, target
 
     def draw_steps(self, count: int, ctx: StepContext):
-        """Per student step: (indices of the synthetic batch, DSA draw or None)."""
-        return mtt_plan(count, self.syn_steps, batch_syn=self.batch_syn, dsa=ctx.dsa, generator=ctx.generator,
-                        dsa_generator=ctx.dsa_generator, device=ctx.device)
+        """Per student step of the whole set of `count` images: (indices of the step's
+        batch, DSA draw or None). The batch subset (when `batch_syn` < count) and the DSA
+        draw come from the streams ("batch", step) and ("dsa", step)."""
+        plan = []
+        batch = count if self.batch_syn is None else min(int(self.batch_syn), count)
+        with host_values():  # indices are host bookkeeping (real even while the planner fakes tensors)
+            for step in range(self.syn_steps):
+                # One mtt_plan step per student step: its draws in the order mtt_plan makes them.
+                plan += mtt_plan(count, 1, batch_syn=self.batch_syn, dsa=ctx.dsa,
+                                 generator=ctx.stream("batch", step) if batch < count else None,
+                                 dsa_generator=_dsa_stream(ctx, step), device=ctx.device)
+        return plan
+
+    @staticmethod
+    def own_part(plan, rows: slice | None, device):
+        """This rank's part of every step: (local indices, the draw's rows, the step's whole
+        batch size), a step of `losses.mtt_loss_from_plan`; rows None: the plan itself."""
+        if rows is None:
+            return plan
+        local = []
+        with host_values():
+            for index, draw in plan:
+                index = index.cpu()
+                mine = torch.nonzero((index >= rows.start) & (index < rows.stop)).flatten()
+                part = None if draw is None else draw.select(mine)
+                local.append(((index[mine] - rows.start).to(device), part, int(index.numel())))
+        return local
 
     def image_gradient(self, images, labels, ctx):
-        start, target = self.draw_expert(ctx.generator)
-        plan = self.draw_steps(images.shape[0], ctx)
+        start, target = self.draw_expert(ctx.stream("expert"))
+        plan = self.own_part(self.draw_steps(ctx.whole(images.shape[0]), ctx), ctx.rows, ctx.device)
         x = images.detach().requires_grad_(True)
         loss = mtt_loss_from_plan(self.student, x, labels, self.student_lr, start, target, plan, dsa=ctx.dsa,
-                                  micro_batch=self.micro_batch, gradient=self.gradient)
+                                  micro_batch=self.micro_batch, gradient=self.gradient, comm=ctx.comm)
         image_grad, lr_grad = torch.autograd.grad(loss, [x, self.student_lr])
         self._accumulate_lr_grad(lr_grad)
         return loss.detach(), image_grad
@@ -454,4 +570,5 @@ def build_algorithm(name: str, network: NetworkSpec, *, trajectories=None, batch
 
 
 __all__ = ["DC", "DM", "MTT", "Algorithm", "FlatStudent", "NetworkSpec", "RealData", "StepContext",
-           "build_algorithm", "check_micro_batch", "gradient_distance", "micro_batches", "stream_generator"]
+           "build_algorithm", "check_micro_batch", "class_noise", "gradient_distance", "iteration_stream",
+           "micro_batches", "stream_generator"]

@@ -456,6 +456,19 @@ def plan_jobs(set_names: Iterable[str], config: EvalConfig) -> list[EvalJob]:
             for arch in config.archs]
 
 
+def assign_jobs(jobs: list[EvalJob], seconds: dict, world_size: int) -> list[list[int]]:
+    """Per rank, the indices of the jobs it runs: longest estimated job first, each to the rank
+    with the least estimated work so far (every job's result depends only on the job, so any
+    assignment gives the same report)."""
+    load = [0.0] * world_size
+    assigned: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(jobs)), key=lambda i: (-seconds.get(jobs[i], 0.0), i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        assigned[rank].append(i)
+        load[rank] += seconds.get(jobs[i], 0.0)
+    return [sorted(a) for a in assigned]
+
+
 def build_eval_network(arch: str, generator: torch.Generator, *, num_classes: int, res: int,
                        config: EvalConfig):
     """The network of one job, initialised from `generator` alone (the draw every caller
@@ -785,7 +798,7 @@ def write_report(report: dict, out_dir, *, plot: bool) -> list[Path]:
 
 __all__ = [
     "ARCH_LR", "Calibration", "DEFAULT_POOL", "DISTILL_ARCH", "EvalConfig", "EvalJob", "EvalSet", "PROTOCOLS",
-    "as_network_input", "build_eval_network", "calibrate", "check_eval_set", "corrected_ema_update",
+    "as_network_input", "assign_jobs", "build_eval_network", "calibrate", "check_eval_set", "corrected_ema_update",
     "estimate_seconds", "evaluate_synthetic", "format_duration", "format_markdown", "format_report", "gather",
     "load_eval_set", "mean_std", "plan_jobs", "plot_report", "protocol_config", "random_real_indices",
     "random_real_set", "read_image_folder_set", "read_safetensors_set", "run_job", "summarize",

@@ -5,8 +5,10 @@ final/ (written atomically, file by file):
     images.png             a grid, one row per class
     synthetic.safetensors  the latents Z, class embeddings c and labels (`SyntheticSet.save`)
 
-The export noise comes from its own stream of the run seed, so re-rendering the saved
-latents with the saved noise gives the same images.
+The export noise comes from its own streams of the run seed (one per class, "export:CLASS"),
+so re-rendering the saved latents with the saved noise gives the same images, and any
+process can render any class's images (distributed runs render each rank's classes on
+that rank and gather them on rank 0, which alone writes).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .._files import atomic_write
 from .._files import save_tensors_atomic
 from ..errors import LD3MError
 from ..normalization import denormalize_unit
-from .algorithms import stream_generator
+from .algorithms import class_noise, class_rows
 
 
 def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
@@ -31,10 +33,11 @@ def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
 
 
 def save_image_grid(images: torch.Tensor, path, columns: int) -> None:
-    """Save network-input images (B, 3, H, W) as one PNG, `columns` images per row (atomic)."""
+    """Save network-input images (B, 3, H, W) (or their uint8 pixels, `to_uint8_images`) as one
+    PNG, `columns` images per row (atomic)."""
     from PIL import Image
 
-    pixels = to_uint8_images(images)
+    pixels = images if images.dtype == torch.uint8 else to_uint8_images(images)
     count, _, height, width = pixels.shape
     columns = max(1, min(columns, count))
     rows = math.ceil(count / columns)
@@ -48,21 +51,37 @@ def save_image_grid(images: torch.Tensor, path, columns: int) -> None:
 
 
 @torch.no_grad()
-def render_final(setup, seed: int):
+def render_final(setup, seed: int, comm=None):
     """Render the synthetic set of `setup` with the fixed export noise of `seed`.
 
-    Returns (images (N, 3, res, res) float network input, labels (N,), noise).
+    Returns (images (N, 3, res, res) float network input, labels (N,), noise). With a
+    process group `comm` of several ranks, each renders its own classes and rank 0 gets
+    the whole set (the other ranks get None).
     """
+    from ..generator import ChainNoise
+
     syn = setup.synthetic
-    noise = setup.generator.draw_noise(len(syn), stream_generator(seed, "export"), device="cpu")
-    images = setup.generator(syn.Z, syn.c, noise.to(setup.device))
-    return images.cpu(), syn.labels.cpu(), noise
+    rows = None if comm is None or comm.world_size == 1 else class_rows(syn.labels,
+                                                                        comm.class_share(len(syn.prior_classes)))
+    Z, c, labels = (syn.Z, syn.c, syn.labels) if rows is None else (syn.Z[rows], syn.c[rows], syn.labels[rows])
+    noise = class_noise(setup.generator, labels.cpu(), seed, "export")
+    images = setup.generator(Z, c, noise.to(setup.device)).cpu()
+    if rows is None:
+        return images, labels.cpu(), noise
+    parts = comm.gather_to_main((images, labels.cpu(), noise.start, noise.steps))
+    if parts is None:
+        return None
+    steps = None if parts[0][3] is None else torch.cat([p[3] for p in parts], dim=1)
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            ChainNoise(torch.cat([p[2] for p in parts]), steps))
 
 
-def export_final(setup, run_dir, *, seed: int, iteration: int, config: dict) -> Path:
-    """Write run_dir/final/: images + labels (safetensors, PNG grid) and the latents."""
+def export_final(setup, run_dir, *, seed: int, iteration: int, config: dict, rendered=None) -> Path:
+    """Write run_dir/final/: images + labels (safetensors, PNG grid) and the latents.
+
+    rendered: `render_final`'s result when the caller rendered already (distributed runs)."""
     final = Path(run_dir) / "final"
-    images, labels, noise = render_final(setup, seed)
+    images, labels, noise = render_final(setup, seed) if rendered is None else rendered
     tensors = {"images": images, "labels": labels, "noise_start": noise.start}
     if noise.steps is not None:
         tensors["noise_steps"] = noise.steps

@@ -1,11 +1,23 @@
 """The one distillation loop over a `Setup`, its run folder and its resumable checkpoints.
 
 Per iteration k (1-based):
-    noise  = gen.draw_noise(N, noise_generator)         # drawn once, reused by every pass
+    noise  = per class, from the stream "iteration:k:noise:CLASS"   # drawn once, reused by every pass
     images = gen(Z, c, noise)                            # autograd-aware in every grad mode
     loss, dL/dimages = algorithm.image_gradient(images.detach(), labels, ctx)
     images.backward(dL/dimages)                          # back through the generator to Z, c
     SGD(momentum 0.5) step on Z, c (and MTT's student lr)
+
+Randomness is stateless: every draw of iteration k comes from a generator of its own
+(iteration, purpose, class or student step), derived from the seed (`StepContext.stream`).
+A checkpoint needs only the iteration, and the result does not depend on the number of
+processes.
+
+Distributed (`torchrun ... -m ld3m_fast distill`, `ld3m_fast.distributed`): every rank
+holds the whole Z, c and optimiser state and renders its own classes (`distill_iteration`);
+rank 0 alone holds the run-folder lock and writes (checkpoints after a barrier, metrics,
+images, TensorBoard, the export). A stop (Ctrl-C, SIGTERM) is agreed by all ranks after each
+iteration, so all stop after the same one; a rank that dies makes the others stop at
+their next collective with one line (`RankFailure`). docs/distributed.md.
 
 Run folder (RUN_DIR):
     config.json              the resolved configuration (`ld3m_fast.distill.config`)
@@ -13,8 +25,8 @@ Run folder (RUN_DIR):
     metrics.jsonl            one JSON object per iteration (and per inline evaluation)
     tb/                      TensorBoard scalars
     images/iter_XXXXXX.png   image grids (rows = classes) every `image_every` iterations
-    checkpoint.safetensors   Z, c, labels, optimiser state, student lr, iteration, the run id
-                             and every generator state (noise, algorithm, DSA); atomic
+    checkpoint.safetensors   Z, c, labels, optimiser state, student lr, iteration and the run id
+                             (the random streams are stateless); atomic
     final/                   the export (`ld3m_fast.distill.export`)
 
 Never losing work: a checkpoint is written every `save_seconds` of work (and every
@@ -37,13 +49,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
+from .. import distributed
 from .._files import save_tensors_atomic, write_text_atomic
 from .._threads import apply_threads
 from ..errors import LD3MError
 from . import runfolder
-from .algorithms import StepContext, stream_generator
+from .algorithms import StepContext, class_noise, class_rows
 from .config import RESUMABLE, DistillConfig, load_config, resolve_defaults
-from .export import export_final, render_final, save_image_grid
+from .export import export_final, render_final, save_image_grid, to_uint8_images
 from .setup import DTYPES, Setup, build_setup
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -59,18 +72,31 @@ class Interrupted(LD3MError):
 
 
 def resume_command(run_dir) -> str:
-    return f"ld3m-fast distill --resume {shlex.quote(str(run_dir))}"
+    """The command that continues the run (under torchrun: with this launch's process count;
+    any other count resumes it too)."""
+    comm = distributed.current()
+    if comm.world_size == 1:
+        return f"ld3m-fast distill --resume {shlex.quote(str(run_dir))}"
+    nodes = comm.world_size // max(comm.local_world_size, 1)
+    launch = (f"torchrun --nproc-per-node {comm.local_world_size}" if nodes <= 1 else
+              f"torchrun --nnodes {nodes} --nproc-per-node {comm.local_world_size} <rendezvous flags>")
+    return f"{launch} -m ld3m_fast distill --resume {shlex.quote(str(run_dir))}"
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 class Distiller:
     """One distillation run over a `Setup`, writing into `run_dir`."""
 
-    def __init__(self, setup: Setup, run_dir, *, run_id: str | None = None, log=print):
+    def __init__(self, setup: Setup, run_dir, *, run_id: str | None = None, log=print, comm=None):
         self.setup = setup
         self.config = setup.config
         self.run_dir = Path(run_dir)
         self.run_id = run_id or runfolder.new_run_id()  # none: a run outside a run folder (benchmarks)
-        self.log = log
+        self.comm = distributed.current() if comm is None else comm
+        self.log = log if self.comm.is_main else _quiet
         config = self.config
         algorithm = setup.algorithm
         groups = [{"params": [setup.synthetic.Z], "lr": self.lr_latent},
@@ -78,12 +104,13 @@ class Distiller:
         if algorithm.parameters():
             groups.append({"params": algorithm.parameters(), "lr": config.lr_student})
         self.optimizer = torch.optim.SGD(groups, lr=self.lr_latent, momentum=config.momentum)
-        # Three independent streams, all CPU generators (device-independent, resumable):
-        self.noise_generator = stream_generator(config.seed, "noise")
-        self.algorithm_generator = stream_generator(config.seed, "algorithm")
-        self.dsa_generator = stream_generator(config.seed, "dsa")
-        self.context = StepContext(real=setup.real, generator=self.algorithm_generator, dsa=setup.dsa,
-                                   dsa_generator=self.dsa_generator, device=setup.device)
+        syn = setup.synthetic
+        # This rank's classes (all of them in one process) and their rows of Z and c.
+        self.classes = self.comm.class_share(len(syn.prior_classes))
+        rows = None if self.comm.world_size == 1 else class_rows(syn.labels, self.classes)
+        # Stateless random streams per (iteration, purpose, class), CPU generators (device-independent).
+        self.context = StepContext(real=setup.real, dsa=setup.dsa, device=setup.device, seed=config.seed,
+                                   rows=rows, total_images=len(syn), comm=self.comm)
         self.iteration = 0
         self.last_checkpoint = None
         self._last_save_time = time.monotonic()
@@ -106,10 +133,7 @@ class Distiller:
     def state_tensors(self) -> tuple[dict, dict]:
         """(tensors, metadata) that fully determine the rest of the run."""
         syn = self.setup.synthetic
-        tensors = {"Z": syn.Z.detach(), "c": syn.c.detach(), "labels": syn.labels,
-                   "rng.noise": self.noise_generator.get_state(),
-                   "rng.algorithm": self.algorithm_generator.get_state(),
-                   "rng.dsa": self.dsa_generator.get_state()}
+        tensors = {"Z": syn.Z.detach(), "c": syn.c.detach(), "labels": syn.labels}
         for i, p in enumerate(self.setup.algorithm.parameters()):
             tensors[f"algorithm.{i}"] = p.detach()
         optimizer_state = self.optimizer.state_dict()
@@ -119,22 +143,42 @@ class Distiller:
             for key, value in state.items():
                 tensors[f"optimizer.{index}.{key}"] = value
         metadata = {"format": CHECKPOINT_FORMAT, "iteration": str(self.iteration), "run_id": self.run_id,
+                    "random_streams": "stateless", "world_size": str(self.comm.world_size),
                     "optimizer_groups": json.dumps(optimizer_state["param_groups"]),
                     "optimizer_state_keys": json.dumps(state_keys),
                     "config": json.dumps(self.config.to_dict())}
         return tensors, metadata
 
     def save_checkpoint(self) -> Path:
-        tensors, metadata = self.state_tensors()
+        """Every rank calls it: after a barrier (every rank finished this iteration), rank 0
+        writes the one checkpoint (every rank holds the same state); a failed write is the same
+        error on every rank."""
         path = self.run_dir / CHECKPOINT
-        with self.writing(path):
-            save_tensors_atomic(tensors, path, metadata)
+        self.comm.barrier()
+
+        def write():
+            tensors, metadata = self.state_tensors()
+            with self.writing(path):
+                save_tensors_atomic(tensors, path, metadata)
+
+        self.comm.on_main(write)
         self.last_checkpoint = self.iteration
         self._last_save_time = time.monotonic()
         return path
 
     def load_checkpoint(self) -> None:
-        """Restore the state written by `save_checkpoint`; anything off is an LD3MError."""
+        """Restore the state written by `save_checkpoint` (rank 0 reads it and sends it to the
+        other ranks, whatever the world size that wrote it); anything off is an LD3MError."""
+        tensors, iteration, groups, state_keys = self.comm.on_main(self._read_checkpoint)
+        try:
+            self._restore(tensors, groups, state_keys)
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise LD3MError(f"checkpoint {self.run_dir / CHECKPOINT} is corrupt or does not fit this run "
+                            f"({error})") from None
+        self.iteration = iteration
+        self.last_checkpoint = iteration
+
+    def _read_checkpoint(self):
         path = self.run_dir / CHECKPOINT
         if not path.is_file():
             raise LD3MError(f"{self.run_dir} has no {CHECKPOINT} to resume from")
@@ -155,12 +199,9 @@ class Distiller:
                             f"{metadata.get('run_id', 'missing')}, this run is {self.run_id}); "
                             "put back this run's own checkpoint or start a new run")
         self._check_shapes(path, tensors)
-        try:
-            self._restore(tensors, groups, state_keys)
-        except (KeyError, ValueError, RuntimeError) as error:
-            raise LD3MError(f"checkpoint {path} is corrupt or does not fit this run ({error})") from None
-        self.iteration = iteration
-        self.last_checkpoint = iteration
+        # Generator states of checkpoints written before the streams became stateless: unused.
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+        return tensors, iteration, groups, state_keys
 
     def _check_shapes(self, path, tensors) -> None:
         syn = self.setup.synthetic
@@ -187,9 +228,6 @@ class Distiller:
         # The learning rates may change on resume (the advice after a NaN stop).
         self.optimizer.param_groups[0]["lr"] = self.lr_latent
         self.optimizer.param_groups[1]["lr"] = self.lr_class
-        self.noise_generator.set_state(tensors["rng.noise"])
-        self.algorithm_generator.set_state(tensors["rng.algorithm"])
-        self.dsa_generator.set_state(tensors["rng.dsa"])
 
     @contextmanager
     def writing(self, what):
@@ -245,8 +283,13 @@ class Distiller:
         setup = self.setup
         syn = setup.synthetic
         started = time.perf_counter()
-        # Drawn on the CPU generator, then moved: the same noise on every device.
-        noise = setup.generator.draw_noise(len(syn), self.noise_generator, device="cpu").to(setup.device)
+        k = self.iteration + 1
+        self.context.iteration = k
+        # This rank's classes' noise, one CPU stream per class, then moved: the same noise on
+        # every device and in every process that draws the class.
+        labels = syn.labels if self.context.rows is None else syn.labels[self.context.rows]
+        noise = class_noise(setup.generator, labels.cpu(), self.config.seed, f"iteration:{k}:noise",
+                            device=setup.device)
         with torch.autocast(setup.device.type, dtype=DTYPES[self.config.dtype],
                             enabled=self.config.dtype != "fp32"):
             loss, images = distill_iteration(setup.generator, syn, setup.algorithm, self.context,
@@ -267,10 +310,14 @@ class Distiller:
         return record
 
     def _check_finite(self, loss, image_grad) -> None:
-        """Stop before anything is pushed back when the loss or dL/dimages is NaN/inf."""
-        if not math.isfinite(float(loss)):
+        """Stop before anything is pushed back when the loss or dL/dimages is NaN/inf (on any
+        rank: the ranks agree, so all stop at the same iteration with the same line)."""
+        bad_loss = not math.isfinite(float(loss))
+        bad_grad = not bool(torch.isfinite(image_grad).all())
+        bad_loss, bad_grad = self.comm.agree_max(bad_loss, bad_grad)
+        if bad_loss:
             self._stop(f"the loss became {float(loss)}")
-        if not bool(torch.isfinite(image_grad).all()):
+        if bad_grad:
             self._stop("the image gradient became non-finite")
 
     def _stop(self, what: str):
@@ -289,29 +336,32 @@ class Distiller:
         bar = None
         # Opened before the first step: TensorBoard drops events of iterations a killed run
         # logged after its last checkpoint (purge_step), so curves have no duplicates.
-        if self._writer is None:
+        main = self.comm.is_main
+        if self._writer is None and main:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.iteration + 1)
-        if config.progress:
+        if config.progress and main:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=self.iteration, desc="distill", unit="it", dynamic_ncols=True)
         profiler = self._profiler()
+        stop = 0
         try:
-            with self._stop_requests():
-                while self.iteration < total and self._stop_signal is None:
+            with self._stop_requests(), self._rank_failures():
+                if self.comm.world_size > 1:
+                    placement = self._placement()  # a collective: every rank takes part
+                    self.log(f"distributed: {self.comm.describe()}; {placement}")
+                while self.iteration < total and not stop:
                     record = self.step()
                     if profiler is not None:
                         profiler.step()
-                    self._after_step(record, total)
+                    stop = self._after_step(record, total)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{record['loss']:.4g}")
                     if on_iteration is not None:
                         on_iteration(self.iteration)
-                if self._stop_signal is not None and self.last_checkpoint != self.iteration:
-                    self.save_checkpoint()
         finally:
             if profiler is not None:
                 profiler.stop()
@@ -320,26 +370,51 @@ class Distiller:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
-        if self._stop_signal is not None and self.iteration < total:
+        if stop and self.iteration < total:
+            self._stop_signal = stop
             name = signal.Signals(self._stop_signal).name
             raise Interrupted(f"{name} at iteration {self.iteration} of {total}; checkpoint saved in "
                               f"{self.run_dir / CHECKPOINT}. Resume with: {resume_command(self.run_dir)}",
                               self._stop_signal)
 
-    def _after_step(self, record: dict, total: int) -> None:
-        """Log, draw, evaluate and checkpoint after iteration `self.iteration`."""
+    def _after_step(self, record: dict, total: int) -> int:
+        """Log, draw, evaluate and checkpoint after iteration `self.iteration`; returns the
+        signal the ranks agreed to stop on (0: go on). Rank 0 writes; a checkpoint is due on
+        every rank when it is due on one, and written after a stop request."""
         config, k = self.config, self.iteration
-        self.log_metrics(record)
+        main = self.comm.is_main
+        if main:
+            self.log_metrics(record)
         if k % config.image_every == 0 or k == total:
-            path = self.run_dir / "images" / f"iter_{k:06d}.png"
-            with self.writing(path):
-                save_image_grid(self._last_images, path, self.setup.synthetic.ipc)
+            pixels = self.comm.gather_to_main(to_uint8_images(self._last_images))
+            if main:
+                path = self.run_dir / "images" / f"iter_{k:06d}.png"
+                with self.writing(path):
+                    save_image_grid(torch.cat(pixels), path, self.setup.synthetic.ipc)
         if config.eval_every and k % config.eval_every == 0:
             self.inline_eval()
         due = (config.save_every is not None and k % config.save_every == 0
                or time.monotonic() - self._last_save_time >= config.save_seconds)
-        if due or k == total:
+        stop, due = self.comm.agree_max(self._stop_signal or 0, due)
+        if due or k == total or stop:
             self.save_checkpoint()
+        return stop
+
+    def _placement(self) -> str:
+        """Per rank: its device and classes (gathered, said once by rank 0)."""
+        mine = f"{self.setup.device} classes {self.classes.start}-{self.classes.stop - 1}"
+        return ", ".join(f"rank {r}: {text}" for r, text in enumerate(self.comm.all_gather_object(mine)))
+
+    @contextmanager
+    def _rank_failures(self):
+        """A failed collective (another rank died) becomes one line that says what is safe."""
+        try:
+            yield
+        except distributed.RankFailure as error:
+            kept = ("No checkpoint was written yet" if self.last_checkpoint is None else
+                    f"The checkpoint of iteration {self.last_checkpoint} in {self.run_dir / CHECKPOINT} is intact")
+            raise distributed.RankFailure(f"{error} at iteration {self.iteration + 1}; stopped. {kept}; resume "
+                                          f"with: {resume_command(self.run_dir)}") from None
 
     @contextmanager
     def _stop_requests(self):
@@ -365,7 +440,7 @@ class Distiller:
     def _profiler(self):
         """--profile N: a torch.profiler trace of N iterations after one warm-up, written to
         RUN_DIR/profile for TensorBoard's profiler plugin (pip install torch-tb-profiler)."""
-        if not self.config.profile:
+        if not self.config.profile or not self.comm.is_main:
             return None
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
@@ -385,7 +460,10 @@ class Distiller:
         if self.setup.test_set is None:  # evaluation switched on by a resume
             self.setup.test_set = load_inline_eval_data(config, self.setup.res, self.log)
         test = self.setup.test_set
-        images, labels, _ = render_final(self.setup, config.seed)
+        rendered = render_final(self.setup, config.seed, self.comm)
+        if not self.comm.is_main:
+            return {}  # rank 0 evaluates; the others wait for it at the next collective
+        images, labels, _ = rendered
         eval_config = EvalConfig(archs=tuple(a.strip() for a in config.eval_archs.split(",")), epochs=config.eval_epochs,
                                  seeds=config.eval_seeds, width=config.width, depth=config.depth,
                                  norm=config.norm)
@@ -401,9 +479,15 @@ class Distiller:
         return result
 
     def export(self) -> Path:
-        with self.writing(self.run_dir / "final"):
-            return export_final(self.setup, self.run_dir, seed=self.config.seed, iteration=self.iteration,
-                                config=self.config.to_dict())
+        """Every rank renders its classes; rank 0 writes the export."""
+        rendered = render_final(self.setup, self.config.seed, self.comm)
+
+        def write():
+            with self.writing(self.run_dir / "final"):
+                return export_final(self.setup, self.run_dir, seed=self.config.seed, iteration=self.iteration,
+                                    config=self.config.to_dict(), rendered=rendered)
+
+        return self.comm.on_main(write)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -431,29 +515,50 @@ def _refuse_used_folder(run_dir: Path) -> None:
 
 
 def start_run(config: DistillConfig, *, log=print, on_iteration=None) -> "Distiller":
-    """Validate everything, then create the run folder and distill to the end."""
+    """Validate everything, then create the run folder and distill to the end.
+
+    Under torchrun (or inside a caller's torch.distributed group) every rank calls this:
+    rank 0's resolved settings (run folder, threads) hold for all, and rank 0 alone creates
+    and locks the folder."""
+    comm = distributed.from_environment(config.device)
+    log = log if comm.is_main else _quiet
     config = resolve_defaults(config, log=log)
+    config = DistillConfig.from_dict(comm.broadcast_object(config.to_dict()))
     config.validate()
     run_dir = Path(config.out)
-    _refuse_used_folder(run_dir)
+    comm.on_main(lambda: _refuse_used_folder(run_dir))
     apply_threads(config.threads)
     setup = build_setup(config, log=log)
-    created = _create_run_folder(run_dir)
-    lock = runfolder.RunLock(run_dir).acquire()
-    try:
+    folder = {}
+
+    def create() -> str:
+        folder["created"] = _create_run_folder(run_dir)
+        folder["lock"] = runfolder.RunLock(run_dir).acquire()
         try:
             _refuse_used_folder(run_dir)  # again, under the lock: two starts into one --out
             run_id = runfolder.create_identity(run_dir)
             _write_config(run_dir, config)
-            distiller = Distiller(setup, run_dir, run_id=run_id, log=log)
+        except BaseException:
+            folder.pop("lock").release()
+            _undo_start(run_dir, folder["created"])
+            raise
+        return run_id
+
+    run_id = comm.on_main(create)
+    lock = folder.get("lock")
+    try:
+        try:
+            distiller = Distiller(setup, run_dir, run_id=run_id, log=log, comm=comm)
             distiller.save_checkpoint()  # iteration 0: a NaN at iteration 1 still leaves a checkpoint
         except BaseException:
-            lock.release()
-            _undo_start(run_dir, created)  # nothing resumable was written: leave nothing behind
+            if lock is not None:
+                lock.release()
+                _undo_start(run_dir, folder["created"])  # nothing resumable was written: leave nothing behind
             raise
         return _finish(distiller, on_iteration)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _undo_start(run_dir: Path, created: bool) -> None:
@@ -470,29 +575,61 @@ def _undo_start(run_dir: Path, created: bool) -> None:
 def resume_run(run_dir, overrides: dict | None = None, *, log=print, on_iteration=None) -> "Distiller":
     """Continue a run from its checkpoint (same seed, same tensors as an uninterrupted run)."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise LD3MError(f"cannot resume: {run_dir} does not exist")
-    lock = runfolder.RunLock(run_dir).acquire()
+    overrides = overrides or {}
+    comm = distributed.from_environment(overrides.get("device") or _recorded_device(run_dir))
+    log = log if comm.is_main else _quiet
+    folder = {}
+
+    def open_run():
+        if not run_dir.is_dir():
+            raise LD3MError(f"cannot resume: {run_dir} does not exist")
+        folder["lock"] = runfolder.RunLock(run_dir).acquire()
+        try:
+            recorded = load_config(run_dir)
+            config = _apply_overrides(recorded, overrides, log=log)
+            config.validate()
+            return recorded.to_dict(), config.to_dict(), runfolder.read_identity(run_dir)
+        except BaseException:
+            folder.pop("lock").release()
+            raise
+
+    recorded, values, run_id = comm.on_main(open_run)
+    lock = folder.get("lock")
     try:
-        recorded = load_config(run_dir)
-        config = _apply_overrides(recorded, overrides or {}, log=log)
-        config.validate()
-        run_id = runfolder.read_identity(run_dir)
+        config = DistillConfig.from_dict(values)
         apply_threads(config.threads)
         setup = build_setup(config, log=log)
-        removed = runfolder.remove_leftovers(run_dir)
-        if removed:
-            log(f"removed {len(removed)} temporary file(s) left by an interrupted write")
-        distiller = Distiller(setup, run_dir, run_id=run_id, log=log)
+
+        def tidy():
+            removed = runfolder.remove_leftovers(run_dir)
+            if removed:
+                log(f"removed {len(removed)} temporary file(s) left by an interrupted write")
+
+        comm.on_main(tidy)
+        distiller = Distiller(setup, run_dir, run_id=run_id, log=log, comm=comm)
         distiller.load_checkpoint()
-        if config.to_dict() != recorded.to_dict():
-            with distiller.writing(run_dir / "config.json"):
-                _write_config(run_dir, config)
-        distiller.trim_metrics()
+
+        def update_folder():
+            if values != recorded:
+                with distiller.writing(run_dir / "config.json"):
+                    _write_config(run_dir, config)
+            distiller.trim_metrics()
+
+        comm.on_main(update_folder)
         log(f"resuming {run_dir} at iteration {distiller.iteration} of {config.iterations}")
         return _finish(distiller, on_iteration)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+def _recorded_device(run_dir: Path) -> str:
+    """The run's --device, read early to choose the process group's backend (cpu if unreadable:
+    the error comes with the full check)."""
+    try:
+        return str(json.loads((Path(run_dir) / "config.json").read_text()).get("device") or "cpu")
+    except (OSError, ValueError, AttributeError):
+        return "cpu"
 
 
 def _apply_overrides(recorded: DistillConfig, overrides: dict, *, log) -> DistillConfig:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..errors import LD3MError
 from ..generator import render_size
 from .algorithms import NetworkSpec, RealData, build_algorithm, stream_generator
@@ -113,7 +114,8 @@ def choose_chunk(config: DistillConfig, res: int, num_classes: int, device, *, l
         guidance=config.guidance, skip=None if config.skip == "none" else config.skip,
         algorithm=config.algorithm, grad_mode=config.grad_mode, micro_batch=config.micro_batch,
         dtype=config.dtype, syn_steps=config.syn_steps, mtt_gradient=config.mtt_gradient,
-        batch_real=config.batch_real, width=config.width, depth=config.depth)
+        batch_real=config.batch_real, width=config.width, depth=config.depth,
+        world_size=distributed.current().world_size)  # one rank's share of the classes
     fixed = lambda value: None if value is None else [value]  # noqa: E731
     sac = fixed(config.sac_min_flops) if config.store_steps is None or config.sac_min_flops is not None \
         else [None]  # a set --store-steps without --sac-min-flops keeps whole graphs
@@ -216,7 +218,8 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     from ..synthetic import SyntheticSet
 
     config.validate()
-    device = resolve_device(config.device)
+    # Under torchrun each rank runs on its own device (cuda:LOCAL_RANK with NCCL).
+    device = distributed.current().device(resolve_device(config.device))
     dsa = build_dsa(config)
     prior_path = Path(config.prior)
     if not prior_path.exists():

@@ -18,6 +18,14 @@ latents, stored steps and per-image state grow linearly, working memory is per
 chunk, per class or per micro-batch); `tests/test_planner.py` checks the
 extrapolation against a direct simulation.
 
+Several processes (`world_size` > 1, `ld3m_fast.distributed`): each rank renders and
+differentiates its own classes but holds the whole Z, c, their momentum and (at the end of
+backward) their gradient. The estimate is one rank's: the busiest rank's classes simulated
+(and extrapolated in classes) as above, plus the other ranks' rows of Z and c with their
+momentum in every phase and their gradient in the backward phase, an upper bound (the
+gradient is all-reduced in place; the backend's own buffers are not counted).
+`estimate(spec, direct=True)` walks the rank's real iteration instead (tested against it).
+
 Stored steps (`store_steps=k`, see `ld3m_fast.generator`) are walked at k = 0 and
 k = T (both extrapolated as above); a k in between is interpolated linearly between
 them. The FLOPs are exactly linear in k; each phase's peak is the largest of a few
@@ -49,6 +57,7 @@ class IterationSpec:
     decoder_chunk, store_steps, sac_min_flops: the "recompute" knobs of
     `LD3MGenerator`; checkpoint_attention: the released UNet's internal checkpointing
     of its transformer blocks (set it to model the released scheme as released).
+    world_size: processes of the run; the spec is one rank's (the busiest: rank 0).
     """
 
     prior: str = "cin256-v2"
@@ -72,9 +81,22 @@ class IterationSpec:
     store_steps: int = 0
     sac_min_flops: float | None = None
     checkpoint_attention: bool = False
+    world_size: int = 1
+
+    @property
+    def local_classes(self) -> int:
+        """Classes of the busiest rank (all of them in one process)."""
+        from ..distributed import largest_share
+
+        return largest_share(self.num_classes, self.world_size)
 
     @property
     def images(self) -> int:
+        """Images one rank renders (all of them in one process)."""
+        return self.ipc * self.local_classes
+
+    @property
+    def total_images(self) -> int:
         return self.ipc * self.num_classes
 
     def describe(self) -> dict:
@@ -115,7 +137,7 @@ def _build(spec: IterationSpec):
     prior = build_planning_prior(spec.prior)
     if spec.res % prior.latent_factor:
         raise LD3MError(f"--res {spec.res} is not a multiple of the prior's latent factor {prior.latent_factor}")
-    n = spec.images
+    n = spec.total_images  # every rank holds the whole set; it renders `spec.images` of it
     with host_values():
         labels = torch.arange(spec.num_classes).repeat_interleave(spec.ipc)
         real_labels = torch.arange(spec.num_classes).repeat_interleave(spec.batch_real)
@@ -140,7 +162,8 @@ def _build(spec: IterationSpec):
     with host_values():
         real = RealData(real_images, real_labels, spec.num_classes)
     context = StepContext(real=real, generator=torch.Generator().manual_seed(0), dsa=DSA(),
-                          dsa_generator=torch.Generator().manual_seed(1))
+                          dsa_generator=torch.Generator().manual_seed(1),
+                          rows=None if spec.world_size == 1 else slice(0, spec.images), total_images=n)
     params = [synthetic.Z, synthetic.c] + list(algorithm.parameters())
     optimizer = torch.optim.SGD(params, lr=1.0, momentum=0.5)
     for p in params:  # steady state: momentum buffers exist before the iteration
@@ -201,6 +224,10 @@ def estimate(spec: IterationSpec, *, direct: bool = False) -> Estimate:
     """Peak memory and FLOPs of one iteration; `direct=True` walks the full iteration."""
     if not 0 <= spec.store_steps <= spec.steps:
         raise LD3MError(f"store_steps must be in 0..{spec.steps}, got {spec.store_steps}")
+    if spec.world_size < 1:
+        raise LD3MError(f"the world size must be >= 1, got {spec.world_size}")
+    if spec.world_size > 1 and not direct:
+        return _one_rank(spec)
     if 0 < spec.store_steps < spec.steps and not direct:
         return _between_stored(spec)
     unit = image_unit(spec)
@@ -227,6 +254,30 @@ def estimate(spec: IterationSpec, *, direct: bool = False) -> Estimate:
     flops = _bilinear({k: float(m.flops) for k, m in points.items()}, spec.steps, target_g)
     peak = max(phase_peaks.values())
     return Estimate(spec, peak, flops, phase_peaks, weights, "extrapolated (T in 1,2; 2 image counts)")
+
+
+def _one_rank(spec: IterationSpec) -> Estimate:
+    """One rank of `spec.world_size`: its classes as one process, plus the other ranks' rows of
+    Z and c (parameter + momentum in every phase, + gradient in the backward phase)."""
+    local = estimate(replace(spec, num_classes=spec.local_classes, world_size=1))
+    others = (spec.total_images - spec.images) * row_bytes(spec.prior, spec.res)
+    phase_peaks = {name: local.phase_peaks.get(name, 0.0) + 2 * others + (others if name == "backward" else 0)
+                   for name in PHASES}
+    return Estimate(spec, max(phase_peaks.values()), local.flops, phase_peaks, local.weights_bytes,
+                    f"{local.method}; one rank of {spec.world_size} (the other ranks' rows of Z, c added)")
+
+
+@functools.lru_cache(maxsize=64)
+def row_bytes(prior: str, res: int) -> int:
+    """Bytes of one image's row of Z and c (fp32, as a run keeps them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..generator import render_size
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        planning = build_planning_prior(prior)
+        latent = planning.latent_shape(render_size(planning, res))
+        return 4 * (math.prod(latent) + planning.embedding_dim)
 
 
 def _between_stored(spec: IterationSpec) -> Estimate:

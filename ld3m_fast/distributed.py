@@ -1,0 +1,376 @@
+"""Process groups for `torchrun`: the one object the distillation loop talks to.
+
+    torchrun --nproc-per-node 2 -m ld3m_fast distill ...          (docs/distributed.md)
+
+`current()` is this process's group: `Single` (one process; every collective is a no-op:
+a plain `ld3m-fast distill`, the planner, the Python API) or `Group` (torch.distributed:
+NCCL on CUDA, gloo on CPU), set up by `from_environment(device)` from torchrun's RANK,
+WORLD_SIZE and LOCAL_RANK, or wrapping a process group the caller initialised. The loop
+calls the same methods either way, so it holds no `if distributed` branches.
+
+The work split (`class_share`): each rank owns a contiguous block of classes (the first
+`K mod W` ranks one class more). Every rank keeps the whole, identical Z, c and optimiser
+state; it renders and differentiates only its own classes' images, so the gradient rows
+of the other ranks' images are exact zeros, and the all-reduce (sum) before the identical
+optimiser step adds x + 0 = x: every rank stays identical, and equal to one process.
+
+A collective that fails because another process died or timed out raises `RankFailure`
+(one line, on every rank that sees it). The timeout of every collective is
+`LD3M_FAST_DIST_TIMEOUT` seconds (default 1800): a dead peer is noticed at once through
+its closed connections; the timeout only bounds a peer that hangs alive.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import contextmanager
+
+import torch
+
+from .errors import LD3MError
+
+TIMEOUT_ENV = "LD3M_FAST_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_SECONDS = 1800.0
+
+
+class RankFailure(LD3MError):
+    """A collective failed: another process of the run died, hung or disagreed.
+
+    Unlike other errors (the same on every rank, so printed by rank 0 only), every rank
+    that sees it reports it."""
+
+
+def class_share(num_classes: int, rank: int, world_size: int) -> range:
+    """The classes rank `rank` of `world_size` owns: a contiguous block, sizes differing by
+    at most one (the first num_classes % world_size ranks hold one more)."""
+    if world_size > num_classes:
+        raise LD3MError(f"{world_size} processes for {num_classes} classes: every process needs at least "
+                        f"one class; launch at most {num_classes} (--nproc-per-node)")
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def largest_share(num_classes: int, world_size: int) -> int:
+    """Classes of the busiest rank (rank 0): what one GPU must hold and compute."""
+    return len(class_share(num_classes, 0, world_size))
+
+
+class Single:
+    """One process: every collective returns its input (no torch.distributed involved)."""
+
+    rank = 0
+    world_size = 1
+    local_rank = 0
+    local_world_size = 1
+    backend = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def class_share(self, num_classes: int) -> range:
+        return class_share(num_classes, self.rank, self.world_size)
+
+    def device(self, requested: torch.device) -> torch.device:
+        """The device this rank runs on for a run configured with `requested`."""
+        return requested
+
+    # -- collectives (no-ops here)
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce `tensor` over the ranks in place (op "sum" or "max"); returns it."""
+        return tensor
+
+    def sum_grads_(self, params) -> None:
+        """All-reduce (sum) the `.grad` of every parameter, in place."""
+
+    def agree_max(self, *values: int) -> tuple[int, ...]:
+        """The element-wise maximum of small integers over the ranks (flags, signal numbers)."""
+        return tuple(int(v) for v in values)
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast_object(self, value):
+        """Rank 0's `value` on every rank."""
+        return value
+
+    def gather_to_main(self, value) -> list | None:
+        """[value of rank 0, value of rank 1, ...] on rank 0; None elsewhere."""
+        return [value]
+
+    def all_gather_object(self, value) -> list:
+        return [value]
+
+    def on_main(self, function):
+        """Run `function()` on rank 0 only; every rank returns its result (broadcast) or raises its
+        LD3MError (the same line on every rank, printed once)."""
+        return function()
+
+    # -- differentiable pieces (MTT's student split across ranks)
+
+    def sum_across_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward: the sum of `x` over the ranks; backward: the gradient passes through."""
+        return x
+
+    def replicated(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward: `x` (identical on every rank); backward: the ranks' gradients summed."""
+        return x
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "one process"
+
+
+class Group(Single):
+    """A torch.distributed process group (the default group)."""
+
+    def __init__(self, device: torch.device, *, owned: bool):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        self.backend = str(dist.get_backend())
+        self._device = device
+        self._owned = owned
+
+    def device(self, requested: torch.device) -> torch.device:
+        return self._device
+
+    @contextmanager
+    def _collective(self, what: str):
+        try:
+            yield
+        except RuntimeError as error:  # DistBackendError and gloo/NCCL failures
+            raise RankFailure(f"rank {self.rank} of {self.world_size}: {what} failed, another process of the "
+                              f"run has stopped or cannot be reached ({_reason(error)})") from None
+
+    def _tensor(self, values, dtype=torch.float64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self._device)
+
+    def all_reduce_(self, tensor, op="sum"):
+        ops = {"sum": self._dist.ReduceOp.SUM, "max": self._dist.ReduceOp.MAX}
+        with self._collective(f"all-reduce ({op})"):
+            if tensor.device == self._device:
+                self._dist.all_reduce(tensor, op=ops[op])
+            else:  # e.g. a CPU scalar under NCCL
+                moved = tensor.to(self._device)
+                self._dist.all_reduce(moved, op=ops[op])
+                tensor.copy_(moved)
+        return tensor
+
+    def sum_grads_(self, params):
+        grads = [p.grad for p in params if p.grad is not None]
+        if len(grads) != len(params):
+            raise RuntimeError("every rank must hold a gradient for every parameter it all-reduces")
+        with self._collective("the gradient all-reduce"):
+            for g in grads:
+                self._dist.all_reduce(g)
+
+    def agree_max(self, *values):
+        flags = self._tensor([float(v) for v in values])
+        self.all_reduce_(flags, "max")
+        return tuple(int(v) for v in flags.tolist())
+
+    def barrier(self):
+        with self._collective("a barrier"):
+            if self.backend == "nccl":
+                self._dist.barrier(device_ids=[self._device.index])
+            else:
+                self._dist.barrier()
+
+    def broadcast_object(self, value):
+        box = [value if self.rank == 0 else None]
+        with self._collective("a broadcast"):
+            self._dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_to_main(self, value):
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        with self._collective("a gather"):
+            self._dist.gather_object(value, gathered, dst=0)
+        return gathered
+
+    def all_gather_object(self, value):
+        gathered = [None] * self.world_size
+        with self._collective("an all-gather"):
+            self._dist.all_gather_object(gathered, value)
+        return gathered
+
+    def on_main(self, function):
+        outcome = None
+        if self.rank == 0:
+            try:
+                outcome = ("ok", function())
+            except LD3MError as error:
+                outcome = ("error", str(error))
+            except BaseException:
+                self.broadcast_object(("failed", "rank 0 failed (see its traceback)"))
+                raise
+        kind, value = self.broadcast_object(outcome)
+        if kind == "error":
+            raise LD3MError(value)
+        if kind == "failed":
+            raise RankFailure(f"rank {self.rank} of {self.world_size}: {value}")
+        return value
+
+    def sum_across_ranks(self, x):
+        return _SumAcrossRanks.apply(x, self)
+
+    def replicated(self, x):
+        return _Replicated.apply(x, self)
+
+    def close(self):
+        if self._owned and self._dist.is_initialized():
+            self._dist.destroy_process_group()
+
+    def describe(self) -> str:
+        return f"{self.world_size} processes ({self.backend})"
+
+
+def _reason(error: BaseException) -> str:
+    """The gist of a backend's error: its first line, without a source-location prefix."""
+    import re
+
+    text = (str(error).strip().splitlines() or ["no reason given"])[0]
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". ")[0][:200]
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """y = sum over ranks of x; dL/dx = dL/dy (each rank's upstream is its share of the graph)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return group.all_reduce_(x.clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _Replicated(torch.autograd.Function):
+    """y = x (x identical on every rank); dL/dx = sum over ranks of dL/dy (every rank's part of
+    the graph uses y with its own images)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.group.all_reduce_(grad.clone()), None
+
+
+_CURRENT: Single = Single()
+
+
+def current() -> Single:
+    """This process's group: the one `from_environment` set up, a caller's torch.distributed
+    default group, or `Single`."""
+    global _CURRENT
+    if isinstance(_CURRENT, Group) or not _initialised():
+        return _CURRENT
+    _CURRENT = Group(_device_for_backend(), owned=False)
+    return _CURRENT
+
+
+def _initialised() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _device_for_backend() -> torch.device:
+    import torch.distributed as dist
+
+    if str(dist.get_backend()) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or an equivalent launcher) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def processes_per_node() -> int:
+    """Processes torchrun started on this machine (1 without torchrun)."""
+    if not launched_by_torchrun():
+        return 1
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def timeout() -> datetime.timedelta:
+    text = os.environ.get(TIMEOUT_ENV)
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_SECONDS
+    except ValueError:
+        raise LD3MError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise LD3MError(f"{TIMEOUT_ENV} must be > 0 seconds, got {text}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def from_environment(device: str | torch.device = "cpu") -> Single:
+    """The group of a process torchrun started (initialised here once), else `current()`.
+
+    device: the run's --device. CUDA: NCCL, this rank on cuda:LOCAL_RANK; CPU: gloo.
+    """
+    global _CURRENT
+    existing = current()
+    if isinstance(existing, Group) or not launched_by_torchrun():
+        return existing
+    import torch.distributed as dist
+
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise LD3MError(f"unknown --device {device!r}; use cpu or cuda") from None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LD3MError("--device cuda asked for but no CUDA device is available; use --device cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise LD3MError(f"local rank {local_rank} has no GPU (this node has {torch.cuda.device_count()}); "
+                            "launch at most one process per GPU (--nproc-per-node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise LD3MError(f"--device {device} cannot run under torchrun; use cpu (gloo) or cuda (NCCL)")
+    try:
+        dist.init_process_group(backend=backend, timeout=timeout(),
+                                **({"device_id": device} if backend == "nccl" else {}))
+    except (RuntimeError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:300]
+        raise LD3MError(f"cannot join the process group ({backend}): {reason}") from None
+    _CURRENT = Group(device, owned=True)
+    return _CURRENT
+
+
+def shutdown() -> None:
+    """Leave the process group this module created (a caller's own group is left alone)."""
+    global _CURRENT
+    group, _CURRENT = _CURRENT, Single()
+    group.close()
+
+
+def reports(error: BaseException) -> bool:
+    """Whether this process prints `error`: rank 0 prints everything; the others only what
+    they alone can see (a failed collective), since every other error is raised alike on
+    every rank."""
+    return current().is_main or isinstance(error, RankFailure)
+
+
+__all__ = ["Group", "RankFailure", "Single", "class_share", "current", "from_environment", "largest_share",
+           "launched_by_torchrun", "processes_per_node", "reports", "shutdown", "timeout"]

@@ -1,0 +1,293 @@
+"""Distributed runs (docs/distributed.md): 2 gloo processes on the CPU against one process.
+
+What is exact and why:
+- DM and DC with generator chunks and student micro-batches of one class (`--chunk IPC
+  --micro-batch IPC`): every tensor operation sees the same inputs in the same shapes on
+  any world size (per-class streams, per-class pieces, gradient rows summed with exact
+  zeros), so the final set is bit-identical.
+- DM and DC with the defaults: each process renders its own classes in one batch, so the
+  denoiser and decoder run batched convolutions over a different batch (and oneDNN picks
+  kernels by batch size): equal to rounding, within 1e-5 relative.
+- MTT (truncated and full): every student step's parameter gradient is the all-reduced sum
+  of the processes' parts, which adds in another order than one process's batched
+  backward: within 1e-5 relative.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ld3m_fast import distributed
+from ld3m_fast.distill.config import DistillConfig
+from ld3m_fast.distill.run import CHECKPOINT
+
+from _workspace import RES, make_workspace
+
+IPC = 2
+ITERATIONS = 3
+# name -> (settings, exact?)
+CASES = {
+    "dm-aligned": (dict(algorithm="dm", chunk=IPC, micro_batch=IPC), True),
+    "dc-aligned": (dict(algorithm="dc", chunk=IPC, micro_batch=IPC), True),
+    "dm": (dict(algorithm="dm"), False),
+    "dc": (dict(algorithm="dc"), False),
+    "mtt-truncated": (dict(algorithm="mtt", mtt_gradient="truncated", batch_syn=3), False),
+    "mtt-full": (dict(algorithm="mtt", mtt_gradient="full", batch_syn=3), False),
+}
+RESUME_AT, RESUME_TO = 2, 4
+TOLERANCE = 1e-5
+HANG_GUARD_SECONDS = 600  # a guard against a hang, not a timing assertion
+
+
+def config(ws, out, **overrides):
+    values = dict(data=str(ws / "data"), prior=str(ws / "prior"), ipc=IPC, steps=2, guidance=3.0, res=RES,
+                  width=8, batch_real=4, iterations=ITERATIONS, progress=False, cache_dir=str(ws / "cache"),
+                  max_per_class=4, out=str(out), threads=1, syn_steps=3, expert_epochs=1,
+                  buffer=str(ws / "buffer"), image_every=2)
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+def quiet(*_):
+    pass
+
+
+def _runs(rank, world_size, init_file, ws, out):
+    """One process of the 2-process part (then, on rank 0, every 1-process reference)."""
+    import torch.distributed as dist
+
+    from ld3m_fast.distill.run import resume_run, start_run
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    for name, (settings, _) in CASES.items():
+        start_run(config(ws, out / f"{name}-2", **settings), log=quiet)
+    start_run(config(ws, out / "resume", iterations=RESUME_AT, **CASES["dm-aligned"][0]), log=quiet)
+    dist.destroy_process_group()
+    distributed.shutdown()
+    if rank != 0:
+        return
+    assert distributed.current().world_size == 1
+    for name, (settings, _) in CASES.items():
+        start_run(config(ws, out / f"{name}-1", **settings), log=quiet)
+    resume_run(out / "resume", {"iterations": RESUME_TO}, log=quiet)
+    start_run(config(ws, out / "uninterrupted", iterations=RESUME_TO, **CASES["dm-aligned"][0]), log=quiet)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    from ld3m_fast.data import load_dataset
+    from ld3m_fast.distill.algorithms import NetworkSpec
+    from ld3m_fast.distill.buffers import build_buffer
+
+    root = make_workspace(tmp_path_factory.mktemp("distributed"))
+    data = load_dataset(root / "data", split="train", res=RES, cache_dir=root / "cache", log=quiet)
+    build_buffer(root / "buffer", NetworkSpec(num_classes=3, res=RES, width=8), data.images, data.labels,
+                 num_experts=1, epochs=3, keep_epochs=3, batch_size=20, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(ws, tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("runs")
+    mp.spawn(_runs, args=(2, str(out / "init"), ws, out), nprocs=2, join=True)
+    return out
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (0.0 when equal)."""
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def final_state(run) -> dict:
+    syn = load_file(run / "final" / "synthetic.safetensors")
+    state = {"Z": syn["Z"], "c": syn["c"], "images": load_file(run / "final" / "images.safetensors")["images"]}
+    checkpoint = load_file(run / CHECKPOINT)
+    state.update({k: v for k, v in checkpoint.items() if k.startswith(("optimizer.", "algorithm."))})
+    return state
+
+
+def losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_processes_give_the_one_process_result(runs, name):
+    exact = CASES[name][1]
+    two, one = final_state(runs / f"{name}-2"), final_state(runs / f"{name}-1")
+    assert two.keys() == one.keys()
+    differences = {key: relative_difference(two[key], one[key]) for key in one}
+    print(f"{name}: max relative difference, 2 vs 1 process: " +
+          ", ".join(f"{k} {v:.2e}" for k, v in differences.items()))
+    if exact:  # same arithmetic on any world size: bit-identical
+        for key in one:
+            assert torch.equal(two[key], one[key]), (name, key, differences[key])
+        assert losses(runs / f"{name}-2") == pytest.approx(losses(runs / f"{name}-1"), rel=1e-6)
+    else:  # batched convolutions over another batch, or a gradient summed in another order
+        for key, value in differences.items():
+            assert value <= TOLERANCE, (name, key, value)
+        assert losses(runs / f"{name}-2") == pytest.approx(losses(runs / f"{name}-1"), rel=TOLERANCE)
+    assert [json.loads(x)["iteration"] for x in (runs / f"{name}-2" / "metrics.jsonl").read_text().splitlines()] \
+        == list(range(1, ITERATIONS + 1))
+    assert sorted(p.name for p in (runs / f"{name}-2" / "images").iterdir()) == ["iter_000002.png",
+                                                                                  "iter_000003.png"]
+
+
+def test_a_two_process_checkpoint_resumes_with_one_process(runs):
+    resumed, whole = final_state(runs / "resume"), final_state(runs / "uninterrupted")
+    for key in whole:
+        assert torch.equal(resumed[key], whole[key]), key
+    # The logged loss of the 2-process iterations is the sum of the ranks' losses: another order.
+    assert losses(runs / "resume") == pytest.approx(losses(runs / "uninterrupted"), rel=1e-6)
+    assert losses(runs / "resume")[RESUME_AT:] == losses(runs / "uninterrupted")[RESUME_AT:]
+    with safe_open(str(runs / "resume" / CHECKPOINT), framework="pt") as f:
+        assert f.metadata()["iteration"] == str(RESUME_TO) and f.metadata()["world_size"] == "1"
+
+
+def test_class_shares_cover_every_class_once():
+    for classes in (1, 3, 10, 1000):
+        for world in range(1, min(classes, 9) + 1):
+            shares = [distributed.class_share(classes, r, world) for r in range(world)]
+            assert [k for s in shares for k in s] == list(range(classes))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+            assert len(shares[0]) == distributed.largest_share(classes, world)
+    with pytest.raises(distributed.LD3MError, match="at most 3"):
+        distributed.class_share(3, 0, 4)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distill_args(ws, out, *extra) -> list[str]:
+    return ["distill", "--prior", ws / "prior", "--data", ws / "data", "--res", RES, "--ipc", IPC,
+            "--steps", 2, "--guidance", 1, "--width", 8, "--batch-real", 4, "--max-per-class", 4,
+            "--cache-dir", ws / "cache", "--out", out, "--threads", 1, "--no-progress", *extra]
+
+
+def launch_ranks(args, world_size=2, **popen):
+    """`python -m ld3m_fast ARGS` once per rank, with the environment torchrun would set."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
+    return [subprocess.Popen([sys.executable, "-m", "ld3m_fast", *map(str, args)], text=True,
+                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, **popen)
+            for r in range(world_size)]
+
+
+def metric_lines(run) -> int:
+    path = run / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def wait_for_iterations(run, count, processes):
+    deadline = time.monotonic() + HANG_GUARD_SECONDS
+    while metric_lines(run) < count:
+        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+        assert time.monotonic() < deadline, "no progress (hang guard)"
+        time.sleep(0.2)
+
+
+def checkpoint_iteration(run) -> int:
+    with safe_open(str(run / CHECKPOINT), framework="pt") as f:
+        return int(f.metadata()["iteration"])
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("ld3m-fast")]
+
+
+def test_a_killed_rank_stops_the_other_with_one_line(ws, tmp_path):
+    run = tmp_path / "run"
+    ranks = launch_ranks(distill_args(ws, run, "--iterations", 100_000, "--save-every", 2),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_iterations(run, 3, ranks)
+    ranks[1].kill()  # SIGKILL: no chance to say goodbye
+    try:
+        _, err = ranks[0].communicate(timeout=HANG_GUARD_SECONDS)
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+    assert ranks[0].returncode not in (0, None), err
+    assert "Traceback" not in err, err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert "another process of the run has stopped" in lines[0] and "is intact" in lines[0], lines[0]
+    assert "--resume" in lines[0]
+    kept = checkpoint_iteration(run)
+    assert kept >= 2 and kept % 2 == 0  # the last periodic checkpoint, whole
+    assert load_file(run / CHECKPOINT)["Z"].shape[0] == 3 * IPC
+
+
+def test_ctrl_c_on_torchrun_stops_every_rank_after_the_same_iteration(ws, tmp_path):
+    run = tmp_path / "run"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    launcher = subprocess.Popen(
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "ld3m_fast",
+         *map(str, distill_args(ws, run, "--iterations", 100_000, "--save-seconds", 100_000))],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_iterations(run, 2, [launcher])
+        launcher.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends to torchrun
+        out, err = launcher.communicate(timeout=HANG_GUARD_SECONDS)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    lines = error_lines(err)  # ours; torchrun adds its own report of the signal
+    assert len(lines) == 1, err
+    stopped = int(lines[0].split("SIGINT at iteration ")[1].split()[0])
+    assert "checkpoint saved" in lines[0]
+    assert "Resume with: torchrun --nproc-per-node 2 -m ld3m_fast distill --resume" in lines[0]
+    assert out.count("finishing iteration") == 1, out  # said once, by rank 0
+    assert "distributed: 2 processes (gloo)" in out
+    assert checkpoint_iteration(run) == stopped == metric_lines(run)
+
+
+def test_eval_spreads_its_jobs_over_the_ranks_and_writes_the_same_report(ws, runs, tmp_path):
+    args = ["eval", runs / "dm-1", "--data", ws / "data", "--cache-dir", ws / "cache", "--archs", "convnet",
+            "--epochs", 2, "--seeds", 2, "--threads", 1, "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "ld3m_fast", *map(str, args), "--out", str(tmp_path / "one")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    ranks = launch_ranks([*args, "--out", tmp_path / "two"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    outputs = [p.communicate(timeout=HANG_GUARD_SECONDS) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outputs
+    assert outputs[1][0] == ""  # rank 1 says nothing; rank 0 reports
+    assert "distributed: 2 processes (gloo)" in outputs[0][0]
+    a = json.loads((tmp_path / "one" / "eval.json").read_text())
+    b = json.loads((tmp_path / "two" / "eval.json").read_text())
+    key = lambda r: (r["set"], r["arch"], r["seed"], r["accuracy"])  # noqa: E731
+    assert [key(r) for r in b["jobs"]] == [key(r) for r in a["jobs"]] and len(a["jobs"]) == 4  # + random real
+    assert b["sets"] == a["sets"] and b["complete"]
+
+
+def test_planner_simulates_one_rank_of_several():
+    from dataclasses import replace
+
+    from ld3m_fast.planner.simulate import IterationSpec, estimate
+
+    spec = IterationSpec(prior="tiny", res=32, ipc=2, num_classes=4, steps=2, chunk=2, batch_real=8, width=16,
+                         micro_batch=2, algorithm="dm", world_size=2)
+    assert spec.images == 4 and spec.total_images == 8
+    direct = estimate(spec, direct=True)  # rank 0's real iteration: its 2 classes of the whole set
+    planned = estimate(spec)  # rank 0's classes as one process + the other rank's rows of Z and c
+    alone = estimate(replace(spec, world_size=1, num_classes=2))
+    assert planned.flops == pytest.approx(direct.flops, rel=0.01) and planned.flops == alone.flops
+    assert direct.peak_bytes <= planned.peak_bytes <= 1.02 * direct.peak_bytes
+    assert planned.peak_bytes > alone.peak_bytes
