@@ -146,8 +146,14 @@ def test_plan_command_on_a_prior_folder(ws, tmp_path):
                  "--json", tmp_path / "plan.json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "choice: --chunk" in result.stdout
-    rows = json.loads((tmp_path / "plan.json").read_text())["rows"]
-    assert len(rows) == 2 and sum(r["chosen"] for r in rows) == 1
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert set(plan) >= {"setting", "candidates", "choice", "released"}
+    assert plan["setting"]["res"] == int(RES) and plan["setting"]["budget_bytes"] == 4 * 2**30
+    keys = {"mode", "chunk", "decoder_chunk", "dtype", "peak_bytes", "flops", "fits"}
+    assert plan["candidates"] and all(keys <= set(c) for c in plan["candidates"])
+    assert {c["chunk"] for c in plan["candidates"]} == {1, 2} and {c["dtype"] for c in plan["candidates"]} == {"fp32"}
+    assert plan["choice"] in plan["candidates"] and plan["choice"]["fits"]
+    assert {"chunk", "peak_bytes", "flops"} <= set(plan["released"])
 
 
 def test_chunk_auto_compile_bf16_profile_end_to_end(ws, tmp_path):

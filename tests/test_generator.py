@@ -124,30 +124,30 @@ def test_gradient_modes_agree(denoiser, autoencoder, skip, eta):
         torch.testing.assert_close(results[mode][2], grad_c, rtol=1e-8, atol=1e-10)
 
 
-# Every "recompute" knob: (chunk, decoder_chunk, store_steps, sac_min_flops); batch 5 so that
+# Every "recompute" knob: (chunk, decoder_chunk, store_steps, sac_min_flops); batch 3 so that
 # chunks of 2 and decoder pieces of 2 leave a smaller last piece.
 RECOMPUTE_VARIANTS = [
     (2, 1, 0, None),      # pure recompute, the decoder one image at a time
     (2, None, 1, None),   # the last step's whole graph kept
     (3, 2, "T", None),    # every step's graph kept (1 forward + 1 backward per step)
     (2, 2, 2, 0.0),       # selective: every matmul/conv/attention output kept
-    (4, 3, "T", 600.0),   # selective: only the costlier ops kept
-    (None, 2, 1, 1e12),   # selective, nothing qualifies: everything recomputed
+    (None, 2, "T", 600.0),  # selective: only the costlier ops kept
+    (2, None, 1, 1e12),   # selective, nothing qualifies: everything recomputed
 ]
 
 
 @pytest.mark.parametrize("skip,eta,guidance,steps", [
-    ("x0", 0.0, 3.0, 3), ("mean", 0.5, 1.0, 3), (None, 0.3, 3.0, 2), ("x0", 0.0, 1.0, 1),
+    ("x0", 0.0, 3.0, 3), ("mean", 0.5, 1.0, 2), (None, 0.3, 3.0, 2), ("x0", 0.0, 1.0, 1),
     (None, 0.0, 3.0, 1)])
-def test_store_and_decoder_knobs_give_the_autograd_gradients(skip, eta, guidance, steps):
+def test_store_and_decoder_knobs_give_the_autograd_gradients(prior64, skip, eta, guidance, steps):
     """float64: every store_steps / sac_min_flops / decoder_chunk setting equals one autograd graph."""
-    prior = build_tiny_prior("unet-cond", "vq", seed=3).double()
-    Z, c = _inputs(prior, batch=5)
-    weights = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    prior = prior64
+    Z, c = _inputs(prior, batch=3)
+    weights = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
 
     def run(**kwargs):
         gen = LD3MGenerator(prior, steps=steps, skip=skip, eta=eta, guidance=guidance, **kwargs)
-        noise = gen.draw_noise(5, torch.Generator().manual_seed(7), dtype=torch.float64)
+        noise = gen.draw_noise(3, torch.Generator().manual_seed(7), dtype=torch.float64)
         return _gradients(gen, Z, c, noise, weights)
 
     images, grad_Z, grad_c = run(grad_mode="autograd")
@@ -160,9 +160,6 @@ def test_store_and_decoder_knobs_give_the_autograd_gradients(skip, eta, guidance
         torch.testing.assert_close(got[0], images, rtol=1e-10, atol=1e-10, msg=label)
         torch.testing.assert_close(got[1], grad_Z, rtol=1e-8, atol=1e-10, msg=label)
         torch.testing.assert_close(got[2], grad_c, rtol=1e-8, atol=1e-10, msg=label)
-    got = run(grad_mode="released", chunk_size=2, checkpoint_attention=True)
-    torch.testing.assert_close(got[1], grad_Z, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(got[2], grad_c, rtol=1e-8, atol=1e-10)
 
 
 def test_stored_steps_cost_fewer_flops_and_keep_less_with_selection():
@@ -179,7 +176,6 @@ def test_stored_steps_cost_fewer_flops_and_keep_less_with_selection():
                          "one step": dict(store_steps=1)}.items():
         gen = LD3MGenerator(prior, steps=steps, chunk_size=2, **kwargs)
         noise = gen.draw_noise(4, torch.Generator().manual_seed(0))
-        _gradients(gen, Z, c, noise, torch.ones(4, 3, 32, 32))  # warm-up
         results[name] = measure(lambda: _gradients(gen, Z, c, noise, torch.ones(4, 3, 32, 32)),
                                 existing=(Z, c, noise.start))
     step = (results["recompute"].flops - results["graph"].flops) / steps

@@ -99,7 +99,7 @@ class _Released:
         from ..networks import ConvNet
         from .convnet import ConvNetRef
 
-        net = self.network.build_seeded(ctx.generator)
+        net = self.network.build_seeded(ctx.stream("network"))
         if isinstance(net, ConvNet):  # the released layer stack, same weights
             net = ConvNetRef.from_network(net)
         net = net.to(ctx.device)
@@ -107,8 +107,8 @@ class _Released:
             net.requires_grad_(False)
         x = images.detach().requires_grad_(True)
         loss = type(self).loss(net, x, labels,
-                               lambda k: ctx.real.sample(k, self.batch_real, ctx.generator, ctx.device),
-                               dsa=ctx.dsa, dsa_generator=ctx.dsa_generator)
+                               lambda k: ctx.real.sample(k, self.batch_real, ctx.stream("real", k), ctx.device),
+                               dsa=ctx.dsa, dsa_generator=ctx.stream("dsa"))
         (grad,) = torch.autograd.grad(loss, x)
         return loss.detach(), grad
 
