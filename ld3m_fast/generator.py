@@ -9,6 +9,8 @@
 `skip="x0"` (the released code, default): anchor = quantize(Z), w_k = k / (T - 1).
 `skip="mean"` (the paper's Eq. 7): anchor = z_T, w_k = (k + 1) / T.
 `skip=None`: plain DDIM.
+`spacing="released"` and `clamp=True` reproduce the released code's timestep list and its
+clamp of decoded images (`--released-compat`, docs/released_compat.md).
 
 Three ways to get gradients (same values, different cost), `grad_mode`:
 - "autograd": one graph through all T steps and the decoder (memory grows with T);
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import ops
-from .normalization import from_autoencoder
+from .normalization import from_autoencoder, normalize_unit
 from .priors.prior import Prior
 from .reference.ld3m_step import check_skip
 
@@ -132,10 +134,51 @@ def pieces(count: int, size: int | None) -> list[slice]:
     return [slice(i, min(i + size, count)) for i in range(0, count, size)]
 
 
-def render_size(prior: Prior, res: int) -> int:
+def render_size(prior: Prior, res: int, *, released: bool = False) -> int:
     """Side the chain renders at for output side `res`: `res` up to the prior's native size,
-    the native size above it (a denoiser never saw latents larger than its training size)."""
-    return min(int(res), prior.image_size)
+    the native size above it (a denoiser never saw latents larger than its training size).
+
+    released=True: `res` at every size, as the released code does (its latents are the encoded
+    `res`-sized images, and `sampler.sample`'s `shape=[3, 64, 64]` is ignored when `x_T` is given;
+    docs/released_compat.md)."""
+    return int(res) if released else min(int(res), prior.image_size)
+
+
+SPACINGS = ("exact", "released")
+
+
+def released_timesteps(num_train: int, steps: int) -> tuple[int, ...]:
+    """The released sampler's ascending DDIM timesteps for `--ddim_steps` T: range(0, N, N // T)
+    shifted by 1, which has T' > T entries when N // T does not divide N (T=6 runs 7 steps).
+
+    The T where the released code fails are refused with one line naming the failure and the
+    nearest T that runs: T=1 (a division by zero in its skip weight index / (T' - 1)), T > N
+    (range step 0) and every T whose last timestep is N (an index error past abar[N - 1]:
+    T = 3, 9, 27, 36, 37, 101..111, 251..333, 501..1000 for N = 1000).
+    """
+    def failure(t: int) -> str | None:
+        if t == 1:
+            return "a division by zero in its skip weight index / (T' - 1)"
+        if t > num_train:
+            return f"range(0, {num_train}, {num_train} // {t}) has step 0"
+        if range(0, num_train, num_train // t)[-1] + 1 >= num_train:
+            return (f"its timesteps range(0, {num_train}, {num_train // t}) + 1 reach {num_train}, "
+                    f"an index error past the schedule's {num_train} entries")
+        return None
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    why = failure(steps)
+    if why is not None:
+        from .errors import LD3MError
+
+        near = [t for t in range(1, num_train + 1) if failure(t) is None]
+        below = max((t for t in near if t < steps), default=None)
+        above = min((t for t in near if t > steps), default=None)
+        advice = " or ".join(str(t) for t in (below, above) if t is not None)
+        raise LD3MError(f"--released-compat: the released sampler fails at --steps {steps} ({why}); "
+                        f"use --steps {advice}")
+    return tuple(t + 1 for t in range(0, num_train, num_train // steps))
 
 
 @dataclass(frozen=True)
@@ -155,19 +198,27 @@ class ChainSchedule:
 
     @classmethod
     def build(cls, alphas_cumprod: torch.Tensor, steps: int, *, eta: float = 0.0,
-              skip: str | None = "x0") -> "ChainSchedule":
+              skip: str | None = "x0", spacing: str = "exact") -> "ChainSchedule":
         """Released-code DDIM timesteps: stride c = N // T, offset 1: {1, 1+c, ..., 1+(T-1)c}.
 
-        (The CompVis code builds `range(0, N, c) + 1`, which has more than T entries
-        when c does not divide N; we keep exactly T.) a_prev of the last step is
-        abar[0], not 1, as released.
+        spacing="exact" (default): exactly these T steps. spacing="released": the released
+        list `range(0, N, c) + 1` itself (`released_timesteps`), which has T' > T entries
+        when c does not divide N and fails at some T (refused). The skip weights
+        w_k = k / (T' - 1) run over the T' steps the chain takes. a_prev of the last step
+        is abar[0], not 1, as released.
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         check_skip(skip)
         abar = alphas_cumprod.to(torch.float64).tolist()
         stride = len(abar) // steps
-        ascending = [1 + i * stride for i in range(steps)]
+        if spacing == "released":
+            ascending = released_timesteps(len(abar), steps)
+            steps = len(ascending)
+        else:
+            ascending = [1 + i * stride for i in range(steps)]
         timesteps = tuple(reversed(ascending))
         a_t = tuple(abar[t] for t in timesteps)
         a_prev = tuple(abar[t] for t in timesteps[1:]) + (abar[0],)
@@ -240,6 +291,11 @@ class LD3MGenerator(torch.nn.Module):
         checkpoint_attention: checkpoint the denoiser's transformer blocks inside every
             call made with grad, as the released UNet does (`checkpoint=True` in its
             BasicTransformerBlocks); used to model the released scheme faithfully.
+        spacing: "exact" (default): exactly `steps` DDIM steps; "released": the released
+            timestep list, T' >= T steps (`released_timesteps`; `gen.steps` is T').
+        clamp: False (default): decoded images go to the shared normalisation unclamped;
+            True: the released order: resize in the decoder's range (when `output_size`
+            differs), map to [0, 1], clamp there (zero gradient for pixels outside), normalise.
     """
 
     def __init__(self, prior: Prior, steps: int = 10, *, guidance: float = 3.0,
@@ -247,7 +303,7 @@ class LD3MGenerator(torch.nn.Module):
                  chunk_size: int | None = None, output_size: int | None = None,
                  render_size: int | None = None, decoder_chunk: int | None = None,
                  store_steps: int = 0, sac_min_flops: float | None = None,
-                 checkpoint_attention: bool = False):
+                 checkpoint_attention: bool = False, spacing: str = "exact", clamp: bool = False):
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
@@ -274,8 +330,9 @@ class LD3MGenerator(torch.nn.Module):
         self.checkpoint_attention = bool(checkpoint_attention)
         self._transformers = _transformer_models(prior.denoiser) if checkpoint_attention else []
         self.output_size = output_size
+        self.clamp = bool(clamp)
         self.latent_shape = prior.latent_shape(render_size)
-        self.schedule = ChainSchedule.build(prior.alphas_cumprod, steps, eta=eta, skip=skip)
+        self.schedule = ChainSchedule.build(prior.alphas_cumprod, steps, eta=eta, skip=skip, spacing=spacing)
 
     @property
     def steps(self) -> int:
@@ -399,8 +456,15 @@ class LD3MGenerator(torch.nn.Module):
         return self.update(j, z_t, eps_cond, eps_uncond, anchor, step_noise)
 
     def to_images(self, z_0: torch.Tensor) -> torch.Tensor:
-        """Decode final latents and map them to the shared normalisation (and size)."""
-        images = from_autoencoder(self.prior.decode(z_0))
+        """Decode final latents and map them to the shared normalisation (and size);
+        with `clamp`, the released order: resize, then clamp to [0, 1], then normalise."""
+        decoded = self.prior.decode(z_0)
+        if self.clamp:
+            return normalize_unit(((self.resize(decoded) + 1.0) * 0.5).clamp(0.0, 1.0))
+        return self.resize(from_autoencoder(decoded))
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images at `output_size` (antialiased, differentiable bilinear), when it differs."""
         if self.output_size is not None and images.shape[-1] != self.output_size:
             images = F.interpolate(images, size=(self.output_size, self.output_size),
                                    mode="bilinear", align_corners=False, antialias=True)
