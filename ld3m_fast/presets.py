@@ -20,7 +20,7 @@ config file < flags). From Python: `DistillConfig.from_dict(with_preset({"preset
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import LD3MError
 
@@ -46,6 +46,8 @@ class Preset:
     sources: types.MappingProxyType
     needs: tuple[str, ...] = ()   # DistillConfig fields the user must give
     notes: tuple[str, ...] = ()   # shown by `ld3m-fast presets NAME`
+    # Values that replace `values` under --released-compat: key -> (value, source).
+    compat: types.MappingProxyType = field(default_factory=lambda: types.MappingProxyType({}))
 
     def settings(self) -> dict:
         """A fresh dict of the preset's values (safe to modify)."""
@@ -66,6 +68,12 @@ _COMMAND = {("dc", 128, 1): 17, ("dm", 128, 1): 27, ("mtt", 128, 1): 41,
             ("dc", 128, 10): 52, ("dm", 128, 10): 62, ("dc", 256, 1): 72}
 _NAME = {"dm": "DM (distribution matching)", "dc": "DC (gradient matching)",
          "mtt": "MTT (trajectory matching)"}
+
+
+# Under --released-compat the image gradient is the released half-size one, so an MTT preset
+# gives the released lr_w itself: 1000 on the half gradient == 500 on the full one.
+_MTT_COMPAT_LR = (1000.0, f"{_R}{_SCRIPT['mtt']}:400 (--lr_w default 1000), with --released-compat: "
+                          "the released half-size image gradient (docs/released_compat.md)")
 
 
 def _lr(algorithm: str) -> tuple[float, str]:
@@ -150,6 +158,8 @@ def _ld3m(algorithm: str, res: int, ipc: int) -> Preset:
              "no released command for this combination: the released script's defaults, with the "
              "released commands' settings for this resolution and IPC"]
     if algorithm == "mtt":
+        notes.append("with --released-compat: lr_latent = lr_class = 1000, the released lr_w on the released "
+                     "half-size image gradient (the same updates as 500 on the full gradient)")
         notes.append(
             f"buffer: ConvNet depth {v['depth']}, width 128, instance norm, at res {res}, plain SGD lr 0.01 "
             "without momentum (src/buffer_mtt.py:279, :333), at least 3 epochs; the released buffer has "
@@ -159,8 +169,9 @@ def _ld3m(algorithm: str, res: int, ipc: int) -> Preset:
                  "ResNet-18, ViT by default)")
     description = (f"LD3M with {_NAME[algorithm]} at {res}², IPC {ipc}, on an ImageNet subset through "
                    "the cin256-v2 prior")
+    compat = {"lr_latent": _MTT_COMPAT_LR, "lr_class": _MTT_COMPAT_LR} if algorithm == "mtt" else {}
     return Preset(f"ld3m-{algorithm}-{res}-ipc{ipc}", description, types.MappingProxyType(v),
-                  types.MappingProxyType(s), needs, tuple(notes))
+                  types.MappingProxyType(s), needs, tuple(notes), types.MappingProxyType(compat))
 
 
 # --------------------------------------------------------------------------- the embedded default
@@ -219,7 +230,9 @@ def with_preset(given: dict) -> dict:
     """`given` settings (config file and flags, field names) over the preset they name, if any.
 
     Priority: preset < `given`. The preset's algorithm may not be changed (its learning
-    rates belong to it), and every setting the preset needs must be in `given`.
+    rates belong to it), and every setting the preset needs must be in `given`. With
+    `released_compat` in `given`, the preset's `compat` values replace its own (an MTT
+    preset's lr 500 becomes the released 1000, for the released half-size gradient).
     """
     name = given.get("preset")
     if name is None:
@@ -233,7 +246,8 @@ def with_preset(given: dict) -> dict:
     if missing:
         raise LD3MError(f"preset {name} needs " + ", ".join(NEED_HINTS.get(k, "--" + k.replace("_", "-"))
                                                             for k in missing))
-    return {**preset.values, **given}
+    compat = {key: value for key, (value, _) in preset.compat.items()} if given.get("released_compat") else {}
+    return {**preset.values, **compat, **given}
 
 
 __all__ = ["NEED_HINTS", "PRESETS", "Preset", "RELEASED", "get_preset", "list_presets", "with_preset"]

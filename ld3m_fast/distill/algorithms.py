@@ -442,6 +442,10 @@ class MTT(Algorithm):
     `micro_batch` splits each student step into micro-batches (exact: the
     ConvNet's per-sample norm makes samples independent); None = whole batch.
 
+    `image_grad_scale` multiplies the image gradient (not the loss, not dL/dalpha):
+    0.5 under --released-compat, whose script applies its truncated image gradient
+    at half its stated size (`2 * tuple` repeats the tuple; docs/released_compat.md).
+
     Distributed: each student step's batch is split by owner (`ctx.rows`); every rank
     computes its images' part of the step's parameter gradient (divided by the whole
     batch size) and the parts are all-reduced, so every rank walks the same trajectory
@@ -455,7 +459,8 @@ class MTT(Algorithm):
     def __init__(self, network: NetworkSpec, trajectories, *, syn_steps: int = 10,
                  expert_epochs: int = 2, max_start_epoch: int = 2, student_lr: float = 0.01,
                  gradient: str = "truncated", batch_syn: int | None = None,
-                 micro_batch: int | None = None, min_student_lr: float = 1e-8):
+                 micro_batch: int | None = None, min_student_lr: float = 1e-8,
+                 image_grad_scale: float = 1.0):
         if gradient not in MTT_GRADIENTS:
             raise LD3MError(f"unknown MTT gradient {gradient!r}; choose one of {', '.join(MTT_GRADIENTS)}")
         if syn_steps < 1 or expert_epochs < 1 or max_start_epoch < 1:
@@ -480,6 +485,7 @@ class MTT(Algorithm):
         self.batch_syn = batch_syn
         self.micro_batch = check_micro_batch(network, micro_batch)
         self.min_student_lr = float(min_student_lr)
+        self.image_grad_scale = float(image_grad_scale)
         self.student_lr = nn.Parameter(torch.tensor(float(student_lr)))
         self.device = torch.device("cpu")
 
@@ -545,6 +551,8 @@ class MTT(Algorithm):
                                   micro_batch=self.micro_batch, gradient=self.gradient, comm=ctx.comm)
         image_grad, lr_grad = torch.autograd.grad(loss, [x, self.student_lr])
         self._accumulate_lr_grad(lr_grad)
+        if self.image_grad_scale != 1.0:
+            image_grad = image_grad * self.image_grad_scale
         return loss.detach(), image_grad
 
     def _accumulate_lr_grad(self, value: torch.Tensor):

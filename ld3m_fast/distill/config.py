@@ -82,6 +82,10 @@ class DistillConfig:
     guidance: float = setting(3.0, "classifier-free guidance scale")
     skip: str = setting("x0", "LD3M skip: x0 (released code), mean (paper Eq. 7), none", choices=SKIPS)
     eta: float = setting(0.0, "DDIM eta (0 = deterministic chain)", minimum=0)
+    released_compat: bool = setting(False, "reproduce the released LD3M code where ld3m-fast differs: its "
+                                    "timestep list (T+1 steps when T does not divide 1000), its clamp of "
+                                    "decoded images, its half-size truncated-MTT image gradient "
+                                    "(docs/released_compat.md)")
     # -- how the chain is differentiated and where it runs
     grad_mode: str = setting("recompute", "how gradients cross the chain", choices=GRAD_MODES)
     chunk: int | str | None = setting(None, "images per generator chunk in released/recompute modes, or "
@@ -200,6 +204,9 @@ class DistillConfig:
             raise LD3MError(f"--chunk must be >= 1 or auto, got {self.chunk!r}")
         if self.prior is None or self.iterations is None or self.batch_real is None:
             raise ValueError("unresolved defaults: call resolve_defaults(config) first")
+        if self.released_compat and self.algorithm == "mtt" and self.mtt_gradient != "truncated":
+            raise LD3MError("--released-compat reproduces the released truncated MTT gradient; "
+                            f"--mtt-gradient {self.mtt_gradient} has no released counterpart")
         if self.algorithm == "mtt" and not self.buffer:
             raise LD3MError("--algorithm mtt needs --buffer PATH (build one with `ld3m-fast buffer`)")
 

@@ -7,7 +7,8 @@ the data module's decode cache), so every bad input fails before a run folder ex
 Resolution: up to the prior's native size the chain renders at `res` itself (latents
 of side res / latent factor: cin256-v2 at 128² uses 3×32×32, as in the paper); above
 it, the prior renders natively and an antialiased, differentiable bilinear resize
-inside the generator reaches `res` (`ld3m_fast.generator.render_size`).
+inside the generator reaches `res` (`ld3m_fast.generator.render_size`). With
+`--released-compat` the chain renders at `res` at every size, as the released code does.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from .. import distributed
 from ..errors import LD3MError
-from ..generator import render_size
+from ..generator import released_timesteps, render_size
 from .algorithms import NetworkSpec, RealData, build_algorithm, stream_generator
 from .config import DistillConfig
 
@@ -63,21 +64,23 @@ def denoiser_multiple(prior) -> int:
     return 2 ** max(0, len(blocks) - 1)
 
 
-def resolve_resolution(prior, res: int | None) -> int:
-    """The output side: `res` or the prior's native size, checked against what the prior can render."""
+def resolve_resolution(prior, res: int | None, *, released: bool = False) -> int:
+    """The output side: `res` or the prior's native size, checked against what the prior can render
+    (at `res` itself with `released`, see `render_size`)."""
     res = prior.image_size if res is None else int(res)
     factor = prior.latent_factor
     if res % factor:
         raise LD3MError(f"--res {res} is not a multiple of the prior's latent factor {factor}; "
                         f"use e.g. {prior.image_size} (the prior's native size)")
-    render = render_size(prior, res)
+    render = render_size(prior, res, released=released)
     latent, multiple = render // factor, denoiser_multiple(prior)
     if latent % multiple:
         step = factor * multiple
         below = [r for r in range(step, prior.image_size + 1, step)]
+        above = "" if released else f" or any multiple of {factor} above it"
         raise LD3MError(f"--res {res} renders {latent}x{latent} latents, but the prior's denoiser needs a "
                         f"side divisible by {multiple}; use a multiple of {step} up to {prior.image_size} "
-                        f"(e.g. {', '.join(map(str, below[-3:]))}) or any multiple of {factor} above it")
+                        f"(e.g. {', '.join(map(str, below[-3:]))}){above}")
     return res
 
 
@@ -142,6 +145,15 @@ def generator_knobs(config: DistillConfig) -> dict:
                 store_steps=config.store_steps or 0, sac_min_flops=config.sac_min_flops)
 
 
+def released_generator_options(config: DistillConfig) -> dict:
+    """The generator's options for --released-compat: the released timestep list and clamp; with
+    --grad-mode released also its UNet's inner checkpointing of the transformer blocks (the same
+    values, its cost). Empty without --released-compat."""
+    if not config.released_compat:
+        return {}
+    return dict(spacing="released", clamp=True, checkpoint_attention=config.grad_mode == "released")
+
+
 def use_memory_efficient_attention(prior, device: torch.device, *, log=print) -> str:
     """xformers attention on CUDA when it is installed; PyTorch SDPA otherwise (diffusers' default)."""
     if device.type != "cuda":
@@ -193,7 +205,9 @@ def build_algorithm_for(config: DistillConfig, network: NetworkSpec, res: int, n
     mtt_options = {} if config.algorithm != "mtt" else dict(
         syn_steps=config.syn_steps, expert_epochs=config.expert_epochs,
         max_start_epoch=config.max_start_epoch, student_lr=config.student_lr,
-        gradient=config.mtt_gradient, batch_syn=config.batch_syn)
+        gradient=config.mtt_gradient, batch_syn=config.batch_syn,
+        # The released script applies its truncated image gradient at half size (`2 * tuple`).
+        image_grad_scale=0.5 if config.released_compat else 1.0)
     return build_algorithm(config.algorithm, network, trajectories=trajectories,
                            batch_real=config.batch_real, micro_batch=config.micro_batch, **mtt_options)
 
@@ -225,14 +239,16 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     if not prior_path.exists():
         raise LD3MError(f"prior folder {prior_path} does not exist; pass --prior PATH")
     prior = load_prior(prior_path).to(device)
-    res = resolve_resolution(prior, config.res)
+    if config.released_compat:  # a T the released sampler fails at: refused before the data load
+        released_timesteps(len(prior.alphas_cumprod), config.steps)
+    res = resolve_resolution(prior, config.res, released=config.released_compat)
     data = load_dataset(config.data, split="train", subset=config.subset, res=res,
                         cache_dir=config.cache_dir, max_per_class=config.max_per_class, log=log)
     require_per_class(data, config.ipc)
     rows = prior_class_rows(prior, config.subset, data.num_classes)
     network = build_network_spec(config, res, data.num_classes)
     algorithm = build_algorithm_for(config, network, res, data.num_classes)
-    render = render_size(prior, res)
+    render = render_size(prior, res, released=config.released_compat)
     synthetic = SyntheticSet.from_real(prior, data.images, data.labels, config.ipc,
                                        stream_generator(config.seed, "init"),
                                        prior_classes=rows, image_size=render).to(device)
@@ -245,7 +261,8 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     generator = LD3MGenerator(prior, config.steps, guidance=config.guidance,
                               skip=None if config.skip == "none" else config.skip, eta=config.eta,
                               grad_mode=config.grad_mode, render_size=render,
-                              output_size=None if res == render else res, **knobs)
+                              output_size=None if res == render else res,
+                              **released_generator_options(config), **knobs)
     algorithm.to(device)
     if device.type == "cpu":
         prepare_native_kernels(log)
@@ -267,4 +284,5 @@ def load_inline_eval_data(config: DistillConfig, res: int, log):
 
 
 __all__ = ["DTYPES", "Setup", "build_setup", "denoiser_multiple", "device_memory", "prior_class_rows",
-           "resolve_device", "resolve_resolution", "use_memory_efficient_attention"]
+           "released_generator_options", "resolve_device", "resolve_resolution",
+           "use_memory_efficient_attention"]
