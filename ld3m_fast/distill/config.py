@@ -83,7 +83,7 @@ class DistillConfig:
     skip: str = setting("x0", "LD3M skip: x0 (released code), mean (paper Eq. 7), none", choices=SKIPS)
     eta: float = setting(0.0, "DDIM eta (0 = deterministic chain)", minimum=0)
     released_compat: bool = setting(False, "reproduce the released LD3M code where ld3m-fast differs: its "
-                                    "timestep list (T+1 steps when T does not divide 1000), its clamp of "
+                                    "timestep list (more than T steps when T does not divide 1000), its clamp of "
                                     "decoded images, its half-size truncated-MTT image gradient "
                                     "(docs/released_compat.md)")
     # -- how the chain is differentiated and where it runs
