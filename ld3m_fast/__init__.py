@@ -2,8 +2,10 @@
 
 Public API (importable from other distillation codebases):
     LD3MGenerator, ChainNoise, ChainSchedule   the differentiable LD3M chain
-    Prior, load_prior, save_prior, build_tiny_prior
+    Prior, load_prior, save_prior, build_tiny_prior, default_prior_path (the shipped prior)
     SyntheticSet                                learnable latents Z, class embeddings c, labels
+    dm_loss, dc_loss, mtt_loss                  the distillation losses as functions of tensors
+    load_dataset, from_uint8, build_network     real images (uint8), their normalisation, students
     ops.ld3m_step, ops.trajectory_matching_distance   fused ops (torch.library)
 
 The names load on first use (PEP 562), so `import ld3m_fast` and the CLI's start-up
@@ -18,9 +20,11 @@ from .errors import LD3MError, PriorError
 
 _LAZY = {
     "ChainNoise": "generator", "ChainSchedule": "generator", "LD3MGenerator": "generator",
-    "Prior": "priors", "build_tiny_prior": "priors", "load_prior": "priors", "save_prior": "priors",
+    "Prior": "priors", "build_tiny_prior": "priors", "default_prior_path": "priors", "load_prior": "priors",
+    "save_prior": "priors",
     "SyntheticSet": "synthetic",
     "dm_loss": "losses", "dc_loss": "losses", "mtt_loss": "losses",
+    "load_dataset": "data", "from_uint8": "normalization", "build_network": "networks",
 }
 
 __all__ = ["LD3MError", "PriorError", "__version__", *sorted(_LAZY)]
