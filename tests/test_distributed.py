@@ -1,10 +1,17 @@
 """Distributed runs (docs/distributed.md): 2 gloo processes on the CPU against one process.
 
+Exactness per algorithm (1 vs 2 processes), resume on another number of processes (2 -> 1,
+1 -> 2), a killed rank (plain ranks and under torchrun), Ctrl-C on torchrun, eval over ranks,
+the planner's one-rank estimate.
+
 What is exact and why:
 - DM and DC with generator chunks and student micro-batches of one class (`--chunk IPC
   --micro-batch IPC`): every tensor operation sees the same inputs in the same shapes on
   any world size (per-class streams, per-class pieces, gradient rows summed with exact
-  zeros), so the final set is bit-identical.
+  zeros), so the final set is bit-identical (asserted over ITERATIONS = 3). Seen outside the
+  test, not understood yet: a 4th iteration of DM with the default DSA leaves rank 1's class
+  about 1e-7 (relative) off one process's, deterministically; with `--dsa none` 4 iterations
+  are bit-identical (docs/distributed.md).
 - DM and DC with the defaults: each process renders its own classes in one batch, so the
   denoiser and decoder run batched convolutions over a different batch (and oneDNN picks
   kernels by batch size): equal to rounding, within 1e-5 relative.
@@ -45,6 +52,7 @@ CASES = {
 RESUME_AT, RESUME_TO = 2, 4
 TOLERANCE = 1e-5
 HANG_GUARD_SECONDS = 600  # a guard against a hang, not a timing assertion
+KILL_STOP_SECONDS = 60  # a killed rank: the others stop within this (a generous bound on a busy machine)
 
 
 def config(ws, out, **overrides):
@@ -67,10 +75,14 @@ def _runs(rank, world_size, init_file, ws, out):
     from ld3m_fast.distill.run import resume_run, start_run
 
     torch.set_num_threads(1)
+    if rank == 0:  # one process up to RESUME_AT, resumed below by two (rank 1 waits at the init)
+        start_run(config(ws, out / "resume-up", iterations=RESUME_AT, **CASES["dm-aligned"][0]), log=quiet)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     for name, (settings, _) in CASES.items():
         start_run(config(ws, out / f"{name}-2", **settings), log=quiet)
     start_run(config(ws, out / "resume", iterations=RESUME_AT, **CASES["dm-aligned"][0]), log=quiet)
+    resume_run(out / "resume-up", {"iterations": RESUME_TO}, log=quiet)
+    start_run(config(ws, out / "uninterrupted-2", iterations=RESUME_TO, **CASES["dm-aligned"][0]), log=quiet)
     dist.destroy_process_group()
     distributed.shutdown()
     if rank != 0:
@@ -144,15 +156,23 @@ def test_two_processes_give_the_one_process_result(runs, name):
                                                                                   "iter_000003.png"]
 
 
-def test_a_two_process_checkpoint_resumes_with_one_process(runs):
-    resumed, whole = final_state(runs / "resume"), final_state(runs / "uninterrupted")
+UNINTERRUPTED = {1: "uninterrupted", 2: "uninterrupted-2"}  # processes -> the run of RESUME_TO iterations
+
+
+@pytest.mark.parametrize("run, before, after", [("resume", 2, 1), ("resume-up", 1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_processes(runs, run, before, after):
+    """`before` processes to RESUME_AT, then `after` to RESUME_TO (DM, one class per chunk and
+    micro-batch): every iteration is bit-identical to the uninterrupted run on its own number of
+    processes, and the final state to the uninterrupted run on `after` processes."""
+    first, then = runs / UNINTERRUPTED[before], runs / UNINTERRUPTED[after]
+    resumed, whole = final_state(runs / run), final_state(then)
+    assert resumed.keys() == whole.keys()
     for key in whole:
-        assert torch.equal(resumed[key], whole[key]), key
-    # The logged loss of the 2-process iterations is the sum of the ranks' losses: another order.
-    assert losses(runs / "resume") == pytest.approx(losses(runs / "uninterrupted"), rel=1e-6)
-    assert losses(runs / "resume")[RESUME_AT:] == losses(runs / "uninterrupted")[RESUME_AT:]
-    with safe_open(str(runs / "resume" / CHECKPOINT), framework="pt") as f:
-        assert f.metadata()["iteration"] == str(RESUME_TO) and f.metadata()["world_size"] == "1"
+        assert torch.equal(resumed[key], whole[key]), (key, relative_difference(resumed[key], whole[key]))
+    assert losses(runs / run)[:RESUME_AT] == losses(first)[:RESUME_AT]
+    assert losses(runs / run)[RESUME_AT:] == losses(then)[RESUME_AT:]
+    with safe_open(str(runs / run / CHECKPOINT), framework="pt") as f:
+        assert f.metadata()["iteration"] == str(RESUME_TO) and f.metadata()["world_size"] == str(after)
 
 
 def test_class_shares_cover_every_class_once():
@@ -212,27 +232,74 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("ld3m-fast")]
 
 
+def assert_stopped_after_a_kill(run, err, stopped_after):
+    """One error line that names the intact checkpoint; that checkpoint loads; a prompt stop."""
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert "another process of the run has stopped" in lines[0] and "is intact" in lines[0], lines[0]
+    assert "--resume" in lines[0]
+    kept = checkpoint_iteration(run)
+    assert kept >= 2 and kept % 2 == 0 and f"checkpoint of iteration {kept} " in lines[0]  # the last periodic one
+    assert load_file(run / CHECKPOINT)["Z"].shape[0] == 3 * IPC  # whole
+    print(f"stopped {stopped_after:.1f} s after the kill: {lines[0]}")
+    # A dead peer's connections close at once (measured here: 2-3 s); the limit is for a busy machine.
+    assert stopped_after < KILL_STOP_SECONDS, stopped_after
+
+
 def test_a_killed_rank_stops_the_other_with_one_line(ws, tmp_path):
     run = tmp_path / "run"
     ranks = launch_ranks(distill_args(ws, run, "--iterations", 100_000, "--save-every", 2),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_iterations(run, 3, ranks)
     ranks[1].kill()  # SIGKILL: no chance to say goodbye
+    killed = time.monotonic()
     try:
         _, err = ranks[0].communicate(timeout=HANG_GUARD_SECONDS)
+        stopped_after = time.monotonic() - killed
     finally:
         for p in ranks:
             if p.poll() is None:
                 p.kill()
-    assert ranks[0].returncode not in (0, None), err
+    assert ranks[0].returncode == 2, err
     assert "Traceback" not in err, err
-    lines = error_lines(err)
-    assert len(lines) == 1, err
-    assert "another process of the run has stopped" in lines[0] and "is intact" in lines[0], lines[0]
-    assert "--resume" in lines[0]
-    kept = checkpoint_iteration(run)
-    assert kept >= 2 and kept % 2 == 0  # the last periodic checkpoint, whole
-    assert load_file(run / CHECKPOINT)["Z"].shape[0] == 3 * IPC
+    assert_stopped_after_a_kill(run, err, stopped_after)
+
+
+def torchrun_workers(launcher) -> dict[int, int]:
+    """{rank: pid} of the workers torchrun started (their RANK in their environment)."""
+    workers = {}
+    for pid in open(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read().split():
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        if b"RANK" in env:
+            workers[int(env[b"RANK"])] = int(pid)
+    return workers
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+                    reason="finds torchrun's workers through /proc (Linux)")
+def test_a_killed_rank_of_a_torchrun_job_stops_the_job_with_one_line(ws, tmp_path):
+    """torchrun also notices the dead worker and sends the others SIGTERM: the same single line."""
+    run = tmp_path / "run"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    launcher = subprocess.Popen(
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "ld3m_fast",
+         *map(str, distill_args(ws, run, "--iterations", 100_000, "--save-every", 2))],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_iterations(run, 3, [launcher])
+        workers = torchrun_workers(launcher)
+        assert sorted(workers) == [0, 1], workers
+        os.kill(workers[1], signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = launcher.communicate(timeout=HANG_GUARD_SECONDS)
+        stopped_after = time.monotonic() - killed  # torchrun exits after its last worker
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    # Rank 0 exits 2 after its line, or by torchrun's SIGTERM when that lands after the loop.
+    assert launcher.returncode != 0 and "SIGKILL" in err, err  # torchrun names the killed rank
+    assert_stopped_after_a_kill(run, err, stopped_after)
 
 
 def test_ctrl_c_on_torchrun_stops_every_rank_after_the_same_iteration(ws, tmp_path):
