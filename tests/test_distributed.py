@@ -10,8 +10,8 @@ What is exact and why:
   any world size (per-class streams, per-class pieces, gradient rows summed with exact
   zeros), so the final set is bit-identical (asserted over ITERATIONS = 3). Seen outside the
   test, not understood yet: a 4th iteration of DM with the default DSA leaves rank 1's class
-  about 1e-7 (relative) off one process's, deterministically; with `--dsa none` 4 iterations
-  are bit-identical (docs/distributed.md).
+  about 1e-7 (relative) off one process's, deterministically; with `--dsa none` (or any
+  single group but `color`) 4 iterations are bit-identical (docs/distributed.md).
 - DM and DC with the defaults: each process renders its own classes in one batch, so the
   denoiser and decoder run batched convolutions over a different batch (and oneDNN picks
   kernels by batch size): equal to rounding, within 1e-5 relative.
