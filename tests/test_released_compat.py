@@ -161,12 +161,15 @@ def test_truncated_mtt_image_gradient_is_exactly_half_in_compat_mode():
     assert torch.equal(loss_c, loss) and torch.equal(lr_grad_c, lr_grad)  # the loss and dL/dalpha are not
 
 
-def test_setup_passes_the_half_gradient_only_in_compat_mode(monkeypatch):
+def test_setup_passes_the_half_gradient_and_its_lr_only_in_compat_mode(monkeypatch):
     spec, trajectories, _ = _toy_mtt(1.0)
     monkeypatch.setattr("ld3m_fast.distill.buffers.load_buffer", lambda path, expect=None: trajectories)
     for compat, scale in ((False, 1.0), (True, 0.5)):
         config = DistillConfig(algorithm="mtt", buffer="unused", released_compat=compat)
-        assert build_algorithm_for(config, spec, 8, 3).image_grad_scale == scale
+        algorithm = build_algorithm_for(config, spec, 8, 3)
+        assert algorithm.image_grad_scale == scale
+        # Without a preset: the released updates either way (500 on the full gradient, 1000 on the half).
+        assert algorithm.default_lr_latent == algorithm.default_lr_class == 500.0 / scale
     with pytest.raises(LD3MError, match="--mtt-gradient full has no released counterpart"):
         DistillConfig(algorithm="mtt", buffer="b", mtt_gradient="full", released_compat=True,
                       prior="p", iterations=1, batch_real=1).validate()

@@ -453,8 +453,16 @@ class MTT(Algorithm):
     """
 
     name = "mtt"
-    default_lr_latent = 1000.0
-    default_lr_class = 1000.0
+    # The released lr 1000 (SPEC §2.4) acts on an image gradient it applies at half size
+    # (`2 * tuple`): the same updates as 500 on the full gradient, 1000 on the half one.
+    RELEASED_LR = 1000.0
+    RELEASED_IMAGE_GRAD_SCALE = 0.5
+
+    @property
+    def default_lr_latent(self) -> float:
+        return self.RELEASED_LR * self.RELEASED_IMAGE_GRAD_SCALE / self.image_grad_scale
+
+    default_lr_class = default_lr_latent
 
     def __init__(self, network: NetworkSpec, trajectories, *, syn_steps: int = 10,
                  expert_epochs: int = 2, max_start_epoch: int = 2, student_lr: float = 0.01,

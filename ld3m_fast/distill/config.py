@@ -119,7 +119,8 @@ class DistillConfig:
     iterations: int | None = setting(None, "distillation iterations (default: 10000, the paper's; "
                                      "120 on the embedded default)", minimum=0, resumable=True)
     lr_latent: float | None = setting(None, "SGD lr for the latents Z (default per algorithm: DM 1, DC 0.1, "
-                                      "MTT 1000; DM 0.1 on the embedded default prior)", minimum=0,
+                                      "MTT 500, the released 1000 on its half-size image gradient (1000 "
+                                      "with --released-compat); DM 0.1 on the embedded default prior)", minimum=0,
                                       resumable=True)
     lr_class: float | None = setting(None, "SGD lr for the class embeddings c (default as --lr-latent)",
                                      minimum=0, resumable=True)

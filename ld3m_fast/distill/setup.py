@@ -21,7 +21,7 @@ import torch
 from .. import distributed
 from ..errors import LD3MError
 from ..generator import released_timesteps, render_size
-from .algorithms import NetworkSpec, RealData, build_algorithm, stream_generator
+from .algorithms import MTT, NetworkSpec, RealData, build_algorithm, stream_generator
 from .config import DistillConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -207,7 +207,7 @@ def build_algorithm_for(config: DistillConfig, network: NetworkSpec, res: int, n
         max_start_epoch=config.max_start_epoch, student_lr=config.student_lr,
         gradient=config.mtt_gradient, batch_syn=config.batch_syn,
         # The released script applies its truncated image gradient at half size (`2 * tuple`).
-        image_grad_scale=0.5 if config.released_compat else 1.0)
+        image_grad_scale=MTT.RELEASED_IMAGE_GRAD_SCALE if config.released_compat else 1.0)
     return build_algorithm(config.algorithm, network, trajectories=trajectories,
                            batch_real=config.batch_real, micro_batch=config.micro_batch, **mtt_options)
 
