@@ -276,16 +276,21 @@ def torchrun_workers(launcher) -> dict[int, int]:
     return workers
 
 
+def launch_torchrun(ws, run, *flags) -> subprocess.Popen:
+    """A 2-process torchrun job of the tiny workspace's distill that runs until stopped."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return subprocess.Popen(
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "ld3m_fast",
+         *map(str, distill_args(ws, run, "--iterations", 100_000, *flags))],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
                     reason="finds torchrun's workers through /proc (Linux)")
 def test_a_killed_rank_of_a_torchrun_job_stops_the_job_with_one_line(ws, tmp_path):
     """torchrun also notices the dead worker and sends the others SIGTERM: the same single line."""
     run = tmp_path / "run"
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    launcher = subprocess.Popen(
-        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "ld3m_fast",
-         *map(str, distill_args(ws, run, "--iterations", 100_000, "--save-every", 2))],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    launcher = launch_torchrun(ws, run, "--save-every", 2)
     try:
         wait_for_iterations(run, 3, [launcher])
         workers = torchrun_workers(launcher)
@@ -304,11 +309,7 @@ def test_a_killed_rank_of_a_torchrun_job_stops_the_job_with_one_line(ws, tmp_pat
 
 def test_ctrl_c_on_torchrun_stops_every_rank_after_the_same_iteration(ws, tmp_path):
     run = tmp_path / "run"
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    launcher = subprocess.Popen(
-        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "ld3m_fast",
-         *map(str, distill_args(ws, run, "--iterations", 100_000, "--save-seconds", 100_000))],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    launcher = launch_torchrun(ws, run, "--save-seconds", 100_000)
     try:
         wait_for_iterations(run, 2, [launcher])
         launcher.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends to torchrun
