@@ -113,3 +113,42 @@ def test_parse_bytes():
     assert parse_bytes("40 GB") == 40 * 10**9
     with pytest.raises(LD3MError, match="memory size"):
         parse_bytes("lots")
+
+
+def test_simulated_candidates_are_kept_on_disk_and_reused(tmp_path, monkeypatch):
+    """A second plan (another budget) walks nothing and writes the same candidates; a changed
+    setting walks again."""
+    import json
+
+    from ld3m_fast.cli.main import main
+    from ld3m_fast.planner import simulate as simulation
+
+    monkeypatch.setenv("LD3M_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LD3M_FAST_PLANNER_CACHE", raising=False)
+    walks = []
+    walk = simulation._walk
+    monkeypatch.setattr(simulation, "_walk", lambda spec: walks.append(spec) or walk(spec))
+
+    def plan_json(name, budget="1GiB", steps="2"):
+        simulation.simulate.cache_clear()  # a new process: only the disk remembers
+        code = main(["plan", "--prior", "tiny", "--res", "32", "--ipc", "1", "--classes", "2", "--steps", steps,
+                     "--chunks", "1,2", "--store-steps", "0", "--dtypes", "fp32", "--budget", budget,
+                     "--json", str(tmp_path / name)])
+        assert code == 0
+        return json.loads((tmp_path / name).read_text())
+
+    first = plan_json("first.json")
+    assert walks and len(list((tmp_path / "cache" / "planner").glob("*.json"))) == len(set(walks))
+    walks.clear()
+    again = plan_json("again.json", budget="2GiB")
+    assert walks == []
+    assert again["candidates"] == first["candidates"] and again["released"] == first["released"]
+    assert again["setting"]["budget_bytes"] == 2 * first["setting"]["budget_bytes"]
+    plan_json("other.json", steps="3")
+    assert walks and all(spec.steps in (1, 2, 3) for spec in walks)
+
+    monkeypatch.setenv("LD3M_FAST_PLANNER_CACHE", "0")
+    walks.clear()
+    plan_json("off.json")
+    assert walks
+    simulation.simulate.cache_clear()

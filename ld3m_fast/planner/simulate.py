@@ -26,6 +26,13 @@ momentum in every phase and their gradient in the backward phase, an upper bound
 gradient is all-reduced in place; the backend's own buffers are not counted).
 `estimate(spec, direct=True)` walks the rank's real iteration instead (tested against it).
 
+Every walk is also kept on disk (`LD3M_FAST_CACHE`, default ~/.cache/ld3m_fast, under
+planner/; `LD3M_FAST_PLANNER_CACHE=0` turns it off). A walk's peak and FLOPs do not depend
+on the memory budget, so one search serves every budget, and a later `plan` or run reuses
+the walks of an earlier one. The key is the whole spec, the prior's architecture (a named
+prior's name, a folder's configuration files), and the code that was walked: the versions of
+ld3m_fast, torch and diffusers and a hash of the package's sources (any code change misses).
+
 Stored steps (`store_steps=k`, see `ld3m_fast.generator`) are walked at k = 0 and
 k = T (both extrapolated as above); a k in between is interpolated linearly between
 them. The FLOPs are exactly linear in k; each phase's peak is the largest of a few
@@ -35,8 +42,12 @@ two extrapolated ends (tested too).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -179,14 +190,29 @@ def _build(spec: IterationSpec):
 def simulate(spec: IterationSpec) -> Measurement:
     """Walk one iteration of `spec` for real (fake tensors): peak, per-phase peaks, FLOPs.
 
-    Memoised: specs are frozen, and the extrapolation points of different T share them.
+    Memoised in the process (specs are frozen, and the extrapolation points of different T
+    share them) and on disk (`cache_path`).
     """
+    if spec.dtype not in DTYPES:
+        raise LD3MError(f"dtype must be one of {', '.join(DTYPES)}, got {spec.dtype!r}")
+    if not spec.store_steps and spec.sac_min_flops is not None:
+        return simulate(replace(spec, sac_min_flops=None))  # no stored step: nothing to keep selectively
+    path = cache_path(spec)
+    if path is not None:
+        cached = _read_cached(path)
+        if cached is not None:
+            return cached
+    result = _walk(spec)
+    if path is not None:
+        _write_cached(path, spec, result)
+    return result
+
+
+def _walk(spec: IterationSpec) -> Measurement:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..distill.iteration import distill_iteration
 
-    if spec.dtype not in DTYPES:
-        raise LD3MError(f"dtype must be one of {', '.join(DTYPES)}, got {spec.dtype!r}")
     with FakeTensorMode(allow_non_fake_inputs=True):
         generator, synthetic, algorithm, context, optimizer, resident, weights = _build(spec)
         noise = generator.draw_noise(spec.images, torch.Generator().manual_seed(2))
@@ -198,6 +224,90 @@ def simulate(spec: IterationSpec) -> Measurement:
         result = measure(iteration, existing=tuple(resident) + (noise.start,), with_phases=True)
     result.weights_bytes = sum(w.untyped_storage().nbytes() for w in weights)
     return result
+
+
+# Sources that do not take part in a walk: a change there keeps the cache.
+_NOT_WALKED = ("cli/", "bench.py", "__main__.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """ld3m_fast, torch and diffusers versions and a hash of the package's walked sources.
+
+    Computed once per process, so a search keeps one key while files change under it."""
+    import diffusers
+
+    from .. import __version__
+
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(f"{__version__} {torch.__version__} {diffusers.__version__}".encode())
+    for source in sorted(package.rglob("*.py")):
+        name = source.relative_to(package).as_posix()
+        if not name.startswith(_NOT_WALKED):
+            digest.update(name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=16)
+def prior_fingerprint(prior: str) -> str:
+    """A named prior is its name (its config is in the sources); a folder, its configuration
+    files (names and contents; weights are not read, as planning does not read them)."""
+    from .priors import FULL_SIZE_PRIORS
+
+    if prior in FULL_SIZE_PRIORS or not Path(prior).is_dir():
+        return prior
+    root = Path(prior)
+    digest = hashlib.sha256()
+    try:
+        for config in sorted(root.rglob("*")):
+            if config.is_file() and config.suffix in (".json", ".yaml", ".yml", ".toml", ".txt"):
+                digest.update(config.relative_to(root).as_posix().encode() + b"\0" + config.read_bytes() + b"\0")
+    except OSError:
+        return f"unreadable folder {root.resolve()}"  # loading it says what is wrong
+    return "folder:" + digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path | None:
+    if os.environ.get("LD3M_FAST_PLANNER_CACHE", "1").strip().lower() in ("0", "off", "no", "false"):
+        return None
+    return Path(os.environ.get("LD3M_FAST_CACHE", "~/.cache/ld3m_fast")).expanduser() / "planner"
+
+
+def cache_key(spec: IterationSpec) -> dict:
+    return {"spec": {**spec.describe(), "prior": prior_fingerprint(spec.prior)}, "code": code_version()}
+
+
+def cache_path(spec: IterationSpec) -> Path | None:
+    """Where the walk of `spec` is kept, or None with the cache turned off."""
+    root = cache_dir()
+    if root is None:
+        return None
+    key = json.dumps(cache_key(spec), sort_keys=True)
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _read_cached(path: Path) -> Measurement | None:
+    try:
+        data = json.loads(path.read_text())
+        result = Measurement(data["peak_bytes"], data["end_bytes"], data["flops"], data["flops_by_op"],
+                             data["phase_peaks"])
+        result.weights_bytes = data["weights_bytes"]
+        return result
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or unreadable: walk again (and overwrite)
+
+
+def _write_cached(path: Path, spec: IterationSpec, result: Measurement) -> None:
+    from .._files import write_json_atomic
+
+    data = {"key": cache_key(spec), "peak_bytes": result.peak_bytes, "end_bytes": result.end_bytes,
+            "flops": result.flops, "flops_by_op": result.flops_by_op, "phase_peaks": result.phase_peaks,
+            "weights_bytes": result.weights_bytes}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, data)
+    except OSError:
+        pass  # a read-only cache only costs the next search its time
 
 
 def image_unit(spec: IterationSpec) -> int:
