@@ -1,14 +1,17 @@
 """Test tiers: the default run is the CPU tier; `slow` is opt-in, `gpu` needs CUDA."""
 import os
 
-import pytest  # noqa: E402
-import torch  # noqa: E402  (torch does not import triton)
+import pytest
+import torch  # torch does not import triton
 
 # Must be set before anything imports triton: without a GPU, Triton kernels run on CPU tensors
 # through the interpreter; with one, the GPU tier runs the compiled kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The planner keeps its simulations in the user's cache; tests must not write there (its own
+# test turns the cache on in a temporary folder).
+os.environ.setdefault("LD3M_FAST_PLANNER_CACHE", "0")
 
 
 def pytest_addoption(parser):
