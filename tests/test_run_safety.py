@@ -163,6 +163,22 @@ def test_default_threads_follow_the_idle_cores(monkeypatch):
     assert _threads.default_threads() == 2
 
 
+def test_the_cli_sets_a_short_openmp_spin_before_torch_loads_unless_the_user_chose(monkeypatch):
+    import sys
+
+    probe = ("import os, sys; import ld3m_fast.cli.main; "
+             "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def run(extra):
+        return subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True,
+                              text=True, check=True).stdout.split()
+
+    assert run({}) == ["10000", "None", "False"]  # set before torch (and its OpenMP) loads
+    assert run({"OMP_WAIT_POLICY": "ACTIVE"}) == ["None", "ACTIVE", "False"]
+    assert run({"GOMP_SPINCOUNT": "5"}) == ["5", "None", "False"]
+
+
 def test_time_based_checkpoints(ws, tmp_path):
     run = tmp_path / "run"
     saved = []
