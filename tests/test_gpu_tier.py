@@ -14,12 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _assertions import assert_within_plain_error
-from test_ld3m_step import CONFIGS, SHAPES, make_inputs, run_forward_backward
+from test_ld3m_step import CONFIGS, SHAPES, check_against_reference, make_inputs
 from test_tm_distance import check_distance, check_mtt, parameter_vectors
 
 from ld3m_fast.ops import _backend, ld3m_step
-from ld3m_fast.reference import ld3m_step_ref
 
 pytestmark = pytest.mark.gpu
 
@@ -43,21 +41,8 @@ def cuda(tensors):
 
 
 def check_step(tensors, skip, sigma, dtype):
-    """`test_ld3m_step.check_against_reference` with the upstream gradient on the inputs' device
-    (autograd refuses a CPU gradient for a CUDA output)."""
-    generator = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(tensors[0].shape, generator=generator).to(device=tensors[0].device, dtype=dtype)
-    out, grads = run_forward_backward(ld3m_step, tensors, skip, sigma, grad_out)
-    assert out.is_cuda and out.dtype == dtype and out.shape == tensors[0].shape
-    wide = [None if t is None else t.to(torch.float64) for t in tensors]
-    oracle, oracle_grads = run_forward_backward(ld3m_step_ref, wide, skip, sigma, grad_out.to(torch.float64))
-    plain, plain_grads = run_forward_backward(ld3m_step_ref, tensors, skip, sigma, grad_out)
-    assert_within_plain_error(out, plain, oracle, name="z_prev")
-    for name, oracle_grad in oracle_grads.items():
-        if oracle_grad is None:
-            assert grads[name] is None or not grads[name].any(), name
-            continue
-        assert_within_plain_error(grads[name], plain_grads[name], oracle_grad, name=f"grad {name}")
+    """`test_ld3m_step.check_against_reference` of the op, whose output must stay on CUDA."""
+    assert check_against_reference(ld3m_step, tensors, skip, sigma, dtype).is_cuda
 
 
 @pytest.fixture

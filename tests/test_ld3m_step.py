@@ -63,7 +63,9 @@ def run_forward_backward(fn, tensors, skip, sigma, grad_out):
 
 
 def check_against_reference(op_fn, tensors, skip, sigma, dtype):
-    """op vs float64 oracle, bounded by the plain low-precision reference's error."""
+    """op vs float64 oracle, bounded by the plain low-precision reference's error; returns the
+    op's output. The upstream gradient lives on the inputs' device (autograd refuses a CPU
+    gradient for a CUDA output)."""
     generator = torch.Generator().manual_seed(1)
     grad_out = torch.randn(tensors[0].shape, generator=generator).to(device=tensors[0].device, dtype=dtype)
     out, grads = run_forward_backward(op_fn, tensors, skip, sigma, grad_out)
@@ -77,6 +79,7 @@ def check_against_reference(op_fn, tensors, skip, sigma, dtype):
             assert grads[name] is None or not grads[name].any(), name
             continue
         assert_within_plain_error(grads[name], plain_grads[name], oracle_grad, name=f"grad {name}")
+    return out
 
 
 CONFIGS = list(itertools.product(["x0", "mean", None], [False, True], [0.0, 0.2]))
