@@ -4,7 +4,8 @@ A run killed at any moment leaves either the old file or the new one, never half
 of one. Temporary files are created private (mode 0600) and named
 `TEMP_PREFIX<name>.<random><suffix>` beside the target, so a resumed run can find and
 remove the ones a kill left behind; the finished file gets the usual permissions
-(0666 minus the umask), as a plain `open` would give it.
+(0666 minus the umask), as a plain `open` would give it. `user_cache_dir` says where
+the caches live.
 """
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TEMP_PREFIX = ".ld3m-partial."
+
+
+def user_cache_dir(kind: str) -> Path:
+    """`$LD3M_FAST_CACHE/<kind>`, by default `~/.cache/ld3m_fast/<kind>` (e.g. data, planner)."""
+    return Path(os.environ.get("LD3M_FAST_CACHE", "~/.cache/ld3m_fast")).expanduser() / kind
 
 
 def _umask() -> int:

@@ -36,7 +36,7 @@ from ld3m_fast.data import readers
 from ld3m_fast.data.decode import resize_array_batch
 from ld3m_fast.data.imageset import ImageSet
 from ld3m_fast.data.subsets import imagenet_class_names, resolve_subset, wnid_to_index
-from ld3m_fast._files import atomic_write
+from ld3m_fast._files import atomic_write, user_cache_dir
 from ld3m_fast.errors import LD3MError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -51,7 +51,7 @@ Log = Callable[[str], None]
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LD3M_FAST_CACHE", "~/.cache/ld3m_fast")).expanduser() / "data"
+    return user_cache_dir("data")
 
 
 @dataclass

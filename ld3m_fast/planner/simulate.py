@@ -270,7 +270,9 @@ def prior_fingerprint(prior: str) -> str:
 def cache_dir() -> Path | None:
     if os.environ.get("LD3M_FAST_PLANNER_CACHE", "1").strip().lower() in ("0", "off", "no", "false"):
         return None
-    return Path(os.environ.get("LD3M_FAST_CACHE", "~/.cache/ld3m_fast")).expanduser() / "planner"
+    from .._files import user_cache_dir
+
+    return user_cache_dir("planner")
 
 
 def cache_key(spec: IterationSpec) -> dict:
