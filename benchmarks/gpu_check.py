@@ -165,8 +165,8 @@ def build_iteration(spec, prior, real, device: torch.device, seed: int = 0) -> d
     network = NetworkSpec(num_classes=spec.num_classes, res=spec.res, width=spec.width, depth=spec.depth)
     algorithm = build_algorithm("dm", network, batch_real=spec.batch_real, micro_batch=spec.micro_batch)
     algorithm.to(device)
-    context = StepContext(real=real, generator=torch.Generator().manual_seed(seed + 1), dsa=DSA(),
-                          dsa_generator=torch.Generator().manual_seed(seed + 2), device=device)
+    # Seeded like a run (and the planner): DM with stored steps then goes class group by group.
+    context = StepContext(real=real, dsa=DSA(), device=device, seed=seed + 1, iteration=1)
     params = [synthetic.Z, synthetic.c] + list(algorithm.parameters())
     optimizer = torch.optim.SGD(params, lr=1.0, momentum=0.5)
     for p in params:

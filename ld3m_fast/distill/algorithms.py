@@ -237,6 +237,9 @@ class Algorithm:
     name = ""
     default_lr_latent = 1.0
     default_lr_class = 1.0
+    # True when the loss is a sum of per-class terms, each a function of its own class's images
+    # only: the loop may then render and differentiate class groups one after the other.
+    per_class = False
 
     def image_gradient(self, images: torch.Tensor, labels: torch.Tensor, ctx: StepContext):
         """Return (loss: 0-d tensor, dL/dimages: tensor like `images`).
@@ -294,6 +297,7 @@ class DM(Algorithm):
     """
 
     name = "dm"
+    per_class = True
     default_lr_latent = 1.0
     default_lr_class = 1.0
 
@@ -370,6 +374,7 @@ class DC(Algorithm):
     """
 
     name = "dc"
+    per_class = True
     default_lr_latent = 0.1
     default_lr_class = 0.1
 

@@ -13,21 +13,52 @@ are exact zeros here, so the sum gives every process the whole gradient exactly 
 identical optimiser step keeps Z and c identical everywhere. One process: rows is None
 and the all-reduce does nothing.
 
+Class groups (`render_groups`): the render pass of a generator with stored steps keeps state
+for every image it renders until backward consumes it. A per-class objective (DM, DC) in a
+seeded context draws its student, real batches and augmentation from stateless streams, so
+it gives the same loss and gradient class group by class group: then each group of whole
+classes that fills whole generator chunks is rendered, distilled and back-propagated before
+the next, and only one group's stored state is live (the FLOPs are those of one pass).
+
 `phase` is a context-manager factory the planner uses to attribute peak memory
 to each stage; `check` sees the loss and the image gradient before anything is
-pushed back (the loop stops on NaN/inf there).
+pushed back (the loop stops on NaN/inf there; with class groups, after every group's
+backward and before the optimiser step, once, since it may be a collective).
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 
 from .._host import host_values
+from ..distributed import Single
 
 
 def _no_phase(name: str):
     return nullcontext()
+
+
+def render_groups(generator, algorithm, labels: torch.Tensor, context) -> list[slice]:
+    """The rows rendered, distilled and back-propagated together (see the module docstring):
+    one group of all rows unless the generator keeps stored steps in chunks, the algorithm is
+    per class and the context is seeded; then whole classes filling whole chunks."""
+    chunk = getattr(generator, "chunk_size", None)
+    if not (getattr(generator, "store_steps", 0) and chunk and getattr(algorithm, "per_class", False)
+            and context.seed is not None):
+        return [slice(None)]
+    with host_values():
+        _, counts = torch.unique_consecutive(labels, return_counts=True)
+    groups, start, size = [], 0, 0
+    for count in counts.tolist():
+        size += count
+        if size % chunk == 0:
+            groups.append(slice(start, start + size))
+            start, size = start + size, 0
+    if size:
+        groups.append(slice(start, start + size))
+    return groups if len(groups) > 1 else [slice(None)]
 
 
 def distill_iteration(generator, synthetic, algorithm, context, optimizer, noise, *,
@@ -40,15 +71,44 @@ def distill_iteration(generator, synthetic, algorithm, context, optimizer, noise
         Z, c = Z[rows], c[rows]
         with host_values():  # labels are host bookkeeping (real even while the planner fakes tensors)
             labels = labels[rows]
-    with phase("render"):
-        images = generator(Z, c, noise)
-    with phase("distill"):
-        loss, image_grad = algorithm.image_gradient(images.detach(), labels, context)
-    if check is not None:
-        check(loss, image_grad)
+    groups = render_groups(generator, algorithm, labels, context)
+    if len(groups) == 1:
+        with phase("render"):
+            images = generator(Z, c, noise)
+        with phase("distill"):
+            loss, image_grad = algorithm.image_gradient(images.detach(), labels, context)
+        if check is not None:
+            check(loss, image_grad)
+        with phase("backward"):
+            images.backward(image_grad)
+    else:
+        loss, images, image_grad = _by_class_groups(generator, algorithm, context, Z, c, labels, noise,
+                                                    groups, phase)
+        if check is not None:
+            check(loss, image_grad)
     with phase("backward"):
-        images.backward(image_grad)
         context.comm.sum_grads_([synthetic.Z, synthetic.c])
         optimizer.step()
         algorithm.after_step()
     return torch.as_tensor(loss), images.detach()
+
+
+def _by_class_groups(generator, algorithm, context, Z, c, labels, noise, groups, phase):
+    """Render, distill and back-propagate one class group at a time; returns (the loss summed over
+    the groups and the processes, the images, dL/dimages). The groups' losses are reduced over
+    the processes once, at the end (ranks may hold different numbers of groups)."""
+    local = replace(context, comm=Single())
+    loss, images, image_grads = 0.0, [], []
+    for group in groups:
+        with phase("render"):
+            group_images = generator(Z[group], c[group], noise.select(group))
+        with phase("distill"):
+            with host_values():
+                group_labels = labels[group]
+            group_loss, image_grad = algorithm.image_gradient(group_images.detach(), group_labels, local)
+        with phase("backward"):
+            group_images.backward(image_grad)
+        loss = loss + group_loss.detach()
+        images.append(group_images.detach())
+        image_grads.append(image_grad)
+    return context.comm.all_reduce_(loss), torch.cat(images), torch.cat(image_grads)

@@ -9,13 +9,16 @@ real code path (`ld3m_fast.planner.simulate`); `plan` returns the cheapest that 
 
 The search uses three facts of this pipeline instead of simulating every combination:
 - FLOPs depend on the mode and not on chunk or decoder_chunk (both only split the same work),
-  and neither does what a mode keeps from the render pass (the "distill" phase's peak minus
-  pure recompute's). One probe per mode at a cheap chunk gives both;
+  and neither does what a mode keeps per image from the render pass (the "distill" phase's
+  peak minus pure recompute's, over the images live at once). One probe per mode at a cheap
+  chunk gives both;
 - the peak only falls as chunk or decoder_chunk shrink. A mode that does not fit at the
   smallest of both fits nowhere; the first mode in cost order that fits there wins, and the
   largest chunk (then decoder_chunk) at which it still fits is taken;
 - a mode's peak at the smallest chunk is at least pure recompute's there plus what it keeps
-  for the other chunks' images: modes over budget by that bound are not simulated there.
+  for the other chunks' images live with it (all of them, or for DM and DC one class group:
+  `ld3m_fast.distill.iteration.render_groups`): modes over budget by that bound are not
+  simulated there.
 Every row the planner reports was simulated (or interpolated in k, see `estimate`); the rows
 it skipped could not have won.
 """
@@ -26,7 +29,7 @@ import re
 from dataclasses import dataclass, replace
 
 from ..errors import LD3MError
-from .simulate import Estimate, IterationSpec, estimate
+from .simulate import Estimate, IterationSpec, estimate, stored_together
 
 # Relative arithmetic throughput used to rank candidates that fit. An assumption,
 # not a measurement: tensor-core GPUs run bf16 matmuls at least twice as fast as
@@ -231,8 +234,9 @@ def plan(spec: IterationSpec, budget_bytes: int, *, chunks=None, dtypes=("fp32",
 
         The bound: the distill phase (chunk-free), or pure recompute's peak at the smallest
         chunk plus what the mode keeps for the images outside the chunk being back-propagated
-        (chunks are alike, so recompute's peak is reached in the first chunk, while every
-        other chunk's stored state is still live)."""
+        that are live with it (`stored_together`: every image, or a per-class algorithm's class
+        group; chunks are alike, so recompute's peak is reached in the group's first chunk,
+        while the group's other chunks' stored state is still live)."""
         spec_at = at(dtype, mode, probe_chunk, pieces[probe_chunk][0])
         probe = evaluate(spec_at) if record else Candidate(estimate(spec_at), False)
         base = estimate(at(dtype, (0, None), probe_chunk, pieces[probe_chunk][0]))
@@ -241,8 +245,9 @@ def plan(spec: IterationSpec, budget_bytes: int, *, chunks=None, dtypes=("fp32",
         if mode[0] and distill <= budget_bytes:
             if dtype not in lean:
                 lean[dtype] = evaluate(at(dtype, (0, None), smallest, pieces[smallest][0])).estimate.peak_bytes
-            kept = distill - base.phase_peaks.get("distill", 0.0)
-            floor = max(floor, lean[dtype] + kept * (1 - smallest / spec.images))
+            kept = distill - base.phase_peaks.get("distill", 0.0)  # for the probe's live images
+            per_image = kept / stored_together(spec_at)
+            floor = max(floor, lean[dtype] + per_image * (stored_together(spec_at, smallest) - smallest))
         # FLOPs count matmuls, convolutions and attention only; selective checkpointing also
         # recomputes pointwise ops, so within 0.5% a whole graph is preferred.
         return probe.cost * (1.005 if mode[0] and mode[1] is not None else 1.0), floor

@@ -172,8 +172,8 @@ def _build(spec: IterationSpec):
     real_images = torch.zeros(len(real_labels), 3, spec.res, spec.res, dtype=torch.uint8)
     with host_values():
         real = RealData(real_images, real_labels, spec.num_classes)
-    context = StepContext(real=real, generator=torch.Generator().manual_seed(0), dsa=DSA(),
-                          dsa_generator=torch.Generator().manual_seed(1),
+    # Seeded like a run: per-class algorithms then go class group by class group (`stored_together`).
+    context = StepContext(real=real, dsa=DSA(), seed=0,
                           rows=None if spec.world_size == 1 else slice(0, spec.images), total_images=n)
     params = [synthetic.Z, synthetic.c] + list(algorithm.parameters())
     optimizer = torch.optim.SGD(params, lr=1.0, momentum=0.5)
@@ -321,6 +321,19 @@ def image_unit(spec: IterationSpec) -> int:
     if spec.chunk is None:
         return 1
     return max(1, math.lcm(spec.chunk, spec.ipc) // spec.ipc)
+
+
+def stored_together(spec: IterationSpec, chunk: int | None = None) -> int:
+    """Images whose stored steps' state is live at once (at `chunk`, default the spec's): one
+    class group (whole classes filling whole chunks, `distill.iteration.render_groups`) for a
+    per-class algorithm, every image this rank renders otherwise."""
+    from ..distill.algorithms import DC, DM, MTT
+
+    chunk = spec.chunk if chunk is None else chunk
+    per_class = {a.name: a.per_class for a in (DC, DM, MTT)}.get(spec.algorithm, False)
+    if chunk is None or not per_class:
+        return spec.images
+    return min(spec.images, math.lcm(chunk, spec.ipc))
 
 
 def _bilinear(values: dict, t: float, g: float) -> float:
