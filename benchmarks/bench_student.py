@@ -11,7 +11,8 @@ on PYTHONPATH), B from `--after` (another worktree) or this checkout. Each proce
 warm-up iteration and then `--iterations` timed ones, recording per iteration CPU time (user +
 system), system time and minor page faults (`resource.getrusage`). B applies the allocator setting the CLI applies at
 start-up (`ld3m_fast._memory.keep_freed_memory`), when the package has it; `--allocator off`
-leaves it out (to see what the setting alone does).
+leaves it out (to see what the setting alone does); `--before-allocator on` applies it on side A
+too (from this checkout's `_memory.py` when A's package lacks it), to compare two later versions.
 
 `student`: one DM `image_gradient` on 10 classes x (64 real, 1 synthetic) at 32², the
 released-style per-class student (`ld3m_fast.reference.distill_losses.dm_loss_ref`) vs ours.
@@ -112,7 +113,7 @@ def _summary(values) -> str:
 def _iteration(args) -> None:
     from ld3m_fast._host import cpu_model
 
-    sides = {"A (before)": (args.before, "off"), "B (after)": (args.after, args.allocator)}
+    sides = {"A (before)": (args.before, args.before_allocator), "B (after)": (args.after, args.allocator)}
     results = {name: [] for name in sides}
     for pair in range(args.pairs):
         for name, (path, allocator) in sides.items():
@@ -230,6 +231,8 @@ def main(argv=None) -> int:
     iteration.add_argument("--iterations", type=int, default=4)
     iteration.add_argument("--warmup", type=int, default=1)
     iteration.add_argument("--allocator", choices=("on", "off"), default="on", help="for side B")
+    iteration.add_argument("--before-allocator", choices=("on", "off"), default="off",
+                           help="for side A (on: compare two versions that both have the setting)")
     iteration.add_argument("--config", default=None, help="JSON of DistillConfig overrides (both sides)")
     iteration.add_argument("--json", default=None, help="also write the results here")
     student = sub.add_parser("student")
