@@ -122,3 +122,12 @@ def test_generator_gradients_unchanged(monkeypatch):
         results.append((images.detach(), *torch.autograd.grad(images, (Z_in, c_in), upstream)))
     for lean, reference in zip(*results):
         assert torch.equal(lean, reference)
+
+
+def test_bit_identical_under_bf16_autocast(shipped):
+    """Autocast casts at the ops, so the lean forward sees the same casts as diffusers' modules."""
+    model = shipped.denoiser.model
+    z, t, c = _inputs(shipped, 2, torch.Generator().manual_seed(7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lean, reference = lean_unet2d_forward(model, z, t, c), _reference(model, z, t, c)
+    assert lean.dtype == reference.dtype and torch.equal(lean, reference)
