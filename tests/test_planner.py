@@ -1,4 +1,6 @@
 """The planner: one iteration of the real code path under fake tensors, extrapolated."""
+from dataclasses import replace
+
 import pytest
 
 from ld3m_fast import LD3MError
@@ -152,3 +154,14 @@ def test_simulated_candidates_are_kept_on_disk_and_reused(tmp_path, monkeypatch)
     plan_json("off.json")
     assert walks
     simulation.simulate.cache_clear()
+
+
+def test_the_largest_stored_count_that_fits_is_found_between_the_default_counts():
+    """Defaults at T=8 are 0, 2, 4, 6, 8 stored steps; a budget between 5's peak and 6's gets 5."""
+    spec = _spec(algorithm="dm", steps=8, num_classes=2)
+    peak = lambda k: estimate(replace(spec, chunk=2, decoder_chunk=1, store_steps=k)).peak_bytes  # noqa: E731
+    assert peak(5) < peak(6)
+    budget = int((peak(5) + peak(6)) / 2)
+    candidates, chosen = plan(spec, budget, chunks=[2], dtypes=("fp32",), sac=[None], decoder_chunks=[1])
+    assert chosen.spec.store_steps == 5 and chosen.fits
+    assert all(c.fits for c in candidates if c.spec.store_steps not in (0, 2, 4, 6, 8))  # misses not listed

@@ -194,7 +194,7 @@ def plan(spec: IterationSpec, budget_bytes: int, *, chunks=None, dtypes=("fp32",
 
     chunks, decoder_chunks, store_steps (k values) and sac (thresholds; None in the list =
     whole graphs) fix the candidates; None = automatic (for store_steps: 0, T/4, T/2, 3T/4,
-    T, and per level the largest k in between that fits the budget). Returns (every candidate simulated,
+    T, and per level the largest k of 1..T-1 that fits the budget). Returns (every candidate simulated,
     the choice or None). Cost = FLOPs / THROUGHPUT[dtype] (selective checkpointing +0.5%, for
     the pointwise ops it recomputes that FLOPs do not count); among equal costs the larger
     chunk, then the larger decoder chunk wins.
@@ -257,14 +257,17 @@ def plan(spec: IterationSpec, budget_bytes: int, *, chunks=None, dtypes=("fp32",
         for mode in modes:
             order.append((*bound(dtype, mode), dtype, mode))
         if store_steps is None and recompute:
-            # Between the default counts: per level, the most stored steps that fit the budget.
-            for level in {m[1] for m in modes if m[0]}:
+            # Any count, not only the default ones: per level, the most stored steps that fit
+            # the budget at the smallest chunks (fewer cost more FLOPs). Interpolated between
+            # the level's k = 0 and k = T walks, so the search walks nothing new; candidates
+            # that do not fit are not listed.
+            for level in sorted({m[1] for m in modes if m[0]}, key=lambda v: (v is None, v or 0.0)):
                 for k in range(spec.steps - 1, 0, -1):
-                    if (k, level) in modes:
-                        break  # the default counts from here down are tried anyway
-                    if bound(dtype, (k, level), record=False)[1] <= budget_bytes and \
-                            evaluate(at(dtype, (k, level), smallest, pieces[smallest][0])).fits:
-                        order.append((*bound(dtype, (k, level)), dtype, (k, level)))
+                    mode = (k, level)
+                    if bound(dtype, mode, record=False)[1] <= budget_bytes and \
+                            estimate(at(dtype, mode, smallest, pieces[smallest][0])).peak_bytes <= budget_bytes:
+                        if mode not in modes:  # a default count is in the order already
+                            order.append((*bound(dtype, mode), dtype, mode))
                         break
     order.sort(key=lambda o: (o[0], -o[3][0]))
 
