@@ -40,7 +40,7 @@ THROUGHPUT = {"fp32": 1.0, "bf16": 2.0}
 STORE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Selective-checkpointing levels tried by default: thresholds keeping the ops that hold about
 # this share of the denoiser's forward FLOPs, ranked by FLOPs per output element (= per byte).
-SAC_SHARES = (0.15, 0.3, 0.5, 1.0)
+SAC_SHARES = (0.15, 0.3, 0.5, 0.75, 0.85, 1.0)
 GRAPH = "graph"  # sac level of a stored step that keeps its whole graph
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
