@@ -1,8 +1,8 @@
 """A lean forward for diffusers' `UNet2DModel`: the same ops on the same weights, less Python.
 
 `lean_unet2d_forward(model, sample, timestep, class_vectors)` returns what
-`model(sample, timestep, class_labels=class_vectors).sample` returns, for the models that
-`lean_unet2d_supported(model)` accepts, by calling the tensor functions (`F.conv2d`,
+`model(sample, timestep, class_labels=class_vectors).sample` returns, for the models for which
+`why_not_lean(model)` is None, by calling the tensor functions (`F.conv2d`,
 `F.group_norm`, `F.silu`, `F.linear`, `F.scaled_dot_product_attention`, ...) in the order
 diffusers calls them, on the modules' own parameters.
 
@@ -17,7 +17,7 @@ SiLU of the time embedding, once per ResNet block), so outputs and gradients are
 on CPU. `tests/test_lean_unet.py` compares forward and backward with the diffusers forward (the
 reference) on the shipped prior and on tiny random ones.
 
-Anything this module does not reproduce is refused by `lean_unet2d_supported` (the caller
+Anything this module does not reproduce is refused by `why_not_lean` (the caller
 then uses the diffusers forward): other block or embedding types, scale-shift time
 embeddings, gradient checkpointing, attention processors other than `AttnProcessor2_0`,
 module hooks (layerwise casting, accelerate offload, user hooks), a compiled model
