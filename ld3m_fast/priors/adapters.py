@@ -97,6 +97,7 @@ class ClassEmbeddingDenoiser(DenoiserAdapter):
         table = embedding.weight
         model.class_embedding = _PassThroughLabels()
         super().__init__(model, table)
+        self._lean_structure = None  # (model checked, whether the lean forward reproduces it)
 
     # The lean forward (`lean_unet.lean_unet2d_forward`, bit-identical, less Python per call)
     # whenever it reproduces the model; False forces the diffusers forward (the reference).
@@ -115,15 +116,13 @@ class ClassEmbeddingDenoiser(DenoiserAdapter):
         if self.model.training or getattr(self.model, "_compiled_call_impl", None) is not None \
                 or lean_global_hooks():
             return False
-        structure = self.__dict__.get("_lean_structure")
-        if structure is None or structure[0] is not self.model:
-            structure = (self.model, why_not_lean(self.model) is None)
-            self.__dict__["_lean_structure"] = structure
-        return structure[1]
+        if self._lean_structure is None or self._lean_structure[0] is not self.model:
+            self._lean_structure = (self.model, why_not_lean(self.model) is None)
+        return self._lean_structure[1]
 
     def recheck_lean(self) -> None:
         """Check the model's structure again on the next call (see `_lean_applies`)."""
-        self.__dict__.pop("_lean_structure", None)
+        self._lean_structure = None
 
 
 class AdaLNDenoiser(DenoiserAdapter):
