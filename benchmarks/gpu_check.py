@@ -17,7 +17,7 @@ Parts, each guarded (a failure is recorded and the next part runs) under one glo
    (recompute chunk 10; stored steps under selective checkpointing with the decoder in pieces;
    the planner's choice for the card's memory). Per plan: the measured peak (CUDA:
    `torch.cuda.max_memory_allocated`, reset before; CPU: the planner's live-storage tracker
-   over the real iteration) beside the planner's prediction (`ld3m_fast.planner.simulate
+   over the real iteration) beside the planner's prediction (`ld3m_fast.distill.planner.simulate
    .estimate`), seconds per iteration (synchronised; a warm-up, then the median of up to
    --timed) and the ratios to the released scheme.
 3. attention: one denoiser forward + backward with PyTorch SDPA and, where installed (CUDA
@@ -75,12 +75,12 @@ GPU_MARK = re.compile(r"^\s*(@pytest\.mark\.gpu\b|pytestmark\s*=.*\bpytest\.mark
 class Scale:
     """The size a check runs at: the GPU run, or the CPU smoke test of the same code.
 
-    plan_search: keyword arguments narrowing `ld3m_fast.planner.plan.plan`'s search, as
+    plan_search: keyword arguments narrowing `ld3m_fast.distill.planner.plan.plan`'s search, as
     (name, values) pairs; () searches as `--chunk auto` does.
     """
 
     name: str
-    prior: str             # a planner prior name (ld3m_fast.planner.priors.FULL_SIZE_PRIORS)
+    prior: str             # a planner prior name (ld3m_fast.distill.planner.priors.FULL_SIZE_PRIORS)
     res: int
     ipc: int
     steps: int
@@ -111,81 +111,40 @@ CPU_SMOKE = Scale("cpu-smoke", "tiny", 16, 1, 2, 2, 3.0, 4, 2, 1, 1, 2, timed=2,
 
 
 def plan_specs(scale: Scale, sac_level: float | None):
-    """The plans part 2 runs, name -> IterationSpec, and the spec the planner chooses knobs for.
+    """The plans part 2 runs, name -> `Walk` (a run's settings at a size), and the walk the planner
+    chooses knobs for (as `--chunk auto` with student micro-batches of `scale.micro_batch`).
 
-    The one place that wires the planner's knobs (`ld3m_fast.planner.simulate.IterationSpec`,
-    read by `LD3MGenerator` in `build_iteration`): keep it in step with the planner.
-    The released scheme is `ld3m_fast.planner.plan.released_reference`'s: chunk 10, full-batch
-    student, fp32, the UNet's transformer blocks checkpointed inside as released.
+    Each is a `DistillConfig` the planner walks and `build_walked` assembles for real: the same
+    function as the run (`ld3m_fast.distill.assemble.assemble_iteration`). The released scheme is
+    `ld3m_fast.distill.planner.plan.released_reference`'s: chunk 10, full-batch student, fp32, the
+    UNet's transformer blocks checkpointed inside as released.
     """
-    from ld3m_fast.planner.simulate import IterationSpec
+    from ld3m_fast.distill.config import DistillConfig
+    from ld3m_fast.distill.planner.plan import planning_config
+    from ld3m_fast.distill.planner.simulate import Walk
 
-    base = IterationSpec(prior=scale.prior, res=scale.res, ipc=scale.ipc, num_classes=scale.num_classes,
-                         steps=scale.steps, guidance=scale.guidance, algorithm="dm",
-                         batch_real=scale.batch_real, dtype="fp32")
-    ours = replace(base, grad_mode="recompute", chunk=scale.chunk, micro_batch=scale.micro_batch)
+    config = planning_config(DistillConfig(prior=scale.prior, res=scale.res, ipc=scale.ipc, steps=scale.steps,
+                                           guidance=scale.guidance, algorithm="dm", batch_real=scale.batch_real,
+                                           dtype="fp32"))
+    base = Walk.of(config, scale.num_classes)
+    ours = base.at(grad_mode="recompute", chunk=scale.chunk, micro_batch=scale.micro_batch)
     specs = {
-        RELEASED: replace(base, grad_mode="released", chunk=scale.chunk, micro_batch=None,
-                          checkpoint_attention=True),
+        RELEASED: base.at(grad_mode="released", chunk=scale.chunk, micro_batch=None, checkpoint_attention="on"),
         "ours: recompute": ours,
-        "ours: stored steps + decoder pieces": replace(ours, decoder_chunk=scale.decoder_chunk,
+        "ours: stored steps + decoder pieces": ours.at(decoder_chunk=scale.decoder_chunk,
                                                        store_steps=scale.steps // 2, sac_min_flops=sac_level),
     }
     return specs, ours
 
 
-def build_iteration(spec, prior, real, device: torch.device, seed: int = 0) -> dict:
-    """One iteration of `spec` with real tensors on `device`, built the way
-    `ld3m_fast.planner.simulate._build` builds it under fake tensors: random latents and
-    class embeddings, steady-state optimiser (momentum buffers exist), noise drawn once.
+def build_iteration(walk, prior, device: torch.device, seed: int = 0):
+    """One iteration of `walk` with real tensors on `device` (`build_walked`: what the planner walks
+    under fake tensors, with random latents, class embeddings and real images)."""
+    from ld3m_fast.distill.planner.simulate import build_walked
 
-    `real`: the `RealData` (uint8 on the CPU, as a run keeps it). Returns the pieces of
-    `distill_iteration` and `resident`, the tensors the planner counts as live from the start.
-    """
-    from ld3m_fast.distill.algorithms import NetworkSpec, StepContext, build_algorithm
-    from ld3m_fast.dsa import DSA
-    from ld3m_fast.generator import LD3MGenerator, render_size
-    from ld3m_fast.synthetic import SyntheticSet
-
-    if spec.algorithm != "dm":
-        raise ValueError(f"the check runs DM iterations, not {spec.algorithm!r}")
-    draw = torch.Generator().manual_seed(seed)
-    render = render_size(prior, spec.res)
-    n = spec.images
-    labels = torch.arange(spec.num_classes).repeat_interleave(spec.ipc)
-    Z = torch.randn(n, *prior.latent_shape(render), generator=draw)
-    c = torch.randn(n, prior.embedding_dim, generator=draw)
-    synthetic = SyntheticSet(Z, c, labels, list(range(spec.num_classes))).to(device)
-    generator = LD3MGenerator(prior, spec.steps, guidance=spec.guidance, skip=spec.skip,
-                              grad_mode=spec.grad_mode, chunk_size=spec.chunk, render_size=render,
-                              output_size=None if spec.res == render else spec.res,
-                              decoder_chunk=spec.decoder_chunk, store_steps=spec.store_steps,
-                              sac_min_flops=spec.sac_min_flops,
-                              checkpoint_attention=spec.checkpoint_attention)
-    network = NetworkSpec(num_classes=spec.num_classes, res=spec.res, width=spec.width, depth=spec.depth)
-    algorithm = build_algorithm("dm", network, batch_real=spec.batch_real, micro_batch=spec.micro_batch)
-    algorithm.to(device)
-    # Seeded like a run (and the planner): DM with stored steps then goes class group by group.
-    context = StepContext(real=real, dsa=DSA(), device=device, seed=seed + 1, iteration=1)
-    params = [synthetic.Z, synthetic.c] + list(algorithm.parameters())
-    optimizer = torch.optim.SGD(params, lr=1.0, momentum=0.5)
-    for p in params:
-        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    noise = generator.draw_noise(n, torch.Generator().manual_seed(seed + 3), device="cpu").to(device)
-    resident = (list(prior.parameters()) + list(prior.buffers()) + params
-                + [optimizer.state[p]["momentum_buffer"] for p in params] + [noise.start])
-    return dict(generator=generator, synthetic=synthetic, algorithm=algorithm, context=context,
-                optimizer=optimizer, noise=noise, resident=resident)
-
-
-def make_real(scale: Scale, seed: int = 0):
-    """Random real images (uint8, CPU): `batch_real` per class, as the planner assumes."""
-    from ld3m_fast.distill.algorithms import RealData
-
-    draw = torch.Generator().manual_seed(seed)
-    labels = torch.arange(scale.num_classes).repeat_interleave(scale.batch_real)
-    images = torch.randint(0, 256, (len(labels), 3, scale.res, scale.res), generator=draw, dtype=torch.uint8)
-    return RealData(images, labels, scale.num_classes)
+    if walk.config.algorithm != "dm":
+        raise ValueError(f"the check runs DM iterations, not {walk.config.algorithm!r}")
+    return build_walked(walk, prior=prior, device=device, generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -245,7 +204,7 @@ def environment(device: torch.device) -> dict:
     """Device, versions, TF32 settings and which backend each op runs on this device."""
     from ld3m_fast._host import cpu_model
     from ld3m_fast.cli.info import collect
-    from ld3m_fast.distill.setup import device_memory
+    from ld3m_fast.distill.planner.memory import device_free_memory
     from ld3m_fast.ops import _backend
 
     info = collect()
@@ -253,7 +212,7 @@ def environment(device: torch.device) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU: {cpu_model()}, {os.cpu_count()} cores"
-    meta = {"device": name, "device_type": device.type, "memory_bytes": device_memory(device),
+    meta = {"device": name, "device_type": device.type, "memory_bytes": device_free_memory(device)[0],
             "cpu": cpu_model(), "python": platform.python_version(), "torch": torch.__version__,
             "triton": _version("triton"), "diffusers": _version("diffusers"),
             "xformers": _version("xformers"), "versions": info["versions"], "ops": info["ops"],
@@ -307,7 +266,7 @@ def source_fingerprint() -> str:
 def _estimate_row(estimate, seconds: float | None, source: str) -> dict:
     return {"peak_bytes": int(estimate.peak_bytes), "flops": int(estimate.flops),
             "phase_peaks": {k: int(v) for k, v in estimate.phase_peaks.items()},
-            "method": estimate.method, "spec": asdict(estimate.spec), "seconds": seconds, "source": source}
+            "method": estimate.method, "walk": estimate.walk.describe(), "seconds": seconds, "source": source}
 
 
 class _Inline:
@@ -341,7 +300,7 @@ class Predictions:
         if cached is not None:
             for name, spec in specs.items():
                 row = cached["predictions"].get(name)
-                if row is not None and row["spec"] == asdict(spec):
+                if row is not None and row.get("walk") == spec.describe():
                     self.rows[name] = dict(row, source=f"precomputed on CPU ({cached_from})")
             if cached.get("choice") is not None:
                 self.choice_row = dict(cached["choice"], source=f"precomputed on CPU ({cached_from})")
@@ -359,13 +318,13 @@ class Predictions:
                 self.pool = multiprocessing.get_context("spawn").Pool(workers)
             except Exception as error:  # no processes here: compute in this process when asked
                 self.note = f"worker processes unavailable ({error}); predictions computed inline"
-        from ld3m_fast.planner.plan import plan
-        from ld3m_fast.planner.simulate import estimate
+        from ld3m_fast.distill.planner.plan import plan
+        from ld3m_fast.distill.planner.simulate import estimate
 
         submit = (lambda fn, *a, **k: self.pool.apply_async(_timed_job, (fn,) + a, k)) if self.pool \
             else (lambda fn, *a, **k: _Inline(_timed_job, (fn,) + a, k))
         if need_choice:  # the longest job first
-            self.choice_job = submit(plan, request, self.budget, dtypes=(request.dtype,), **search)
+            self.choice_job = submit(plan, request.at(chunk=None), self.budget, **search)
         for name, spec in missing.items():
             self.jobs[name] = submit(estimate, spec)
 
@@ -408,7 +367,7 @@ class Predictions:
 
 def sac_level(request) -> float | None:
     """The highest selective-checkpointing threshold the planner offers (keeps the costliest ops)."""
-    from ld3m_fast.planner.plan import sac_levels
+    from ld3m_fast.distill.planner.plan import sac_levels
 
     levels = sac_levels(request)
     return levels[0] if levels else None
@@ -419,7 +378,7 @@ def predict_only(scale: Scale, budget: int, out: Path, workers: int) -> int:
     from ld3m_fast._files import write_json_atomic
 
     specs, request = plan_specs(scale, sac_level(plan_specs(scale, None)[1]))
-    predictions = Predictions(specs, request, budget, dict(scale.plan_search), workers=workers)
+    predictions = Predictions(specs, request, budget, search_of(scale), workers=workers)
     try:
         for name in specs:
             row = predictions.estimate(name, timeout=24 * 3600)
@@ -430,7 +389,7 @@ def predict_only(scale: Scale, budget: int, out: Path, workers: int) -> int:
     write_json_atomic(out / PREDICTIONS, predictions.file_data(scale))
     log(f"planner's choice for {_gib(budget):.1f} GiB ({choice.get('candidates')} candidates walked): "
         + ("nothing fits" if choice.get("none_fits") else
-           f"{json.dumps(_knobs(choice['spec']))}, peak {_size(choice['peak_bytes'])} ({choice['seconds']} s)"))
+           f"{json.dumps(_knobs(choice['walk']))}, peak {_size(choice['peak_bytes'])} ({choice['seconds']} s)"))
     log(f"wrote {out / PREDICTIONS}")
     return 0
 
@@ -541,27 +500,30 @@ def _knobs(spec: dict) -> dict:
                                  "micro_batch", "dtype", "checkpoint_attention")}
 
 
-def _mode(spec) -> str:
-    from ld3m_fast.planner.plan import mode_name
+def _mode(walk) -> str:
+    from ld3m_fast.distill.planner.plan import mode_name
 
-    return mode_name(spec)
+    return mode_name(walk)
 
 
-def run_plan(spec, prior, real, device: torch.device, timed: int, share: float, deadline: Deadline,
+def search_of(scale: Scale) -> dict:
+    """The planner's search for the choice: `--chunk auto` with the scale's student micro-batch,
+    narrowed by `scale.plan_search`."""
+    return {"micro_batches": [scale.micro_batch], **dict(scale.plan_search)}
+
+
+def run_plan(walk, prior, device: torch.device, timed: int, share: float, deadline: Deadline,
              row: dict) -> None:
     """Warm-up, then up to `timed` timed iterations within `share` seconds; fills `row`."""
-    from ld3m_fast.distill.iteration import distill_iteration
-    from ld3m_fast.planner.measure import measure
-    from ld3m_fast.planner.simulate import DTYPES
+    from ld3m_fast.distill.planner.measure import measure
 
-    pieces = build_iteration(spec, prior, real, device)
-    resident = pieces.pop("resident")
+    built = build_iteration(walk, prior, device)
+    resident = built.resident
     losses = []
 
     def once():
-        with torch.autocast(device.type, dtype=DTYPES[spec.dtype], enabled=spec.dtype != "fp32"):
-            loss, _ = distill_iteration(**pieces)
-        losses.append(loss)
+        built.run()
+        losses.append(0.0)
 
     plan_started = time.monotonic()
     if device.type == "cuda":
@@ -572,7 +534,7 @@ def run_plan(spec, prior, real, device: torch.device, timed: int, share: float, 
         torch.cuda.reset_peak_memory_stats(device)
         warmup = _timed(once, device)
     else:
-        row["measured_method"] = ("ld3m_fast.planner.measure live-storage tracker over the real warm-up "
+        row["measured_method"] = ("ld3m_fast.distill.planner.measure live-storage tracker over the real warm-up "
                                   "iteration (weights and resident tensors included)")
         holder = {}
 
@@ -597,9 +559,8 @@ def run_plan(spec, prior, real, device: torch.device, timed: int, share: float, 
     if len(times) < timed:
         row["note"] = (f"{len(times)} of {timed} timed iterations fitted the time left"
                        + ("" if times else "; only the warm-up ran"))
-    row["loss"] = float(losses[-1]) if losses else None
     row["attention"] = _processors(prior)
-    del pieces, resident, losses
+    del built, resident, losses
 
 
 def _processors(prior) -> str:
@@ -613,11 +574,10 @@ def iteration_part(ctx: dict, part: dict, report: Report) -> None:
     predictions: Predictions = ctx["predictions"]()
     specs = ctx["specs"]
     prior = ctx["prior"]()
-    real = make_real(scale)
     part.update(setting=(f"{scale.prior} (random weights) at {scale.res}², IPC {scale.ipc}, T={scale.steps}, "
                          f"DM, {scale.num_classes} classes, guidance {scale.guidance:g}, batch_real "
                          f"{scale.batch_real}"),
-                ran_on=ctx["where"], predicted_by="ld3m_fast.planner.simulate.estimate (fake tensors, CPU)",
+                ran_on=ctx["where"], predicted_by="ld3m_fast.distill.planner.simulate.estimate (fake tensors, CPU)",
                 predictions_source=ctx["predictions_source"], budget_bytes=predictions.budget)
     if predictions.note:
         part["note"] = predictions.note
@@ -635,19 +595,22 @@ def iteration_part(ctx: dict, part: dict, report: Report) -> None:
                     row.update(status="skipped", note=f"the planner found no plan within "
                                                       f"{_gib(predictions.budget):.1f} GiB")
                     continue
-                spec = type(specs[RELEASED])(**choice["spec"])
+                from ld3m_fast.distill.planner.simulate import Walk
+
+                spec = Walk.from_description(choice["walk"])
                 row["prediction"] = choice
             else:
                 spec = specs[name]
-            row.update(spec=asdict(spec), mode=_mode(spec))
+            row.update(walk=spec.describe(), mode=_mode(spec))
             if typical is not None and deadline.left() < 2 * typical + 5:
                 row.update(status="skipped", note=f"deadline: {deadline.left():.0f} s left, a warm-up and one "
                                                   f"timed iteration need about {2 * typical:.0f} s")
                 continue
             share = deadline.left() / (len(names) - index)
-            log(f"[{ctx['where']}] iteration {name}: {row['mode']}, chunk {spec.chunk}, decoder chunk "
-                f"{spec.decoder_chunk or spec.chunk}, student micro-batch {spec.micro_batch or 'all'} ...")
-            run_plan(spec, prior, real, device, ctx["timed"], share, deadline, row)
+            config = spec.config
+            log(f"[{ctx['where']}] iteration {name}: {row['mode']}, chunk {config.chunk}, decoder chunk "
+                f"{config.decoder_chunk or config.chunk}, student micro-batch {config.micro_batch or 'all'} ...")
+            run_plan(spec, prior, device, ctx["timed"], share, deadline, row)
             row["status"] = "ok"
             typical = max(typical or 0.0, row["seconds_per_iteration"] or row["warmup_s"])
             log(f"[{ctx['where']}]   {row['seconds_per_iteration']} s/iteration (median of "
@@ -804,7 +767,7 @@ def markdown(data: dict) -> str:
                       "peak vs released | status |",
                       "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
             for row in part["plans"]:
-                spec = row.get("spec") or {}
+                spec = row.get("walk") or {}
                 prediction = row.get("prediction") or {}
                 seconds = row.get("seconds_per_iteration")
                 timing = (f"{seconds:.3f} ({len(row.get('timed_s', []))})" if seconds is not None else
@@ -848,8 +811,10 @@ def _parse(argv):
     parser.add_argument("--predict-only", action="store_true",
                         help="only the planner's predictions (CPU, no device): writes " + PREDICTIONS)
     parser.add_argument("--predictions", type=Path, help=f"a {PREDICTIONS} made by --predict-only")
-    parser.add_argument("--budget", help="memory budget of the planner's choice, e.g. 139GiB "
-                                         "(default: the device's memory)")
+    parser.add_argument("--budget", help="device memory for the planner's choice, e.g. 139GiB "
+                                         "(default: the device's free memory at start)")
+    parser.add_argument("--reserve", help="memory left out of the budget (default: the planner's, "
+                                          "1 GiB + 5%%; ld3m_fast/distill/planner/memory.py)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     parser.add_argument("--deadline", type=float, help="seconds for the whole check, from start "
                                                        f"(default {GPU.deadline_s:g} on GPU)")
@@ -869,7 +834,7 @@ def main(argv=None, started: float | None = None) -> int:
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise SystemExit(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
-    from ld3m_fast.planner.plan import parse_bytes
+    from ld3m_fast.distill.planner.memory import memory_budget
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -877,11 +842,7 @@ def main(argv=None, started: float | None = None) -> int:
     if args.predict_only:
         if args.budget is None and scale is GPU:
             raise SystemExit("--predict-only needs --budget (the card's memory, e.g. 139GiB)")
-        if args.budget is None:
-            from ld3m_fast.distill.setup import device_memory
-
-            return predict_only(scale, device_memory(torch.device("cpu")), out, workers)
-        return predict_only(scale, parse_bytes(args.budget), out, workers)
+        return predict_only(scale, memory_budget(args.budget, args.reserve, "cpu").usable, out, workers)
 
     if scale is GPU:
         if not torch.cuda.is_available():
@@ -906,15 +867,16 @@ def main(argv=None, started: float | None = None) -> int:
     log(f"gpu check ({scale.name}) on {where}: torch {meta['torch']}, triton {meta['triton']}, "
         f"diffusers {meta['diffusers']}, xformers {meta['xformers']}; deadline {deadline.seconds:g} s")
 
-    from ld3m_fast.distill.setup import device_memory
-
-    device_bytes = device_memory(device)
-    budget = parse_bytes(args.budget) if args.budget else device_bytes
+    usable = memory_budget(args.budget, args.reserve, device)
+    device_bytes = meta["memory_bytes"]
+    budget = usable.usable
+    report.data["memory_budget"] = {"budget_bytes": usable.budget, "reserve_bytes": usable.reserve,
+                                    "usable_bytes": usable.usable, "source": usable.source}
     cache: dict = {}
 
     def prior():
         if "prior" not in cache:
-            from ld3m_fast.planner.priors import build_planning_prior
+            from ld3m_fast.distill.planner.priors import build_planning_prior
 
             started = time.perf_counter()
             cache["prior"] = build_planning_prior(scale.prior).to(device)  # real random weights
@@ -925,7 +887,7 @@ def main(argv=None, started: float | None = None) -> int:
         if "predictions" not in cache:
             cached, source = load_predictions(args.predictions, scale, device_bytes)
             ctx["predictions_source"] = source
-            cache["predictions"] = Predictions(ctx["specs"], ctx["request"], budget, dict(scale.plan_search),
+            cache["predictions"] = Predictions(ctx["specs"], ctx["request"], budget, search_of(scale),
                                                workers=workers, cached=cached,
                                                cached_from=str(args.predictions))
         return cache["predictions"]

@@ -23,6 +23,31 @@ def user_cache_dir(kind: str) -> Path:
     return Path(os.environ.get("LD3M_FAST_CACHE", "~/.cache/ld3m_fast")).expanduser() / kind
 
 
+def check_writable_file(path, flag: str, *, exists_ok: bool = True) -> Path:
+    """Check now, before any work, that `path` can be written as a file (its folder exists or can
+    be made, and takes a file); one line naming `flag` otherwise (an `LD3MError`)."""
+    from .errors import LD3MError
+
+    path = Path(path)
+    shown = repr(str(path))  # quotes and escapes: a path with a newline stays one line
+    if path.is_dir():
+        raise LD3MError(f"{flag} {shown} is a folder; give a file path")
+    if path.exists() and not exists_ok:
+        raise LD3MError(f"{flag} {shown} already exists; choose another path or remove it")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders to make are made at write time
+        folder = folder.parent
+    if not folder.is_dir():
+        raise LD3MError(f"cannot write {flag} {shown}: {str(folder)!r} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise LD3MError(f"cannot write {flag} {shown} ({error.strerror or error}); choose a writable path") from None
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

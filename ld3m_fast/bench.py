@@ -31,94 +31,108 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ._host import cpu_model
-from .planner.plan import candidate_chunks, mode_name, plan
-from .planner.simulate import IterationSpec, estimate
+from .distill.planner.plan import candidate_chunks, mode_name, plan
+from .distill.planner.simulate import Walk, estimate
 
 SETTINGS = [(256, 10, 20), (128, 1, 10), (128, 10, 10)]  # (res, ipc, T)
 BUDGETS_GIB = (8, 24, 80)
+CLASSES = 10
 EQUAL_CHUNK = 10     # part a, equal chunk, and part b: both sides' chain chunk
 STUDENT_BATCH = 10   # our student micro-batch (the released side's too at equal chunk)
 DECODER_CHUNK = 2    # ours at equal chunk: the decoder back-propagated 2 images at a time
 SIMULATED = "simulated (fake tensors, CPU dispatch path)"
-RELEASED = dict(grad_mode="released", checkpoint_attention=True, decoder_chunk=None, store_steps=0,
+# The released scheme as run settings (`DistillConfig` fields): its gradient mode, and its UNet's
+# transformer blocks checkpointed inside as the released UNet does.
+RELEASED = dict(grad_mode="released", checkpoint_attention="on", decoder_chunk=None, store_steps=None,
                 sac_min_flops=None)
 OURS_AT_CHUNK = f"ours: recompute, decoder chunk {DECODER_CHUNK}"
-SCHEMES = {  # part a, equal chunk: name -> spec overrides (chunk and student batching are shared)
+SCHEMES = {  # part a, equal chunk: name -> settings (chunk and student batching are shared)
     "released (as released)": RELEASED,
-    "released, no inner checkpointing": {**RELEASED, "checkpoint_attention": False},
+    "released, no inner checkpointing": {**RELEASED, "checkpoint_attention": "off"},
     "ours: recompute, decoder whole": dict(grad_mode="recompute", decoder_chunk=None),
     OURS_AT_CHUNK: dict(grad_mode="recompute", decoder_chunk=DECODER_CHUNK),
     "autograd (one graph, all images)": dict(grad_mode="autograd", chunk=None, decoder_chunk=None),
 }
 
 
-def _row(part: str, spec: IterationSpec, scheme: str, result, **extra) -> dict:
-    return {"part": part, "scheme": scheme, "prior": spec.prior, "res": spec.res, "ipc": spec.ipc,
-            "steps": spec.steps, "algorithm": spec.algorithm, "dtype": spec.dtype,
-            "syn_steps": spec.syn_steps, "mtt_gradient": spec.mtt_gradient, "grad_mode": spec.grad_mode,
-            "chunk": spec.chunk, "decoder_chunk": spec.decoder_chunk, "micro_batch": spec.micro_batch,
-            "mode": mode_name(spec), "store_steps": spec.store_steps, "sac_min_flops": spec.sac_min_flops,
-            "checkpoint_attention": spec.checkpoint_attention,
+def bench_walk(prior: str, res: int, ipc: int, steps: int, algorithm: str, *, classes: int = CLASSES,
+               **settings) -> Walk:
+    """The walk of a run with these settings (the rest at their defaults) on `classes` classes."""
+    from .distill.config import DistillConfig
+    from .distill.planner.plan import planning_config
+
+    config = planning_config(DistillConfig(prior=prior, res=res, ipc=ipc, steps=steps, algorithm=algorithm,
+                                           chunk=EQUAL_CHUNK, **settings))
+    return Walk.of(config, classes)
+
+
+def _row(part: str, walk: Walk, scheme: str, result, **extra) -> dict:
+    c = walk.config
+    return {"part": part, "scheme": scheme, "prior": c.prior, "res": c.res, "ipc": c.ipc,
+            "steps": c.steps, "algorithm": c.algorithm, "dtype": c.dtype,
+            "syn_steps": c.syn_steps, "mtt_gradient": c.mtt_gradient, "grad_mode": c.grad_mode,
+            "chunk": c.chunk, "decoder_chunk": c.decoder_chunk, "micro_batch": c.micro_batch,
+            "mode": mode_name(walk), "store_steps": c.store_steps or 0, "sac_min_flops": c.sac_min_flops,
+            "checkpoint_attention": c.attention_checkpointed,
             "peak_gib": result.peak_gib, "tflops": result.tflops,
             "phase_peaks_gib": {k: v / 2**30 for k, v in result.phase_peaks.items()},
             "weights_gib": result.weights_bytes / 2**30, "method": result.method,
             "device": SIMULATED, **extra}
 
 
-def released_at_budget(base: IterationSpec, budget: int):
+def released_at_budget(base: Walk, budget: int):
     """(the released scheme's fastest configuration within `budget` or None, it at chunk 10).
 
     Its own full-batch student; the largest chunk that fits (its FLOPs do not depend on the
     chunk). When the distill phase alone is over budget no chunk helps and none is tried."""
-    spec = replace(base, micro_batch=None, dtype="fp32", **RELEASED)
-    default = estimate(replace(spec, chunk=min(EQUAL_CHUNK, spec.images)))
+    walk = base.at(micro_batch=None, dtype="fp32", **RELEASED)
+    default = estimate(walk.at(chunk=min(EQUAL_CHUNK, walk.images)))
     if default.phase_peaks.get("distill", 0.0) > budget:
         return None, default
-    for chunk in sorted(candidate_chunks(spec), reverse=True):
-        result = estimate(replace(spec, chunk=chunk))
+    for chunk in sorted(candidate_chunks(walk), reverse=True):
+        result = estimate(walk.at(chunk=chunk))
         if result.peak_bytes <= budget:
             return result, default
     return None, default
 
 
 def simulated_full_scale(prior: str = "cin256-v2", settings=SETTINGS, budgets_gib=BUDGETS_GIB,
-                         algorithms=("dm", "mtt"), log=print, *, spec_overrides=None,
+                         algorithms=("dm", "mtt"), log=print, *, classes: int = CLASSES, overrides=None,
                          plan_options=None) -> list[dict]:
     """Part a over `settings` [(res, ipc, T)]: equal chunk, then equal budget per `budgets_gib`.
 
-    spec_overrides: other `IterationSpec` fields for every row (tests shrink the student);
-    plan_options: keyword arguments for `plan` (default: its automatic candidates)."""
+    overrides: other run settings for every row (tests shrink the student); plan_options:
+    keyword arguments for `plan` (default: its automatic candidates, student micro-batches of 10)."""
     rows = []
     for res, ipc, steps in settings:
         for algorithm in algorithms:
-            base = IterationSpec(prior=prior, res=res, ipc=ipc, steps=steps, algorithm=algorithm,
-                                 micro_batch=STUDENT_BATCH, **(spec_overrides or {}))
+            base = bench_walk(prior, res, ipc, steps, algorithm, classes=classes, micro_batch=STUDENT_BATCH,
+                              **(overrides or {}))
             chunk = min(EQUAL_CHUNK, base.images)
-            for scheme, overrides in SCHEMES.items():
-                spec = replace(base, **{"chunk": chunk, **overrides})
+            for scheme, changes in SCHEMES.items():
+                walk = base.at(**{"chunk": chunk, **changes})
                 started = time.process_time()
-                rows.append(_row("a", spec, scheme, estimate(spec), comparison="equal chunk"))
+                rows.append(_row("a", walk, scheme, estimate(walk), comparison="equal chunk"))
                 log(f"  a, equal chunk: {res}² ipc {ipc} T={steps} {algorithm} {scheme}: "
                     f"{rows[-1]['peak_gib']:.2f} GiB, {rows[-1]['tflops']:.1f} TFLOP "
                     f"({time.process_time() - started:.0f} s CPU)")
             for gib in budgets_gib:
                 budget = int(gib * 2**30)
                 released, default = released_at_budget(base, budget)
-                _, best = plan(base, budget, **{"dtypes": ("fp32",), **(plan_options or {})})
+                _, best = plan(base, budget, **{"micro_batches": [STUDENT_BATCH], **(plan_options or {})})
                 extra = dict(comparison="equal budget", budget_gib=gib, released_default_tflops=default.tflops)
-                rows.append(_row("a", (released or default).spec, "released (as released)", released or default,
+                rows.append(_row("a", (released or default).walk, "released (as released)", released or default,
                                  fits=released is not None, **extra))
                 if best is not None:
-                    rows.append(_row("a", best.spec, "ours (planner's choice)", best.estimate, fits=True, **extra))
+                    rows.append(_row("a", best.walk, "ours (planner's choice)", best.estimate, fits=True, **extra))
                 log(f"  a, equal budget {gib} GiB: {res}² ipc {ipc} T={steps} {algorithm}: released "
-                    + (f"chunk {released.spec.chunk}" if released else "does not fit") + ", ours "
-                    + (f"{best.mode}, chunk {best.spec.chunk}, decoder {best.spec.decoder_chunk}"
+                    + (f"chunk {released.walk.config.chunk}" if released else "does not fit") + ", ours "
+                    + (f"{best.mode}, chunk {best.walk.config.chunk}, decoder {best.walk.config.decoder_chunk}"
                        if best else "nothing fits"))
     return rows
 
@@ -126,23 +140,21 @@ def simulated_full_scale(prior: str = "cin256-v2", settings=SETTINGS, budgets_gi
 def simulated_growth(prior: str = "cin256-v2", syn_steps=(10, 20, 40, 80), log=print) -> list[dict]:
     """Part b: both sides at chain chunk 10 and student micro-batches of 10, fp32."""
     rows = []
-    base = IterationSpec(prior=prior, res=256, ipc=10, steps=20, algorithm="dm", chunk=EQUAL_CHUNK,
-                         micro_batch=STUDENT_BATCH)
-    growth = [("steps", t, replace(base, steps=t)) for t in (10, 20, 40, 80)]
-    growth += [("ipc", n, replace(base, ipc=n)) for n in (1, 10, 50)]
-    mtt = replace(base, algorithm="mtt")
-    growth += [("syn_steps", n, replace(mtt, syn_steps=n, mtt_gradient=g))
-               for g in ("truncated", "full") for n in syn_steps]
+    base = bench_walk(prior, 256, 10, 20, "dm", micro_batch=STUDENT_BATCH)
+    growth = [("steps", t, base.at(steps=t)) for t in (10, 20, 40, 80)]
+    growth += [("ipc", n, base.at(ipc=n)) for n in (1, 10, 50)]
+    mtt = base.at(algorithm="mtt")
+    growth += [("syn_steps", n, mtt.at(syn_steps=n, mtt_gradient=g)) for g in ("truncated", "full") for n in syn_steps]
     schemes = {"released (as released)": RELEASED, OURS_AT_CHUNK: SCHEMES[OURS_AT_CHUNK]}
-    for name, value, spec in growth:
-        for scheme, overrides in schemes.items():
+    for name, value, walk in growth:
+        for scheme, changes in schemes.items():
             if name == "syn_steps" and scheme.startswith("released"):
                 continue
-            spec_s = replace(spec, **overrides)
-            row = _row("b", spec_s, scheme, estimate(spec_s))
+            walked = walk.at(**changes)
+            row = _row("b", walked, scheme, estimate(walked))
             row["varied"] = name
             rows.append(row)
-            log(f"  b: {name}={value} {scheme} {spec_s.mtt_gradient if name == 'syn_steps' else ''}: "
+            log(f"  b: {name}={value} {scheme} {walked.config.mtt_gradient if name == 'syn_steps' else ''}: "
                 f"{row['peak_gib']:.2f} GiB")
     return rows
 
@@ -167,19 +179,15 @@ COMPARISONS = {"equal chunk": ("released", "ours", "ours, compiled"),
                "equal memory budget": ("released", "released, best chunk", "ours", "ours, best plan")}
 
 
-def _generator_options(scheme: dict, steps: int) -> dict:
-    """Generator settings of a scheme that this checkout's LD3MGenerator accepts."""
-    import inspect
-
-    from .generator import LD3MGenerator
-
-    accepted = inspect.signature(LD3MGenerator).parameters
-    options = {}
-    if scheme["student"] == "released" and "checkpoint_attention" in accepted:
-        options["checkpoint_attention"] = True  # the released UNet checkpoints its attention blocks
-    if scheme.get("store_steps") == "all" and "store_steps" in accepted:
-        options["store_steps"] = steps  # the whole chain's graph from the render pass
-    return options
+def _scheme_settings(scheme: dict, steps: int) -> dict:
+    """A part-c scheme as run settings: the released student's UNet checkpoints its attention
+    blocks inside as released; "all" stored steps keep the whole chain's graph."""
+    settings = dict(grad_mode=scheme["grad_mode"], chunk=scheme["chunk"])
+    if scheme["student"] == "released":
+        settings["checkpoint_attention"] = "on"
+    if scheme.get("store_steps") == "all":
+        settings["store_steps"] = steps
+    return settings
 
 
 def measure_scheme(spec: dict) -> dict:
@@ -200,21 +208,13 @@ def measure_scheme(spec: dict) -> dict:
         os.environ["LD3M_FAST_BACKEND"] = scheme["backend"]
     torch.set_num_threads(1)
     from .distill import DistillConfig, Distiller, build_setup, resolve_defaults
-    from .generator import LD3MGenerator, render_size
 
     config = DistillConfig(res=spec["res"], ipc=spec["ipc"], steps=spec["steps"], batch_real=spec["batch_real"],
-                           grad_mode=scheme["grad_mode"], chunk=scheme["chunk"], iterations=spec["iterations"] + 1,
-                           threads=1, progress=False, compile=bool(spec.get("compile")),
-                           compile_backend=spec.get("compile") or "inductor")
+                           iterations=spec["iterations"] + 1, threads=1, progress=False,
+                           compile=bool(spec.get("compile")), compile_backend=spec.get("compile") or "inductor",
+                           **_scheme_settings(scheme, spec["steps"]))
     config = resolve_defaults(config, log=lambda *a: None)
     setup = build_setup(config, log=lambda *a: None)
-    options = _generator_options(scheme, config.steps)
-    if options:
-        gen = setup.generator
-        render = render_size(setup.prior, setup.res)
-        setup.generator = LD3MGenerator(setup.prior, gen.steps, guidance=gen.guidance, skip=gen.skip, eta=gen.eta,
-                                        grad_mode=gen.grad_mode, chunk_size=gen.chunk_size, render_size=render,
-                                        output_size=gen.output_size, **options)
     if scheme["student"] == "released":
         from .reference.distill_losses import ReleasedDM
 
@@ -231,6 +231,8 @@ def measure_scheme(spec: dict) -> dict:
                          "cpu_s": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime,
                          "sys_s": after.ru_stime - before.ru_stime, "minflt": after.ru_minflt - before.ru_minflt})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    generator = setup.generator.describe()
+    options = {k: generator[k] for k in ("checkpoint_attention", "store_steps") if generator[k]}
     return {"rows": rows, "peak_rss_gib": peak / 2**30, "generator": {"chunk": setup.generator.chunk_size,
             **options}, "backend": os.environ.get("LD3M_FAST_BACKEND", "auto"), "threads": torch.get_num_threads()}
 
@@ -344,12 +346,17 @@ def _setting(r: dict) -> str:
     return f"{r['mode']}{inner}; {chunk}; {student}"
 
 
+def _priors(rows: list[dict]) -> str:
+    """The priors the rows were simulated with, as the table header names them."""
+    return ", ".join(dict.fromkeys(r["prior"] for r in rows))
+
+
 def _markdown_a(a: list[dict]) -> list[str]:
     out = []
     same = [r for r in a if r.get("comparison") == "equal chunk"]
     if same:
         out += [f"### a1. Equal chunk: both sides chain chunk {EQUAL_CHUNK}, student micro-batches of "
-                f"{STUDENT_BATCH}, fp32 (cin256-v2, 10 classes, CFG 3; {SIMULATED})", "",
+                f"{STUDENT_BATCH}, fp32 ({_priors(same)}, {CLASSES} classes, CFG 3; {SIMULATED})", "",
                 "| res | IPC | T | alg | scheme | settings | peak GiB | peak phase | TFLOP/iter | "
                 "vs released peak | vs released FLOPs |",
                 "|---:|---:|---:|---|---|---|---:|---|---:|---:|---:|"]
@@ -463,7 +470,7 @@ def plot(rows: list[dict], path) -> Path | None:
         ax.set_ylabel("simulated peak (GiB)")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    fig.suptitle("ld3m-fast: simulated peak memory per iteration, cin256-v2 at 256²")
+    fig.suptitle(f"ld3m-fast: simulated peak memory per iteration, {_priors(b)} at 256²")
     fig.tight_layout()
     from ._files import atomic_write
 

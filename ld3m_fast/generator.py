@@ -51,11 +51,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from . import ops
+from .choices import GRAD_MODES, SPACINGS
 from .normalization import from_autoencoder, normalize_unit
 from .priors.prior import Prior
 from .reference.ld3m_step import check_skip
 
-GRAD_MODES = ("autograd", "released", "recompute")
 
 aten = torch.ops.aten
 _ATTENTION_OPS = tuple(getattr(aten, name) for name in (
@@ -142,9 +142,6 @@ def render_size(prior: Prior, res: int, *, released: bool = False) -> int:
     `res`-sized images, and `sampler.sample`'s `shape=[3, 64, 64]` is ignored when `x_T` is given;
     docs/released_compat.md)."""
     return int(res) if released else min(int(res), prior.image_size)
-
-
-SPACINGS = ("exact", "released")
 
 
 def released_timesteps(num_train: int, steps: int) -> tuple[int, ...]:
@@ -338,6 +335,18 @@ class LD3MGenerator(torch.nn.Module):
     def steps(self) -> int:
         return len(self.schedule)
 
+    def describe(self) -> dict:
+        """What this generator computes and how (plain values): the chain, its gradient mode and
+        chunking, sizes. Two generators with equal descriptions run the same iteration."""
+        s = self.schedule
+        return {"steps": self.steps, "timesteps": list(s.timesteps), "skip": self.skip,
+                "skip_weights": list(s.skip_weight), "guidance": self.guidance, "eta": self.eta,
+                "per_step_noise": any(x > 0 for x in s.sigma), "grad_mode": self.grad_mode,
+                "chunk_size": self.chunk_size, "decoder_chunk": self.decoder_chunk,
+                "store_steps": self.store_steps, "sac_min_flops": self.sac_min_flops,
+                "checkpoint_attention": self.checkpoint_attention, "clamp": self.clamp,
+                "latent_shape": list(self.latent_shape), "output_size": self.output_size}
+
     # ----------------------------------------------------------------- noise
     def draw_noise(self, batch: int, generator: torch.Generator | None = None, *,
                    latent_shape: tuple[int, int, int] | None = None,
@@ -384,12 +393,21 @@ class LD3MGenerator(torch.nn.Module):
                 return self.prior.eps(z_t, timestep, cond)
         return self.prior.eps(z_t, timestep, cond)
 
+    def checkpointed_guided_eps(self, z_t, t: int, c):
+        """`guided_eps` under a checkpoint: nothing kept for backward, recomputed there (released)."""
+        return checkpoint(self.guided_eps, z_t, t, c, use_reentrant=False)
+
+    def selective_denoise(self, z_t, timestep, cond):
+        """`denoise` under selective activation checkpointing: only the outputs of the ops doing
+        >= `sac_min_flops` FLOPs per output element are kept; backward recomputes the rest."""
+        contexts = functools.partial(create_selective_checkpoint_contexts, _sac_policy(self.sac_min_flops))
+        return checkpoint(self.denoise, z_t, timestep, cond, use_reentrant=False, context_fn=contexts)
+
     def step(self, j: int, z_t, c, anchor, step_noise=None, *, checkpointed: bool = False):
         """Visit step j (0 = largest timestep): denoiser call(s) + fused LD3M update."""
         s = self.schedule
         if checkpointed:
-            eps_cond, eps_uncond = checkpoint(self.guided_eps, z_t, s.timesteps[j], c,
-                                              use_reentrant=False)
+            eps_cond, eps_uncond = self.checkpointed_guided_eps(z_t, s.timesteps[j], c)
         else:
             eps_cond, eps_uncond = self.guided_eps(z_t, s.timesteps[j], c)
         return self.update(j, z_t, eps_cond, eps_uncond, anchor, step_noise)
@@ -443,16 +461,10 @@ class LD3MGenerator(torch.nn.Module):
         checkpoint per denoiser call so that backward recomputes B images at a time."""
         if self.sac_min_flops is None:
             return self.step(j, z_t, c, anchor, step_noise)
-        contexts = functools.partial(create_selective_checkpoint_contexts,
-                                     _sac_policy(self.sac_min_flops))
         timestep = torch.full((z_t.shape[0],), self.schedule.timesteps[j], device=z_t.device,
                               dtype=torch.long)
-
-        def call(cond):
-            return checkpoint(self.denoise, z_t, timestep, cond, use_reentrant=False, context_fn=contexts)
-
-        eps_cond = call(c)
-        eps_uncond = None if self.guidance == 1.0 else call(self.null_like(c))
+        eps_cond = self.selective_denoise(z_t, timestep, c)
+        eps_uncond = None if self.guidance == 1.0 else self.selective_denoise(z_t, timestep, self.null_like(c))
         return self.update(j, z_t, eps_cond, eps_uncond, anchor, step_noise)
 
     def to_images(self, z_0: torch.Tensor) -> torch.Tensor:

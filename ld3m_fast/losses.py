@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ._host import host_values
+from .choices import MTT_GRADIENTS
 from .errors import LD3MError
 
-MTT_GRADIENTS = ("truncated", "full")
 # The real images of all classes go through the DM network together, in forwards of at most
 # this many bytes of input: 341 images of 3x32x32 float32 (the embedded default's 640 in two
 # forwards), 21 at 128², 5 at 256². A ConvNet's first activation is ~43x its input (~170 MiB),

@@ -226,11 +226,12 @@ def get_preset(name: str) -> Preset:
                         "(see `ld3m-fast presets`)") from None
 
 
-def with_preset(given: dict) -> dict:
+def with_preset(given: dict, *, needs=None) -> dict:
     """`given` settings (config file and flags, field names) over the preset they name, if any.
 
     Priority: preset < `given`. The preset's algorithm may not be changed (its learning
-    rates belong to it), and every setting the preset needs must be in `given`. With
+    rates belong to it), and every setting the preset needs (those of `needs` only, when given:
+    a plan needs the prior but no data) must be in `given`. With
     `released_compat` in `given`, the preset's `compat` values replace its own (an MTT
     preset's lr 500 becomes the released 1000, for the released half-size gradient).
     """
@@ -242,7 +243,7 @@ def with_preset(given: dict) -> dict:
     if given.get("algorithm") not in (None, algorithm):
         raise LD3MError(f"preset {name} is a {str(algorithm).upper()} preset but --algorithm is "
                         f"{given['algorithm']!r}; use ld3m-{given['algorithm']}-... (see `ld3m-fast presets`)")
-    missing = [key for key in preset.needs if given.get(key) is None]
+    missing = [key for key in preset.needs if given.get(key) is None and (needs is None or key in needs)]
     if missing:
         raise LD3MError(f"preset {name} needs " + ", ".join(NEED_HINTS.get(k, "--" + k.replace("_", "-"))
                                                             for k in missing))

@@ -23,7 +23,7 @@ from ld3m_fast import build_tiny_prior, save_prior
 from ld3m_fast.cli.main import main
 from ld3m_fast.data import load_dataset
 from ld3m_fast.errors import LD3MError, PriorError
-from ld3m_fast.planner.priors import prior_architecture
+from ld3m_fast.distill.planner.priors import prior_architecture
 from ld3m_fast.priors import Prior, load_prior
 
 RES = 16
@@ -363,7 +363,7 @@ def test_cli_distill_with_a_bad_prior(base, tmp_path, capsys, name, damage, frag
 def test_cli_plan_with_a_bad_prior(base, tmp_path, capsys, name, damage, fragment, architecture):
     prior = _damaged(base, tmp_path, damage)
     code = main(["plan", "--prior", str(prior), "--res", str(RES), "--ipc", "1", "--classes", "2",
-                 "--steps", "2", "--chunks", "1", "--dtypes", "fp32", "--budget", "4GiB"])
+                 "--steps", "2", "--chunk", "1", "--memory-budget", "4GiB"])
     _assert_one_error_line(code, capsys.readouterr(), "ld3m-fast plan: error: ", fragment)
 
 

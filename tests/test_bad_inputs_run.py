@@ -53,7 +53,7 @@ FLAG_CASES = [
     ("eval archs", lambda ws, out, t: distill_flags(ws, out, "--eval-every", 1, "--eval-archs", "lenet"),
      ["unknown architecture 'lenet'"]),
     ("memory budget", lambda ws, out, t: distill_flags(ws, out, "--chunk", "auto", "--memory-budget", "lots"),
-     ["cannot read the memory size"]),
+     ["cannot read the --memory-budget"]),
     ("mtt without buffer", lambda ws, out, t: distill_flags(ws, out, "--algorithm", "mtt"), ["needs --buffer"]),
     ("mtt missing buffer", lambda ws, out, t: distill_flags(ws, out, "--algorithm", "mtt", "--buffer", t / "nope"),
      ["nope"]),

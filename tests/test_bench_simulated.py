@@ -5,7 +5,7 @@ from ld3m_fast import bench
 
 
 def _row(scheme, comparison, **fields):
-    row = {"part": "a", "scheme": scheme, "comparison": comparison, "res": 256, "ipc": 10, "steps": 20,
+    row = {"part": "a", "scheme": scheme, "comparison": comparison, "prior": "cin256-v2", "res": 256, "ipc": 10, "steps": 20,
            "algorithm": "dm", "dtype": "fp32", "grad_mode": "recompute", "chunk": 10, "decoder_chunk": 2,
            "micro_batch": 10, "mode": "recompute", "checkpoint_attention": False, "peak_gib": 7.0,
            "tflops": 2781.0, "phase_peaks_gib": {"render": 3.0, "distill": 5.0, "backward": 7.0}}
@@ -41,7 +41,7 @@ def test_part_a_tables_name_both_sides_settings():
 def test_simulated_parts_run_on_the_tiny_prior():
     rows = bench.simulated_full_scale("tiny", settings=[(32, 1, 2)], budgets_gib=(0.05,), algorithms=("dm",),
                                       log=lambda *a: None,
-                                      spec_overrides=dict(num_classes=2, batch_real=4, width=8),
+                                      classes=2, overrides=dict(batch_real=4, width=8),
                                       plan_options=dict(store_steps=[0, 2], sac=[None], chunks=[1, 2]))
     same = [r for r in rows if r["comparison"] == "equal chunk"]
     assert {r["chunk"] for r in same if r["grad_mode"] != "autograd"} == {2}

@@ -10,7 +10,9 @@ from ld3m_fast.distill import iteration as iteration_module
 from ld3m_fast.distill.algorithms import DC, DM, MTT, NetworkSpec, RealData, StepContext
 from ld3m_fast.distill.iteration import distill_iteration, render_groups
 from ld3m_fast.dsa import DSA
-from ld3m_fast.planner.simulate import IterationSpec, estimate, stored_together
+from ld3m_fast.distill.config import DistillConfig
+from ld3m_fast.distill.planner.plan import planning_config
+from ld3m_fast.distill.planner.simulate import Walk, estimate, stored_together
 
 RES = 16
 IPC = 2
@@ -102,16 +104,19 @@ def test_grouped_selective_checkpointing_equals_all_at_once(prior, real_data, mo
 
 def test_only_one_groups_stored_state_is_live():
     """Simulated: the stored state of DM's class groups is not all live at once (MTT's is)."""
-    base = dict(prior="tiny", res=32, ipc=2, num_classes=4, steps=2, chunk=2, batch_real=8, width=16,
-                micro_batch=2, syn_steps=2, decoder_chunk=1)
+    base = dict(prior="tiny", res=32, ipc=2, steps=2, chunk=2, batch_real=8, width=16, micro_batch=2, syn_steps=2,
+                decoder_chunk=1)
+
+    def walk(**settings):
+        return Walk.of(planning_config(DistillConfig(**base, **settings)), 4)
+
     peaks = {}
     for algorithm in ("dm", "mtt"):
         for k in (0, 2):
-            spec = IterationSpec(**base, algorithm=algorithm, store_steps=k)
-            peaks[algorithm, k] = estimate(spec, direct=True).phase_peaks["distill"]
+            peaks[algorithm, k] = estimate(walk(algorithm=algorithm, store_steps=k), direct=True).phase_peaks["distill"]
     kept_dm = peaks["dm", 2] - peaks["dm", 0]
     kept_mtt = peaks["mtt", 2] - peaks["mtt", 0]
-    assert stored_together(IterationSpec(**base, algorithm="dm")) == 2
-    assert stored_together(IterationSpec(**base, algorithm="mtt")) == 8
+    assert stored_together(walk(algorithm="dm")) == 2
+    assert stored_together(walk(algorithm="mtt")) == 8
     # MTT keeps 8 images' stored steps, DM one class's 2: about a quarter.
     assert 0.15 * kept_mtt < kept_dm < 0.4 * kept_mtt

@@ -142,17 +142,22 @@ def test_embedded_default_runs_without_arguments(tmp_path):
 
 def test_plan_command_on_a_prior_folder(ws, tmp_path):
     result = cli("plan", "--prior", ws / "prior", "--res", RES, "--ipc", "1", "--classes", "2",
-                 "--steps", "2", "--chunks", "1,2", "--dtypes", "fp32", "--budget", "4GiB",
-                 "--json", tmp_path / "plan.json")
+                 "--steps", "2", "--store-steps", "0", "--memory-budget", "4GiB", "--json", tmp_path / "plan.json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "choice: --chunk" in result.stdout
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert set(plan) >= {"setting", "candidates", "choice", "released"}
-    assert plan["setting"]["res"] == int(RES) and plan["setting"]["budget_bytes"] == 4 * 2**30
-    keys = {"mode", "chunk", "decoder_chunk", "dtype", "peak_bytes", "flops", "fits"}
+    setting = plan["setting"]
+    assert setting["res"] == int(RES) and setting["budget_bytes"] == 4 * 2**30
+    # The default reserve (1 GiB + 5%) is left out of the budget; the plan fills what is usable.
+    assert setting["reserve_bytes"] == int(2**30 + 0.05 * 4 * 2**30)
+    assert setting["usable_bytes"] == setting["budget_bytes"] - setting["reserve_bytes"]
+    keys = {"mode", "chunk", "decoder_chunk", "micro_batch", "dtype", "peak_bytes", "flops", "fits"}
     assert plan["candidates"] and all(keys <= set(c) for c in plan["candidates"])
-    assert {c["chunk"] for c in plan["candidates"]} == {1, 2} and {c["dtype"] for c in plan["candidates"]} == {"fp32"}
-    assert plan["choice"] in plan["candidates"] and plan["choice"]["fits"]
+    assert {c["dtype"] for c in plan["candidates"]} == {"fp32"} and setting["config"]["store_steps"] == 0
+    choice = {k: v for k, v in plan["choice"].items() if k != "flags"}
+    assert choice in plan["candidates"] and choice["fits"] and choice["peak_bytes"] <= setting["usable_bytes"]
+    assert plan["choice"]["flags"].startswith("--chunk ")
     assert {"chunk", "peak_bytes", "flops"} <= set(plan["released"])
 
 
@@ -164,7 +169,7 @@ def test_chunk_auto_compile_bf16_profile_end_to_end(ws, tmp_path):
                                "--memory-budget", "2GiB", "--compile", "--compile-backend", "aot_eager",
                                "--dtype", "bf16", "--profile", "1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "--chunk auto: chunk" in result.stdout
+    assert "--chunk auto: --chunk" in result.stdout
     assert json.loads((out / "config.json").read_text())["chunk"] == "auto"
     assert list((out / "profile").glob("*.pt.trace.json"))
     assert (out / "final" / "synthetic.safetensors").is_file()

@@ -346,16 +346,17 @@ def test_eval_spreads_its_jobs_over_the_ranks_and_writes_the_same_report(ws, run
 
 
 def test_planner_simulates_one_rank_of_several():
-    from dataclasses import replace
+    from ld3m_fast.distill.config import DistillConfig
+    from ld3m_fast.distill.planner.plan import planning_config
+    from ld3m_fast.distill.planner.simulate import Walk, estimate
 
-    from ld3m_fast.planner.simulate import IterationSpec, estimate
-
-    spec = IterationSpec(prior="tiny", res=32, ipc=2, num_classes=4, steps=2, chunk=2, batch_real=8, width=16,
-                         micro_batch=2, algorithm="dm", world_size=2)
+    config = planning_config(DistillConfig(prior="tiny", res=32, ipc=2, steps=2, chunk=2, batch_real=8, width=16,
+                                           micro_batch=2, algorithm="dm"))
+    spec = Walk.of(config, 4, world_size=2)
     assert spec.images == 4 and spec.total_images == 8
     direct = estimate(spec, direct=True)  # rank 0's real iteration: its 2 classes of the whole set
     planned = estimate(spec)  # rank 0's classes as one process + the other rank's rows of Z and c
-    alone = estimate(replace(spec, world_size=1, num_classes=2))
+    alone = estimate(spec.at(world_size=1, num_classes=2))
     assert planned.flops == pytest.approx(direct.flops, rel=0.01) and planned.flops == alone.flops
     assert direct.peak_bytes <= planned.peak_bytes <= 1.02 * direct.peak_bytes
     assert planned.peak_bytes > alone.peak_bytes

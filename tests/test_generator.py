@@ -165,7 +165,7 @@ def test_store_and_decoder_knobs_give_the_autograd_gradients(prior64, skip, eta,
 def test_stored_steps_cost_fewer_flops_and_keep_less_with_selection():
     """Counted on a real CPU run: each stored step saves one step forward (its graph, or its
     matmuls/convs/attention under selective checkpointing); selection keeps fewer bytes."""
-    from ld3m_fast.planner import measure
+    from ld3m_fast.distill.planner import measure
 
     prior = build_tiny_prior()
     Z, c = _inputs(prior, batch=4)

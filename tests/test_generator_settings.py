@@ -5,8 +5,9 @@ import pytest
 
 from ld3m_fast import LD3MError
 from ld3m_fast.cli import distill as cli_distill
+from ld3m_fast.cli.settings import explicit_settings
 from ld3m_fast.distill.config import DistillConfig
-from ld3m_fast.distill.setup import generator_knobs
+from ld3m_fast.distill.assemble import chunk_knobs
 
 
 def test_flags_reach_the_generator():
@@ -14,10 +15,10 @@ def test_flags_reach_the_generator():
     cli_distill.add_arguments(parser)
     args = parser.parse_args(["--chunk", "5", "--decoder-chunk", "2", "--store-steps", "3",
                               "--sac-min-flops", "17280", "--steps", "10"])
-    config = DistillConfig(**cli_distill.explicit_settings(args))
-    assert generator_knobs(config) == dict(chunk_size=5, decoder_chunk=2, store_steps=3, sac_min_flops=17280.0)
-    assert generator_knobs(DistillConfig()) == dict(chunk_size=None, decoder_chunk=None, store_steps=0,
-                                                    sac_min_flops=None)
+    config = DistillConfig(**explicit_settings(args))
+    assert chunk_knobs(config) == dict(chunk_size=5, decoder_chunk=2, store_steps=3, sac_min_flops=17280.0)
+    assert chunk_knobs(DistillConfig()) == dict(chunk_size=None, decoder_chunk=None, store_steps=0,
+                                                sac_min_flops=None)
     assert DistillConfig.from_dict({"store_steps": 4, "decoder_chunk": 1}).store_steps == 4
 
 
@@ -28,7 +29,7 @@ def test_flags_reach_the_generator():
 ])
 def test_impossible_knobs_are_one_line_errors(settings, fragment):
     with pytest.raises(LD3MError, match=fragment):
-        generator_knobs(DistillConfig(**settings))
+        DistillConfig(**settings).check_method()
 
 
 def test_out_of_range_values_are_rejected_by_validation():

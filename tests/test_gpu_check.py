@@ -82,13 +82,13 @@ def test_smoke_every_plan_has_a_prediction_and_a_measured_peak(smoke):
         assert row["time_vs_released"] > 0 and row["peak_vs_released"] > 0
     released, recompute, stored, choice = part["plans"]
     assert released["time_vs_released"] == 1.0
-    assert released["spec"]["grad_mode"] == "released" and released["spec"]["checkpoint_attention"]
-    assert released["spec"]["micro_batch"] is None
-    assert recompute["spec"]["grad_mode"] == "recompute" and recompute["spec"]["store_steps"] == 0
-    assert stored["spec"]["store_steps"] == 1 and stored["spec"]["decoder_chunk"] == 1
-    assert stored["spec"]["sac_min_flops"] is not None
+    assert released["walk"]["grad_mode"] == "released" and released["walk"]["checkpoint_attention"] == "on"
+    assert released["walk"]["micro_batch"] is None
+    assert recompute["walk"]["grad_mode"] == "recompute" and not recompute["walk"]["store_steps"]
+    assert stored["walk"]["store_steps"] == 1 and stored["walk"]["decoder_chunk"] == 1
+    assert stored["walk"]["sac_min_flops"] is not None
     assert choice["prediction"]["source"].startswith("computed during this run")
-    assert choice["prediction"]["spec"] == choice["spec"]
+    assert choice["prediction"]["walk"] == choice["walk"]
 
 
 def test_smoke_attention_times_sdpa_and_says_why_not_xformers(smoke):
@@ -115,10 +115,11 @@ def test_failing_part_and_plan_are_recorded_and_the_rest_runs(kit, smoke, tmp_pa
     predictions = smoke[1] / "planner_predictions.json"
     build = kit.build_iteration
 
-    def planted(spec, *args, **kwargs):
-        if spec.grad_mode == "recompute" and spec.store_steps == 0 and spec.decoder_chunk is None:
+    def planted(walk, *args, **kwargs):
+        config = walk.config
+        if config.grad_mode == "recompute" and not config.store_steps and config.decoder_chunk is None:
             raise RuntimeError("planted plan failure")
-        return build(spec, *args, **kwargs)
+        return build(walk, *args, **kwargs)
 
     def broken_attention(ctx, part):
         raise RuntimeError("planted attention failure")

@@ -1,18 +1,19 @@
 """The planner: one iteration of the real code path under fake tensors, extrapolated."""
-from dataclasses import replace
-
 import pytest
 
 from ld3m_fast import LD3MError
-from ld3m_fast.planner.plan import (candidate_chunks, candidate_decoder_chunks, mode_name, parse_bytes, plan,
-                                    released_reference, sac_levels, store_counts)
-from ld3m_fast.planner.simulate import IterationSpec, estimate, image_unit
+from ld3m_fast.distill.config import DistillConfig
+from ld3m_fast.distill.planner.memory import parse_bytes
+from ld3m_fast.distill.planner.plan import (candidate_chunks, candidate_decoder_chunks, mode_name, plan,
+                                            planning_config, released_reference, sac_levels, store_counts)
+from ld3m_fast.distill.planner.simulate import Walk, estimate, image_unit
 
 
-def _spec(**overrides):
-    base = dict(prior="tiny", res=32, ipc=2, num_classes=6, steps=5, chunk=2, batch_real=8,
-                width=16, syn_steps=3, micro_batch=2)
-    return IterationSpec(**{**base, **overrides})
+def _spec(*, num_classes=6, world_size=1, **overrides):
+    """The walk of a small run on the test-size prior (settings as `DistillConfig` fields)."""
+    base = dict(prior="tiny", res=32, ipc=2, steps=5, chunk=2, batch_real=8, width=16, syn_steps=3, micro_batch=2)
+    config = planning_config(DistillConfig(**{**base, **overrides}))
+    return Walk.of(config, num_classes, world_size)
 
 
 @pytest.mark.parametrize("algorithm,knobs", [
@@ -44,16 +45,19 @@ def test_recompute_needs_fewer_denoiser_flops_than_released():
 def test_units_and_chunks():
     assert image_unit(_spec(chunk=4, ipc=2)) == 2
     assert image_unit(_spec(chunk=None)) == 1
-    assert candidate_chunks(IterationSpec(ipc=10, num_classes=10)) == [1, 2, 5, 10, 20, 50, 100]
+    assert candidate_chunks(_spec(ipc=10, num_classes=10)) == [1, 2, 5, 10, 20, 50, 100]
 
 
 def test_plan_picks_the_cheapest_candidate_that_fits():
     spec = _spec(algorithm="dm", steps=3)
-    candidates, best = plan(spec, budget_bytes=parse_bytes("1GiB"), chunks=[1, 2], dtypes=("fp32",),
-                            store_steps=[0])
-    assert best is not None and best.fits
-    assert {c.estimate.spec.chunk for c in candidates} == {1, 2}
-    _, nothing = plan(spec, budget_bytes=1024, chunks=[2], dtypes=("fp32",), store_steps=[0])
+    options = dict(chunks=[1, 2], micro_batches=[2], store_steps=[0], decoder_chunks=[1])
+    candidates, best = plan(spec, budget_bytes=parse_bytes("1GiB"), **options)
+    assert best is not None and best.fits and best.walk.config.chunk == 2  # the largest that fits
+    peak = {c: estimate(spec.at(chunk=c, decoder_chunk=1, store_steps=0)).peak_bytes for c in (1, 2)}
+    assert peak[1] < peak[2]
+    candidates, best = plan(spec, budget_bytes=int((peak[1] + peak[2]) / 2), **options)
+    assert best.walk.config.chunk == 1 and {c.walk.config.chunk for c in candidates} == {1, 2}
+    _, nothing = plan(spec, budget_bytes=1024, chunks=[2], micro_batches=[2], store_steps=[0])
     assert nothing is None
 
 
@@ -72,12 +76,12 @@ def test_plan_trades_memory_for_flops_and_takes_the_largest_chunk_that_fits():
     """Whole graphs cost fewer FLOPs and more memory than recompute: the planner keeps them when
     the budget allows, recomputes when it does not, and never picks a candidate over budget."""
     spec = _spec(algorithm="dm", steps=2, num_classes=2)  # simulated directly: T <= 2, 2 classes
-    options = dict(chunks=[2, 4], dtypes=("fp32",), store_steps=[0, 2], sac=[None], decoder_chunks=[1, 2])
+    options = dict(chunks=[2, 4], micro_batches=[2], store_steps=[0, 2], sac=[None], decoder_chunks=[1, 2])
     rich, chosen = plan(spec, parse_bytes("1GiB"), **options)
     recompute = next(c for c in rich if c.mode == "recompute")
     assert chosen.mode == "graph last 2/2" and chosen.estimate.flops < recompute.estimate.flops
-    assert chosen.spec.chunk == 4 and chosen.spec.decoder_chunk == 2  # the largest that fit
-    stored = max(c.estimate.peak_bytes for c in rich if c.spec.store_steps == 2)
+    assert chosen.walk.config.chunk == 4 and chosen.walk.config.decoder_chunk == 2  # the largest that fit
+    stored = max(c.estimate.peak_bytes for c in rich if c.walk.config.store_steps == 2)
     lean = max(c.estimate.peak_bytes for c in rich if c.mode == "recompute")
     budget = int((stored + lean) / 2)
     candidates, chosen = plan(spec, budget, **options)
@@ -104,8 +108,9 @@ def test_candidate_knobs():
 
 def test_released_reference_is_the_released_scheme_as_released():
     released = released_reference(_spec(num_classes=2, steps=2))
-    assert released.spec.grad_mode == "released" and released.spec.checkpoint_attention
-    assert released.spec.micro_batch is None and released.spec.chunk == 4  # all 4 images: fewer than 10
+    config = released.walk.config
+    assert config.grad_mode == "released" and config.attention_checkpointed
+    assert config.micro_batch is None and config.chunk == 4  # all 4 images: fewer than 10
     plain = estimate(_spec(num_classes=2, steps=2, grad_mode="released", chunk=4, micro_batch=None))
     assert released.flops > plain.flops  # the transformer blocks' 4th forward
 
@@ -123,7 +128,7 @@ def test_simulated_candidates_are_kept_on_disk_and_reused(tmp_path, monkeypatch)
     import json
 
     from ld3m_fast.cli.main import main
-    from ld3m_fast.planner import simulate as simulation
+    from ld3m_fast.distill.planner import simulate as simulation
 
     monkeypatch.setenv("LD3M_FAST_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("LD3M_FAST_PLANNER_CACHE", raising=False)
@@ -132,10 +137,10 @@ def test_simulated_candidates_are_kept_on_disk_and_reused(tmp_path, monkeypatch)
     monkeypatch.setattr(simulation, "_walk", lambda spec: walks.append(spec) or walk(spec))
 
     def plan_json(name, budget="1GiB", steps="2"):
-        simulation.simulate.cache_clear()  # a new process: only the disk remembers
+        simulation.forget_walks()  # a new process: only the disk remembers
         code = main(["plan", "--prior", "tiny", "--res", "32", "--ipc", "1", "--classes", "2", "--steps", steps,
-                     "--chunks", "1,2", "--store-steps", "0", "--dtypes", "fp32", "--budget", budget,
-                     "--json", str(tmp_path / name)])
+                     "--chunk", "2", "--store-steps", "0", "--micro-batch", "2", "--memory-budget", budget,
+                     "--memory-reserve", "0", "--json", str(tmp_path / name)])
         assert code == 0
         return json.loads((tmp_path / name).read_text())
 
@@ -147,21 +152,21 @@ def test_simulated_candidates_are_kept_on_disk_and_reused(tmp_path, monkeypatch)
     assert again["candidates"] == first["candidates"] and again["released"] == first["released"]
     assert again["setting"]["budget_bytes"] == 2 * first["setting"]["budget_bytes"]
     plan_json("other.json", steps="3")
-    assert walks and all(spec.steps in (1, 2, 3) for spec in walks)
+    assert walks and all(walk.config.steps in (1, 2, 3) for walk in walks)
 
     monkeypatch.setenv("LD3M_FAST_PLANNER_CACHE", "0")
     walks.clear()
     plan_json("off.json")
     assert walks
-    simulation.simulate.cache_clear()
+    simulation.forget_walks()
 
 
 def test_the_largest_stored_count_that_fits_is_found_between_the_default_counts():
     """Defaults at T=8 are 0, 2, 4, 6, 8 stored steps; a budget between 5's peak and 6's gets 5."""
     spec = _spec(algorithm="dm", steps=8, num_classes=2)
-    peak = lambda k: estimate(replace(spec, chunk=2, decoder_chunk=1, store_steps=k)).peak_bytes  # noqa: E731
+    peak = lambda k: estimate(spec.at(chunk=2, decoder_chunk=1, store_steps=k)).peak_bytes  # noqa: E731
     assert peak(5) < peak(6)
     budget = int((peak(5) + peak(6)) / 2)
-    candidates, chosen = plan(spec, budget, chunks=[2], dtypes=("fp32",), sac=[None], decoder_chunks=[1])
-    assert chosen.spec.store_steps == 5 and chosen.fits
-    assert all(c.fits for c in candidates if c.spec.store_steps not in (0, 2, 4, 6, 8))  # misses not listed
+    candidates, chosen = plan(spec, budget, chunks=[2], micro_batches=[2], sac=[None], decoder_chunks=[1])
+    assert chosen.walk.config.store_steps == 5 and chosen.fits
+    assert all(c.fits for c in candidates if c.walk.config.store_steps not in (0, 2, 4, 6, 8))  # misses not listed

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ld3m_fast import LD3MGenerator, build_tiny_prior
-from ld3m_fast.planner import LiveStorageTracker, measure
+from ld3m_fast.distill.planner import LiveStorageTracker, measure
 
 
 class _MallInfo2(ctypes.Structure):

@@ -10,7 +10,7 @@ from ld3m_fast import ChainSchedule, LD3MGenerator, build_tiny_prior
 from ld3m_fast.distill.algorithms import MTT, NetworkSpec, StepContext
 from ld3m_fast.distill.buffers import ExpertTrajectory, flatten_parameters
 from ld3m_fast.distill.config import DistillConfig
-from ld3m_fast.distill.setup import build_algorithm_for, released_generator_options
+from ld3m_fast.distill.assemble import build_algorithm_for, generator_options
 from ld3m_fast.errors import LD3MError
 from ld3m_fast.generator import released_timesteps, render_size
 from ld3m_fast.normalization import from_autoencoder, normalize_unit
@@ -166,7 +166,7 @@ def test_setup_passes_the_half_gradient_and_its_lr_only_in_compat_mode(monkeypat
     monkeypatch.setattr("ld3m_fast.distill.buffers.load_buffer", lambda path, expect=None: trajectories)
     for compat, scale in ((False, 1.0), (True, 0.5)):
         config = DistillConfig(algorithm="mtt", buffer="unused", released_compat=compat)
-        algorithm = build_algorithm_for(config, spec, 8, 3)
+        algorithm = build_algorithm_for(config, spec, trajectories)
         assert algorithm.image_grad_scale == scale
         # Without a preset: the released updates either way (500 on the full gradient, 1000 on the half).
         assert algorithm.default_lr_latent == algorithm.default_lr_class == 500.0 / scale
@@ -190,12 +190,21 @@ def test_mtt_presets_give_the_released_lr_on_the_released_half_gradient():
 # --------------------------------------------------------------------------- the switch
 
 def test_the_default_is_off_and_changes_nothing():
+    from ld3m_fast.priors import build_tiny_prior
+
+    prior = build_tiny_prior()
+
+    def released_options(**settings):
+        options = generator_options(DistillConfig(**settings), prior, prior.image_size)
+        return {k: options[k] for k in ("spacing", "clamp", "checkpoint_attention") if k in options}
+
     config = DistillConfig()
-    assert config.released_compat is False and released_generator_options(config) == {}
-    gen_options = released_generator_options(DistillConfig(released_compat=True))
-    assert gen_options == {"spacing": "released", "clamp": True, "checkpoint_attention": False}
-    assert released_generator_options(DistillConfig(released_compat=True, grad_mode="released")) == \
+    assert config.released_compat is False and released_options() == {"checkpoint_attention": False}
+    assert released_options(released_compat=True) == {"spacing": "released", "clamp": True,
+                                                      "checkpoint_attention": False}
+    assert released_options(released_compat=True, grad_mode="released") == \
         {"spacing": "released", "clamp": True, "checkpoint_attention": True}
+    assert released_options(grad_mode="released", checkpoint_attention="on") == {"checkpoint_attention": True}
 
 
 def test_cli_accepts_records_and_refuses_released_compat(tmp_path, capsys):

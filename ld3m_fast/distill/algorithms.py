@@ -41,14 +41,12 @@ import torch
 import torch.nn as nn
 
 from .._host import draw_int, host_values
+from ..choices import ALGORITHMS, MTT_GRADIENTS
 from ..errors import LD3MError
 from ..losses import (FlatNetwork, RealBlock, augment, class_groups, dc_class_term, default_real_batch,
                       dm_loss_from_blocks, draw_for_class, gradient_distance, micro_batches, mtt_loss_from_plan,
                       mtt_plan)
 from ..normalization import from_uint8
-
-from .config import ALGORITHMS, MTT_GRADIENTS
-
 
 # --------------------------------------------------------------------------- context
 

@@ -1,18 +1,22 @@
 """Every setting of a distillation run, declared once.
 
 `DistillConfig` is the single declaration. Each field's `setting(...)` carries its
-default, help text, allowed values, lower bound and whether it may change when a run
-is resumed; its annotation is its type. Everything else is derived from it:
+default, help text, allowed values, bounds, whether it may change when a run is resumed
+and whether it decides what one iteration computes and holds (`walked`); its annotation
+is its type. Everything else is derived from it:
 
-- the `ld3m-fast distill` flags (`--ipc`, `--lr-latent`, `--compile`, `--no-progress`)
-  and their parsing (`ld3m_fast.cli.distill`);
+- the flags of `ld3m-fast distill` and `ld3m-fast plan` (`--ipc`, `--lr-latent`, `--compile`,
+  `--no-progress`) and their parsing (`ld3m_fast.cli.settings`);
 - the keys of a `--config run.toml` file (field names, with '-' or '_');
 - type checking of every value, from a flag, a file or Python (`check_types`), and
-  the one-line errors for values out of range (`validate`);
-- which settings a resume may change (`RESUMABLE`).
+  the one-line errors for values out of range (`check_values`, `validate`);
+- which settings a resume may change (`RESUMABLE`);
+- what the planner walks and keys its walks by (`WALKED`, `walked_settings`); the iteration
+  itself is assembled from the config in one place, `ld3m_fast.distill.assemble`.
 
-`resolve_defaults` fills the settings left at None from the prior's profile (the
-embedded default or the paper's) and picks the run folder and the thread count.
+`resolve_method_defaults` fills the settings left at None from the prior's profile (the
+embedded default or the paper's); `resolve_defaults` also picks the run folder and the
+thread count.
 """
 from __future__ import annotations
 
@@ -25,27 +29,27 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..choices import ALGORITHMS, DTYPES, GRAD_MODES, MTT_GRADIENTS, SKIPS
 from ..errors import LD3MError
 
-ALGORITHMS = ("dm", "dc", "mtt")
-MTT_GRADIENTS = ("truncated", "full")
-GRAD_MODES = ("autograd", "released", "recompute")
-SKIPS = ("x0", "mean", "none")
-DTYPE_NAMES = ("fp32", "bf16")
+ATTENTION_CHECKPOINTING = ("auto", "on", "off")
 
 
 def setting(default, help: str, *, choices: tuple | None = None, minimum: float | None = None,
-            resumable: bool = False, in_file: bool = True, parse=None, flag: str | None = None):
-    """A `DistillConfig` field with everything the CLI, config files and validation need.
+            maximum: float | None = None, resumable: bool = False, walked: bool = True,
+            in_file: bool = True, parse=None, flag: str | None = None):
+    """A `DistillConfig` field with everything the CLI, config files, validation and the planner need.
 
-    choices: allowed values; minimum: lower bound for numbers (None allowed where the
-    type is optional); resumable: may change on `--resume`; in_file: accepted as a
-    `--config` key; parse: text -> value for the flag (default: from the type);
-    flag: the flag's name when it is not derived from the field (booleans).
+    choices: allowed values; minimum, maximum: bounds for numbers (None allowed where the type
+    is optional); resumable: may change on `--resume`; walked: decides what one iteration
+    computes and holds in memory (the planner walks it; False for output, logging, learning
+    rates and the like, which a plan does not depend on); in_file: accepted as a `--config`
+    key; parse: text -> value for the flag (default: from the type); flag: the flag's name
+    when it is not derived from the field (booleans).
     """
     return field(default=default, metadata={
-        "help": help, "choices": choices, "minimum": minimum, "resumable": resumable,
-        "in_file": in_file, "parse": parse, "flag": flag})
+        "help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "resumable": resumable,
+        "walked": walked, "in_file": in_file, "parse": parse, "flag": flag})
 
 
 def parse_chunk(text: str):
@@ -64,14 +68,14 @@ class DistillConfig:
 
     # -- data and prior
     preset: str | None = setting(None, "named settings (the paper's runs, the embedded default; list: "
-                                 "`ld3m-fast presets`); a config file and flags win over it")
+                                 "`ld3m-fast presets`); a config file and flags win over it", walked=False)
     data: str = setting("fashion-mnist", "data folder (ImageNet tree, ImageFolder, CIFAR-10, "
-                        "Fashion-MNIST IDX) or 'fashion-mnist'")
-    subset: str | None = setting(None, "ImageNet subset name or alias (imagenette, woof, fruits, ...)")
+                        "Fashion-MNIST IDX) or 'fashion-mnist'", walked=False)
+    subset: str | None = setting(None, "ImageNet subset name or alias (imagenette, woof, fruits, ...)", walked=False)
     prior: str | None = setting(None, "prior folder (written by `ld3m-fast convert` or save_prior); "
                                 "default: the embedded Fashion-MNIST prior")
-    max_per_class: int | None = setting(None, "use at most N real images per class", minimum=1)
-    cache_dir: str | None = setting(None, "decoded-data cache folder", resumable=True)
+    max_per_class: int | None = setting(None, "use at most N real images per class", minimum=1, walked=False)
+    cache_dir: str | None = setting(None, "decoded-data cache folder", resumable=True, walked=False)
     # -- the synthetic set and the chain
     algorithm: str = setting("dm", "distillation loss", choices=ALGORITHMS)
     res: int | None = setting(None, "image side, a multiple of the prior's latent factor (default: the "
@@ -91,8 +95,14 @@ class DistillConfig:
     chunk: int | str | None = setting(None, "images per generator chunk in released/recompute modes, or "
                                       "'auto' (the planner's cheapest that fits --memory-budget)",
                                       parse=parse_chunk)
-    memory_budget: str | None = setting(None, "memory budget for --chunk auto, e.g. 24GiB "
-                                        "(default: the device's)")
+    memory_budget: str | None = setting(None, "device memory a plan (--chunk auto, `ld3m-fast plan`) may use "
+                                        "before the reserve, e.g. 80GiB (default: the device's free memory "
+                                        "at start)", resumable=True, walked=False)
+    memory_reserve: str | None = setting(None, "memory left out of the budget for what a plan does not "
+                                         "count: the CUDA context, cuBLAS/cuDNN workspaces, the allocator's "
+                                         "rounding and fragmentation, e.g. 4GiB or 8%% (default: 1 GiB + 5%% "
+                                         "of the budget, see ld3m_fast/distill/planner/memory.py)",
+                                         resumable=True, walked=False)
     decoder_chunk: int | None = setting(None, "recompute: images per decoder call, independent of --chunk "
                                         "(default: the whole chunk; with --chunk auto, the planner's)",
                                         minimum=1)
@@ -103,38 +113,42 @@ class DistillConfig:
                                           "FLOPs per output element (selective activation checkpointing); "
                                           "unset: its whole graph (with --chunk auto, the planner's)",
                                           minimum=0)
-    dtype: str = setting("fp32", "fp32 | bf16 (autocast; Z, c and the latent chain stay fp32)",
-                         choices=DTYPE_NAMES)
+    checkpoint_attention: str = setting("auto", "checkpoint the denoiser's transformer blocks inside every call "
+                                        "made with grad, as the released UNet does (`checkpoint=True`); auto: "
+                                        "on with --released-compat --grad-mode released",
+                                        choices=ATTENTION_CHECKPOINTING)
+    dtype: str = setting("fp32", "autocast dtype (Z, c and the latent chain stay fp32)", choices=tuple(DTYPES))
     compile: bool = setting(False, "torch.compile the denoiser, decoder and distillation network",
-                            resumable=True)
+                            resumable=True, walked=False)
     compile_backend: str = setting("inductor", "torch.compile backend for --compile "
-                                   "(inductor; aot_eager to check tracing)", resumable=True)
-    device: str = setting("cpu", "cpu | cuda | cuda:N", resumable=True)
+                                   "(inductor; aot_eager to check tracing)", resumable=True, walked=False)
+    device: str = setting("cpu", "cpu | cuda | cuda:N", resumable=True, walked=False)
     threads: int | None = setting(None, "CPU threads for torch (default: the cores idle when the run starts, "
                                   "see ld3m_fast/_threads.py; recorded, and kept on resume)", minimum=1,
-                                  resumable=True)
+                                  resumable=True, walked=False)
     profile: int = setting(0, "write a torch.profiler trace of N iterations to RUN_DIR/profile",
-                           minimum=0, resumable=True)
+                           minimum=0, resumable=True, walked=False)
     # -- optimisation
     iterations: int | None = setting(None, "distillation iterations (default: 10000, the paper's; "
-                                     "120 on the embedded default)", minimum=0, resumable=True)
+                                     "120 on the embedded default)", minimum=0, resumable=True,
+                                     walked=False)
     lr_latent: float | None = setting(None, "SGD lr for the latents Z (default per algorithm: DM 1, DC 0.1, "
                                       "MTT 500, the released 1000 on its half-size image gradient (1000 "
                                       "with --released-compat); DM 0.1 on the embedded default prior)", minimum=0,
-                                      resumable=True)
+                                      resumable=True, walked=False)
     lr_class: float | None = setting(None, "SGD lr for the class embeddings c (default as --lr-latent)",
-                                     minimum=0, resumable=True)
-    lr_student: float = setting(1e-6, "SGD lr for MTT's learnable student lr", minimum=0)
+                                     minimum=0, resumable=True, walked=False)
+    lr_student: float = setting(1e-6, "SGD lr for MTT's learnable student lr", minimum=0, walked=False)
     momentum: float = setting(0.5, "SGD momentum for Z, c and the student lr", minimum=0)
-    seed: int = setting(0, "seed of every random stream of the run")
+    seed: int = setting(0, "seed of every random stream of the run", walked=False)
     # -- the algorithms
-    buffer: str | None = setting(None, "expert buffer folder (MTT)")
+    buffer: str | None = setting(None, "expert buffer folder (MTT)", walked=False)
     mtt_gradient: str = setting("truncated", "truncated (constant memory) | full (exact unroll)",
                                 choices=MTT_GRADIENTS)
     syn_steps: int = setting(10, "MTT student steps per iteration", minimum=1)
     expert_epochs: int = setting(2, "MTT target epoch offset M", minimum=1)
     max_start_epoch: int = setting(2, "MTT start epoch s is drawn from [0, max_start_epoch)", minimum=1)
-    student_lr: float = setting(0.01, "MTT initial student lr", minimum=0)
+    student_lr: float = setting(0.01, "MTT initial student lr", minimum=0, walked=False)
     batch_real: int | None = setting(None, "real images per class per iteration (DM, DC; default 256, "
                                      "64 on the embedded default)", minimum=1)
     batch_syn: int | None = setting(None, "synthetic images per MTT student step (default: all)", minimum=1)
@@ -145,17 +159,17 @@ class DistillConfig:
     depth: int | None = setting(None, "ConvNet depth (default from --res)", minimum=1)
     norm: str = setting("instance", "ConvNet norm", choices=("instance", "batch", "layer", "none"))
     # -- output
-    out: str | None = setting(None, "run folder to create (default: runs/distill-<date>-<time>)")
-    save_every: int | None = setting(None, "also checkpoint every N iterations", minimum=1, resumable=True)
+    out: str | None = setting(None, "run folder to create (default: runs/distill-<date>-<time>)", walked=False)
+    save_every: int | None = setting(None, "also checkpoint every N iterations", minimum=1, resumable=True, walked=False)
     save_seconds: float = setting(60.0, "checkpoint when this many seconds passed since the last one",
-                                  minimum=0, resumable=True)
-    image_every: int = setting(100, "image grid every N iterations", minimum=1, resumable=True)
-    eval_every: int = setting(0, "inline evaluation every N iterations (0 = off)", minimum=0, resumable=True)
+                                  minimum=0, resumable=True, walked=False)
+    image_every: int = setting(100, "image grid every N iterations", minimum=1, resumable=True, walked=False)
+    eval_every: int = setting(0, "inline evaluation every N iterations (0 = off)", minimum=0, resumable=True, walked=False)
     eval_archs: str = setting("convnet", "comma-separated architectures for inline evaluation",
-                              resumable=True)
-    eval_epochs: int = setting(300, "training epochs of inline evaluation", minimum=1, resumable=True)
-    eval_seeds: int = setting(1, "seeds of inline evaluation", minimum=1, resumable=True)
-    progress: bool = setting(True, "no progress bar", resumable=True, in_file=False, flag="--no-progress")
+                              resumable=True, walked=False)
+    eval_epochs: int = setting(300, "training epochs of inline evaluation", minimum=1, resumable=True, walked=False)
+    eval_seeds: int = setting(1, "seeds of inline evaluation", minimum=1, resumable=True, walked=False)
+    progress: bool = setting(True, "no progress bar", resumable=True, in_file=False, flag="--no-progress", walked=False)
 
     # -- derived views
 
@@ -190,29 +204,57 @@ class DistillConfig:
         for name, hint in _type_hints().items():
             setattr(self, name, coerce(name, getattr(self, name), hint, where))
 
-    def validate(self) -> None:
-        """Reject impossible settings with one clear line each (after `resolve_defaults`)."""
+    def walked_settings(self) -> dict:
+        """The settings that decide what one iteration computes and holds (`setting(walked=...)`):
+        what the planner walks, and the key of its walks."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["walked"]}
+
+    def check_values(self) -> None:
+        """Every value has its type, is one of its choices and within its bounds (one line each)."""
         self.check_types()
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             flag = "--" + f.name.replace("_", "-")
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise LD3MError(f"unknown {flag} {value!r}; choose {', '.join(map(str, meta['choices']))}")
-            if meta["minimum"] is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and not value >= meta["minimum"]:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if meta["minimum"] is not None and not value >= meta["minimum"]:
                 raise LD3MError(f"{flag} must be >= {meta['minimum']:g}, got {value}")
+            if meta["maximum"] is not None and not value <= meta["maximum"]:
+                raise LD3MError(f"{flag} must be <= {meta['maximum']:g}, got {value}")
         if isinstance(self.chunk, str) and self.chunk != "auto" or isinstance(self.chunk, int) and self.chunk < 1:
             raise LD3MError(f"--chunk must be >= 1 or auto, got {self.chunk!r}")
-        if self.prior is None or self.iterations is None or self.batch_real is None:
-            raise ValueError("unresolved defaults: call resolve_defaults(config) first")
+
+    def check_method(self) -> None:
+        """Settings that cannot go together in one iteration."""
+        self.check_values()
         if self.released_compat and self.algorithm == "mtt" and self.mtt_gradient != "truncated":
             raise LD3MError("--released-compat reproduces the released truncated MTT gradient; "
                             f"--mtt-gradient {self.mtt_gradient} has no released counterpart")
+        if self.grad_mode != "recompute" and (self.decoder_chunk is not None or self.store_steps):
+            raise LD3MError(f"--decoder-chunk and --store-steps need --grad-mode recompute, not {self.grad_mode}")
+        if self.store_steps is not None and self.store_steps > self.steps:
+            raise LD3MError(f"--store-steps {self.store_steps} is more than the chain's {self.steps} steps")
+
+    def validate(self) -> None:
+        """Reject a run's impossible settings with one clear line each (after `resolve_defaults`)."""
+        self.check_method()
+        if self.prior is None or self.iterations is None or self.batch_real is None:
+            raise ValueError("unresolved defaults: call resolve_defaults(config) first")
         if self.algorithm == "mtt" and not self.buffer:
             raise LD3MError("--algorithm mtt needs --buffer PATH (build one with `ld3m-fast buffer`)")
 
+    @property
+    def attention_checkpointed(self) -> bool:
+        """Whether the denoiser's transformer blocks are checkpointed inside (--checkpoint-attention)."""
+        if self.checkpoint_attention == "auto":
+            return self.released_compat and self.grad_mode == "released"
+        return self.checkpoint_attention == "on"
+
 
 RESUMABLE = tuple(f.name for f in dataclasses.fields(DistillConfig) if f.metadata["resumable"])
+WALKED = tuple(f.name for f in dataclasses.fields(DistillConfig) if f.metadata["walked"])
 
 
 def _type_hints() -> dict:
@@ -264,10 +306,10 @@ EMBEDDED_PROFILE = {"iterations": 120, "batch_real": 64, "max_per_class": 500,
 PAPER_PROFILE = {"iterations": 10000, "batch_real": 256, "max_per_class": None}
 
 
-def resolve_defaults(config: DistillConfig, *, log=print) -> DistillConfig:
-    """Fill the prior-dependent defaults (prior, iterations, batch_real, the embedded prior's
-    DM learning rates), the run folder, and the thread count: unset, it records torch's
-    current count (the CLI sets its automatic choice before; Python callers keep theirs)."""
+def resolve_method_defaults(config: DistillConfig, *, log=print) -> DistillConfig:
+    """The config with the prior-dependent defaults filled: the prior (the embedded default when
+    unset), iterations, batch_real, max_per_class and the embedded prior's DM learning rates.
+    What a run and a plan of it share; writes nothing."""
     config.check_types()
     values = config.to_dict()
     profile = PAPER_PROFILE
@@ -282,6 +324,13 @@ def resolve_defaults(config: DistillConfig, *, log=print) -> DistillConfig:
             value = value.get(values["algorithm"])
         if values[key] is None:
             values[key] = value
+    return DistillConfig(**values)
+
+
+def resolve_defaults(config: DistillConfig, *, log=print) -> DistillConfig:
+    """`resolve_method_defaults`, then the run folder and the thread count: unset, it records
+    torch's current count (the CLI sets its automatic choice before; Python callers keep theirs)."""
+    values = resolve_method_defaults(config, log=log).to_dict()
     if not values["out"]:
         values["out"] = str(Path("runs") / time.strftime("distill-%Y%m%d-%H%M%S"))
     if values["threads"] is None:
@@ -305,5 +354,5 @@ def load_config(run_dir) -> DistillConfig:
     return DistillConfig.from_dict(values, where=str(path))
 
 
-__all__ = ["ALGORITHMS", "DistillConfig", "EMBEDDED_PROFILE", "GRAD_MODES", "MTT_GRADIENTS", "PAPER_PROFILE",
-           "RESUMABLE", "SKIPS", "coerce", "load_config", "resolve_defaults", "setting"]
+__all__ = ["ATTENTION_CHECKPOINTING", "DistillConfig", "EMBEDDED_PROFILE", "PAPER_PROFILE", "RESUMABLE", "WALKED",
+           "coerce", "load_config", "resolve_defaults", "resolve_method_defaults", "setting"]

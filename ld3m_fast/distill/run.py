@@ -54,10 +54,11 @@ from .._files import save_tensors_atomic, write_text_atomic
 from .._threads import apply_threads
 from ..errors import LD3MError
 from . import runfolder
-from .algorithms import StepContext, class_noise, class_rows
+from .algorithms import class_noise, class_rows
+from .assemble import build_context, build_optimizer
 from .config import RESUMABLE, DistillConfig, load_config, resolve_defaults
 from .export import export_final, render_final, save_image_grid, to_uint8_images
-from .setup import DTYPES, Setup, build_setup
+from .setup import Setup, build_setup
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "ld3m-fast-checkpoint"
@@ -98,19 +99,15 @@ class Distiller:
         self.comm = distributed.current() if comm is None else comm
         self.log = log if self.comm.is_main else _quiet
         config = self.config
-        algorithm = setup.algorithm
-        groups = [{"params": [setup.synthetic.Z], "lr": self.lr_latent},
-                  {"params": [setup.synthetic.c], "lr": self.lr_class}]
-        if algorithm.parameters():
-            groups.append({"params": algorithm.parameters(), "lr": config.lr_student})
-        self.optimizer = torch.optim.SGD(groups, lr=self.lr_latent, momentum=config.momentum)
         syn = setup.synthetic
+        self.optimizer = build_optimizer(config, syn, setup.algorithm, lr_latent=self.lr_latent,
+                                         lr_class=self.lr_class)
         # This rank's classes (all of them in one process) and their rows of Z and c.
         self.classes = self.comm.class_share(len(syn.prior_classes))
         rows = None if self.comm.world_size == 1 else class_rows(syn.labels, self.classes)
         # Stateless random streams per (iteration, purpose, class), CPU generators (device-independent).
-        self.context = StepContext(real=setup.real, dsa=setup.dsa, device=setup.device, seed=config.seed,
-                                   rows=rows, total_images=len(syn), comm=self.comm)
+        self.context = build_context(setup.iteration, setup.real, seed=config.seed, device=setup.device,
+                                     comm=self.comm, rows=rows, total_images=len(syn))
         self.iteration = 0
         self.last_checkpoint = None
         self._last_save_time = time.monotonic()
@@ -290,8 +287,7 @@ class Distiller:
         labels = syn.labels if self.context.rows is None else syn.labels[self.context.rows]
         noise = class_noise(setup.generator, labels.cpu(), self.config.seed, f"iteration:{k}:noise",
                             device=setup.device)
-        with torch.autocast(setup.device.type, dtype=DTYPES[self.config.dtype],
-                            enabled=self.config.dtype != "fp32"):
+        with setup.iteration.autocast(setup.device.type):
             loss, images = distill_iteration(setup.generator, syn, setup.algorithm, self.context,
                                              self.optimizer, noise, check=self._check_finite)
         # A finite loss can still send a non-finite gradient through the chain: then the

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import LD3MError
-from ..priors import configs
-from ..priors.io import wrap_autoencoder, wrap_denoiser
-from ..priors.prior import Prior
+from ...errors import LD3MError
+from ...priors import configs
+from ...priors.io import wrap_autoencoder, wrap_denoiser
+from ...priors.prior import Prior
 
 DIT_SCHEDULER_CONFIG = {  # DiT trains on the linear 1e-4 -> 2e-2 schedule
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
@@ -43,7 +43,7 @@ def dit_xl_2_256() -> Prior:
 
 def tiny() -> Prior:
     """The test-size prior (`build_tiny_prior`), for checking the planner against real runs."""
-    from ..priors.tiny import build_tiny_prior
+    from ...priors.tiny import build_tiny_prior
 
     return build_tiny_prior()
 
@@ -57,7 +57,7 @@ def prior_architecture(path) -> Prior:
     The same checks as `load_prior` (`ld3m_fast.priors.io.build_prior`): a folder
     that would not load does not plan either.
     """
-    from ..priors.io import build_prior
+    from ...priors.io import build_prior
 
     return build_prior(path, weights=False)
 

@@ -65,6 +65,7 @@ class LiveStorageTracker(TorchDispatchMode):
         self._phase: str | None = None
         self.flops = 0
         self.flops_by_op: dict[str, int] = {}
+        self._paused = False
 
     @contextmanager
     def phase(self, name: str):
@@ -75,6 +76,41 @@ class LiveStorageTracker(TorchDispatchMode):
             yield
         finally:
             self._phase = outer
+
+    @contextmanager
+    def paused(self):
+        """Ops inside are neither counted nor tracked (a nested measurement runs instead)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    def bump(self, transient: int) -> None:
+        """A transient of `transient` bytes above what is live now (a replayed call's working memory)."""
+        self._reach(self.current + int(transient))
+
+    def add_flops(self, flops_by_op: dict) -> None:
+        for name, flops in flops_by_op.items():
+            self.flops += flops
+            self.flops_by_op[name] = self.flops_by_op.get(name, 0) + flops
+
+    def _reach(self, level: int) -> None:
+        self.peak = max(self.peak, level)
+        if self._phase is not None:
+            self.phase_peaks[self._phase] = max(self.phase_peaks[self._phase], level)
+
+    def nested(self) -> "LiveStorageTracker":
+        """A fresh tracker that already knows the storages live here (weights, inputs), so that
+        it counts only what is allocated under it (`paused` this one meanwhile)."""
+        tracker = LiveStorageTracker()
+        tracker._live = dict(self._live)
+        tracker.current = tracker.peak = self.current
+        return tracker
+
+    def is_live(self, tensor: torch.Tensor) -> bool:
+        """Whether the tracker counts `tensor`'s storage as live."""
+        return tensor.untyped_storage()._cdata in self._live
 
     def track(self, *tensors: torch.Tensor):
         for tensor in tensors:
@@ -90,9 +126,7 @@ class LiveStorageTracker(TorchDispatchMode):
         nbytes = storage.nbytes()
         self._live[key] = nbytes
         self.current += nbytes
-        self.peak = max(self.peak, self.current)
-        if self._phase is not None:
-            self.phase_peaks[self._phase] = max(self.phase_peaks[self._phase], self.current)
+        self._reach(self.current)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int):
@@ -103,15 +137,14 @@ class LiveStorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self._paused:
+            return out
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
                 self._add(item)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
-            flops = int(formula(*args, **kwargs, out_val=out))
-            self.flops += flops
-            name = str(func._overloadpacket)
-            self.flops_by_op[name] = self.flops_by_op.get(name, 0) + flops
+            self.add_flops({str(func._overloadpacket): int(formula(*args, **kwargs, out_val=out))})
         return out
 
 
