@@ -57,11 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--sample-steps", type=int, default=50)
     train.add_argument("--guidance", type=float, default=3.0)
     train.add_argument("--report", type=Path, default=None, help="write a JSON report here")
+    from ..priors.pipeline import PRIOR_FILE_KEYS
     from ..priors.pipeline import __doc__ as pipeline_doc
 
+    keys = "\n".join(f"    {key:<15} {what}" for key, what in PRIOR_FILE_KEYS.items())
     imports = actions.add_parser(
         "import", help="write a diffusers pipeline folder as an ld3m-fast prior folder",
-        description=pipeline_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=f"{pipeline_doc}\nA prior file's keys:\n\n{keys}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     imports.add_argument("pipeline", metavar="PIPELINE", type=Path,
                          help="a diffusers pipeline folder (model_index.json), or a prior file (JSON) naming one")
     imports.add_argument("out", metavar="OUT", type=Path, help="prior folder to write")

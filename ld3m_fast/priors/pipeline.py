@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from ..errors import PriorError
 from .io import (CLASS_TABLE, FORMAT, MANIFEST, MANIFEST_VERSION, SCHEDULER_CONFIG, _check_manifest,
@@ -267,45 +267,54 @@ def _classes(facts: _Facts, kind: str, denoiser: str, config: dict, labels: dict
              labels_where: str) -> int:
     """The number of classes (the null class is the row after the last class)."""
     if kind == "adaln":
-        count = config.get("num_embeds_ada_norm")
-        if not (_is_int(count) and count > 0):
-            raise PriorError(f"{facts.where}: {denoiser}/config.json num_embeds_ada_norm must be a positive "
-                             f"integer (the number of classes), got {count!r}")
-        _given_classes(facts, count + 1, f"{denoiser}'s label embedder (num_embeds_ada_norm {count})")
-        facts.note("classes", f"{count}: {denoiser}/config.json num_embeds_ada_norm")
-        facts.note("null class", f"row {count}: DiT's label embedder has num_embeds_ada_norm + 1 rows and "
-                                 "drops labels to the last (DiTPipeline's class_null)")
-        return count
+        return _dit_classes(facts, denoiser, config)
     if kind == "class_embedding":
-        rows = config.get("num_class_embeds")
-        if not (_is_int(rows) and rows > 1):
-            raise PriorError(f"{facts.where}: {denoiser}/config.json num_class_embeds must be an integer "
-                             f">= 2 (the classes and the null row), got {rows!r}")
-        given = _given_classes(facts, rows, f"{denoiser}/config.json num_class_embeds {rows}")
-        if given is not None:
-            facts.note("classes", f"{given}: the prior file")
-        elif labels is not None and len(labels) == rows - 1:
-            given = len(labels)
-            facts.note("classes", f"{given}: {labels_where} ({rows} rows in {denoiser}/config.json "
-                                  "num_class_embeds)")
-        elif labels is not None and len(labels) == rows:
-            raise PriorError(f"{facts.where}: {denoiser} has no null class ({labels_where} names all "
-                             f"{rows} rows of num_class_embeds): classifier-free guidance needs an "
-                             "unconditional row; use a model trained with one")
-        else:
-            raise facts.refuse("the number of classes and the null class",
-                               f"{denoiser}/config.json has num_class_embeds {rows} and no id2label says "
-                               "whether its last row is a null class", "num_classes", rows - 1,
-                               condition=f"if row {rows - 1} is the null class")
-        facts.note("null class", f"row {given}: the last row of {denoiser}'s class embedding")
-        return given
+        return _embedding_classes(facts, denoiser, config, labels, labels_where)
     return _table_classes(facts, denoiser, config)
+
+
+def _dit_classes(facts: _Facts, denoiser: str, config: dict) -> int:
+    """DiT: num_embeds_ada_norm classes; its label embedder's extra row is the null class."""
+    count = config.get("num_embeds_ada_norm")
+    if not (_is_int(count) and count > 0):
+        raise PriorError(f"{facts.where}: {denoiser}/config.json num_embeds_ada_norm must be a positive "
+                         f"integer (the number of classes), got {count!r}")
+    _given_classes(facts, count + 1, f"{denoiser}'s label embedder (num_embeds_ada_norm {count})")
+    facts.note("classes", f"{count}: {denoiser}/config.json num_embeds_ada_norm")
+    facts.note("null class", f"row {count}: DiT's label embedder has num_embeds_ada_norm + 1 rows and "
+                             "drops labels to the last (DiTPipeline's class_null)")
+    return count
+
+
+def _embedding_classes(facts: _Facts, denoiser: str, config: dict, labels: dict | None,
+                       labels_where: str) -> int:
+    """UNet2DModel: num_class_embeds rows, the last the null class when the prior file or id2label
+    says there is one class fewer."""
+    rows = config.get("num_class_embeds")
+    if not (_is_int(rows) and rows > 1):
+        raise PriorError(f"{facts.where}: {denoiser}/config.json num_class_embeds must be an integer "
+                         f">= 2 (the classes and the null row), got {rows!r}")
+    given = _given_classes(facts, rows, f"{denoiser}/config.json num_class_embeds {rows}")
+    if given is not None:
+        facts.note("classes", f"{given}: the prior file")
+    elif labels is not None and len(labels) == rows - 1:
+        given = len(labels)
+        facts.note("classes", f"{given}: {labels_where} ({rows} rows in {denoiser}/config.json num_class_embeds)")
+    elif labels is not None and len(labels) == rows:
+        raise PriorError(f"{facts.where}: {denoiser} has no null class ({labels_where} names all {rows} "
+                         "rows of num_class_embeds): classifier-free guidance needs an unconditional row; "
+                         "use a model trained with one")
+    else:
+        raise facts.refuse("the number of classes and the null class",
+                           f"{denoiser}/config.json has num_class_embeds {rows} and no id2label says whether "
+                           "its last row is a null class", "num_classes", rows - 1,
+                           condition=f"if row {rows - 1} is the null class")
+    facts.note("null class", f"row {given}: the last row of {denoiser}'s class embedding")
+    return given
 
 
 def _table_classes(facts: _Facts, denoiser: str, config: dict) -> int:
     """A cross-attention UNet's classes: the rows of its class table, less the null row."""
-    from safetensors import safe_open
-
     table = facts.given.get("class_table") or facts.root / CLASS_TABLE
     if not Path(table).is_file():
         dim = config.get("cross_attention_dim")
@@ -314,6 +323,8 @@ def _table_classes(facts: _Facts, denoiser: str, config: dict) -> int:
             f"on a class token, and the folder holds no {CLASS_TABLE}; save the table (num_classes + 1) x "
             f"{dim} under the name class_table, null class last, and give its file", "class_table",
             "class_table.safetensors")
+    if table == facts.root / CLASS_TABLE:
+        _inside(facts.root, table, f"class table {table}")
     try:
         with safe_open(str(table), framework="pt") as handle:
             shape = handle.get_slice("class_table").get_shape() if "class_table" in handle.keys() else None
