@@ -10,7 +10,12 @@ Sources are one of
   arXiv 2403.03881, links as its code); the line that sets the value;
 - ``paper Table N``: a table of the paper;
 - ``ld3m-fast: <why>``: ld3m-fast's own choice, with the reason (e.g. a released defect that
-  ld3m-fast fixed, so the released number would not mean the same here).
+  ld3m-fast fixed, so the released number would not mean the same here); for DiT-XL/2-256 the
+  reason cites the DiT authors' code, ``facebookresearch/DiT @ ed81ce22 <file>:<line>``.
+
+The paper's runs use 10-class ImageNet subsets; the ImageNet-1K presets (DM on all 1000 classes
+through cin256-v2 or DiT-XL/2-256) carry the released DM values over and give a reason for every
+1000-class choice.
 
 `ld3m-fast presets` lists them, `ld3m-fast presets NAME` shows every value with its
 source, and `ld3m-fast distill --preset NAME` uses one (priority: field defaults < preset <
@@ -48,10 +53,19 @@ class Preset:
     notes: tuple[str, ...] = ()   # shown by `ld3m-fast presets NAME`
     # Values that replace `values` under --released-compat: key -> (value, source).
     compat: types.MappingProxyType = field(default_factory=lambda: types.MappingProxyType({}))
+    # The full-size prior the preset is written for, by the name `ld3m-fast plan --prior` takes
+    # (the user still gives the folder); None for the embedded default.
+    prior_name: str | None = None
+    # What a needed setting holds, where it differs from NEED_HINTS (e.g. which prior folder).
+    hints: types.MappingProxyType = field(default_factory=lambda: types.MappingProxyType({}))
 
     def settings(self) -> dict:
         """A fresh dict of the preset's values (safe to modify)."""
         return dict(self.values)
+
+    def hint(self, key: str) -> str:
+        """The flag a needed setting is given with, and what it holds."""
+        return self.hints.get(key) or NEED_HINTS.get(key, "--" + key.replace("_", "-"))
 
 
 # --------------------------------------------------------------------------- the paper's runs
@@ -88,30 +102,72 @@ def _lr(algorithm: str) -> tuple[float, str]:
             f"{_R}{_SCRIPT[algorithm]}:{_LINE['lr_w'][algorithm]} (--lr_w), {both}")
 
 
-def _ld3m(algorithm: str, res: int, ipc: int) -> Preset:
-    script = _SCRIPT[algorithm]
-    command = _COMMAND.get((algorithm, res, ipc))
-    lr, lr_source = _lr(algorithm)
-    v: dict = {}
-    s: dict = {}
+class _Values:
+    """A preset's values and their sources, in the order `ld3m-fast presets NAME` shows them
+    (putting a key again replaces its value and source in place)."""
 
-    def put(key, value, source):
-        v[key] = value
-        s[key] = source
+    def __init__(self):
+        self.values: dict = {}
+        self.sources: dict = {}
 
-    readme_alg = {"dc": 17, "dm": 27, "mtt": 41}[algorithm]
-    put("algorithm", algorithm, f"{_R}readme.md:{command or readme_alg} (runs {script})")
+    def put(self, key, value, source: str) -> None:
+        self.values[key] = value
+        self.sources[key] = source
+
+
+def _put_resolution(put, res: int) -> None:
     if res == 128:
         put("res", 128, f"{_R}src/shared_args.py:37 (--res default 128)")
         put("depth", 5, f"{_R}src/shared_args.py:66 (--depth default 5)")
     else:
         put("res", 256, f"{_R}readme.md:72 (--res=256, the released 256² command)")
         put("depth", 6, f"{_R}readme.md:72 (--depth=6 with --res=256)")
+
+
+def _ld3m(algorithm: str, res: int, ipc: int) -> Preset:
+    script = _SCRIPT[algorithm]
+    command = _COMMAND.get((algorithm, res, ipc))
+    run = _Values()
+    put = run.put
+    readme_alg = {"dc": 17, "dm": 27, "mtt": 41}[algorithm]
+    put("algorithm", algorithm, f"{_R}readme.md:{command or readme_alg} (runs {script})")
+    _put_resolution(put, res)
     if command:
         put("ipc", ipc, f"{_R}readme.md:{command} (--ipc={ipc})")
     else:
         put("ipc", ipc, f"ld3m-fast: the preset's IPC; no released command runs {algorithm.upper()} at "
                         f"{res}² with IPC {ipc}, the script's defaults apply as for the commands shown")
+    _put_released_run(put, algorithm, res)
+    v = run.values
+    needs = ("data", "subset", "prior") + (("buffer",) if algorithm == "mtt" else ())
+    notes = [f"released command: readme.md:{command}" if command else
+             "no released command for this combination: the released script's defaults, with the "
+             "released commands' settings for this resolution and IPC"]
+    if algorithm == "mtt":
+        notes.append("with --released-compat: lr_latent = lr_class = 1000, the released lr_w on the released "
+                     "half-size image gradient (the same updates as 500 on the full gradient)")
+        notes.append(
+            f"buffer: ConvNet depth {v['depth']}, width 128, instance norm, at res {res}, plain SGD lr 0.01 "
+            "without momentum (src/buffer_mtt.py:279, :333), at least 3 epochs; the released buffer has "
+            "5000 experts of 15 epochs (readme.md:37). e.g. `ld3m-fast buffer --data DIR --subset NAME "
+            f"--res {res} --out BUFFER --experts 100`")
+    notes.append(_EVAL_NOTE)
+    description = (f"LD3M with {_NAME[algorithm]} at {res}², IPC {ipc}, on an ImageNet subset through "
+                   "the cin256-v2 prior")
+    compat = {"lr_latent": _MTT_COMPAT_LR, "lr_class": _MTT_COMPAT_LR} if algorithm == "mtt" else {}
+    return Preset(f"ld3m-{algorithm}-{res}-ipc{ipc}", description, types.MappingProxyType(v),
+                  types.MappingProxyType(run.sources), needs, tuple(notes), types.MappingProxyType(compat),
+                  prior_name="cin256-v2")
+
+
+_EVAL_NOTE = ("final accuracy: `ld3m-fast eval RUN_DIR` (1000 epochs, 5 seeds, ConvNet, AlexNet, VGG-11, "
+              "ResNet-18, ViT by default)")
+
+
+def _put_released_run(put, algorithm: str, res: int) -> None:
+    """The released script's settings of `algorithm` at `res`, after algorithm, res, depth and ipc."""
+    script = _SCRIPT[algorithm]
+    lr, lr_source = _lr(algorithm)
     if res == 128:
         put("steps", 10, f"{_R}{script}:{_LINE['ddim_steps'][algorithm]} (--ddim_steps default 10)")
     else:
@@ -153,25 +209,91 @@ def _ld3m(algorithm: str, res: int, ipc: int) -> Preset:
                          "on the test set, SPEC §1); ld3m-fast reports the final set's accuracy: run "
                          "`ld3m-fast eval RUN_DIR` after the run")
 
-    needs = ("data", "subset", "prior") + (("buffer",) if algorithm == "mtt" else ())
-    notes = [f"released command: readme.md:{command}" if command else
-             "no released command for this combination: the released script's defaults, with the "
-             "released commands' settings for this resolution and IPC"]
-    if algorithm == "mtt":
-        notes.append("with --released-compat: lr_latent = lr_class = 1000, the released lr_w on the released "
-                     "half-size image gradient (the same updates as 500 on the full gradient)")
-        notes.append(
-            f"buffer: ConvNet depth {v['depth']}, width 128, instance norm, at res {res}, plain SGD lr 0.01 "
-            "without momentum (src/buffer_mtt.py:279, :333), at least 3 epochs; the released buffer has "
-            "5000 experts of 15 epochs (readme.md:37). e.g. `ld3m-fast buffer --data DIR --subset NAME "
-            f"--res {res} --out BUFFER --experts 100`")
-    notes.append("final accuracy: `ld3m-fast eval RUN_DIR` (1000 epochs, 5 seeds, ConvNet, AlexNet, VGG-11, "
-                 "ResNet-18, ViT by default)")
-    description = (f"LD3M with {_NAME[algorithm]} at {res}², IPC {ipc}, on an ImageNet subset through "
-                   "the cin256-v2 prior")
-    compat = {"lr_latent": _MTT_COMPAT_LR, "lr_class": _MTT_COMPAT_LR} if algorithm == "mtt" else {}
-    return Preset(f"ld3m-{algorithm}-{res}-ipc{ipc}", description, types.MappingProxyType(v),
-                  types.MappingProxyType(s), needs, tuple(notes), types.MappingProxyType(compat))
+
+# --------------------------------------------------------------------------- ImageNet-1K
+
+# Neither the paper nor the released code runs ImageNet-1K (its ImageNet datasets are 10-class
+# subsets: src/utils.py:144), so every 1000-class choice below is ld3m-fast's, with its reason;
+# what carries over unchanged is cited to the released DM script.
+DIT = "facebookresearch/DiT @ ed81ce22"   # the DiT authors' code, for DiT-XL/2-256's own settings
+_IN1K_PRIORS = {
+    # name part -> (planner's prior name, in words, --prior hint)
+    "cin": ("cin256-v2", "the cin256-v2 prior",
+            "--prior DIR (cin256-v2, converted with `ld3m-fast convert`)"),
+    "dit": ("dit-xl-2-256", "DiT-XL/2-256",
+            "--prior DIR (DiT-XL/2-256: its diffusers DiTPipeline folder, e.g. `hf download "
+            "facebook/DiT-XL-2-256 --local-dir DiT-XL-2-256`, or a prior folder from `ld3m-fast prior import`)"),
+}
+_IN1K_SOURCES = {
+    "algorithm": "ld3m-fast: DM at 1000 classes: its loss is a sum of per-class terms (a run can render and "
+                 "back-propagate one class group at a time) and needs no expert buffer, where DC adds per-class "
+                 "network gradients and MTT an ImageNet-1K buffer and a loss over every image; the values "
+                 "below are the released DM script's (prune_and_distill src/distill_dm_LD3M.py)",
+    "subset": "ld3m-fast: all 1000 ImageNet-1K classes in index order, so label k is class k, row k of the "
+              "prior's class table; the released code runs 10-class subsets only (prune_and_distill "
+              "src/utils.py:144, num_classes = 10)",
+    "iterations": f"{_R}src/shared_args.py:18 (--Iteration default 10000), kept at 1000 classes: DM updates "
+                  "every image's Z and c once per iteration whatever the number of classes, so each image gets "
+                  "the released number of updates (an iteration costs about 100x a 10-class one: `ld3m-fast plan`)",
+    "batch_real": f"{_R}src/shared_args.py:22 (--batch_real default 256) real images per class, kept at 1000 "
+                  "classes: DM compares per-class means, whose noise depends on the images per class, not on the "
+                  "number of classes (256,000 real images per iteration)",
+}
+_DIT_LR = ("ld3m-fast: the released DM lr_w 1 for cin256-v2 (prune_and_distill src/distill_dm_LD3M.py:218, "
+           "src/glad_utils.py:261,263), kept for DiT-XL/2-256 untuned: no DiT run has been tuned yet, and its "
+           "latents (KL-f8, 4x32x32 at 256², scaled by 0.18215) differ from cin256-v2's (VQ-f4, 3x64x64); "
+           "lower both rates tenfold if the images saturate")
+_DIT_SOURCES = {
+    "steps": "ld3m-fast: LD3M's T for cin256-v2 at this resolution ({t}), kept for DiT-XL/2-256 so both priors "
+             "run chains of equal length: T is the chain the skip spans, and DiT also trains on 1000 steps "
+             f"({DIT} diffusion/__init__.py:18)",
+    "guidance": f"ld3m-fast: DiT's setting for class-faithful samples ({DIT} sample.py:77, --cfg-scale 4.0; "
+                "diffusers' DiTPipeline defaults to 4.0 too) rather than its FID setting 1.5 (sample_ddp.py:158), "
+                "which trades class fidelity for the diversity of 50,000 samples; LD3M's images get their "
+                "diversity from latents initialised from distinct real images, and the released LD3M guides "
+                f"cin256-v2 at a comparable 3.0 ({_R}src/distill_dm_LD3M.py:220)",
+    "lr_latent": _DIT_LR,
+    "lr_class": f"{_DIT_LR}; c is DiT's 1152-wide label embedding, fed to every block's adaLN",
+}
+_DIT_T = {128: (10, "10 at 128², prune_and_distill src/distill_dm_LD3M.py:221"), 256: (20, "20 at 256², SPEC §1")}
+
+
+def _in1k(prior: str, res: int, ipc: int) -> Preset:
+    """LD3M-DM on all 1000 ImageNet-1K classes through cin256-v2 or DiT-XL/2-256."""
+    prior_name, prior_words, prior_hint = _IN1K_PRIORS[prior]
+    run = _Values()
+    run.put("algorithm", "dm", _IN1K_SOURCES["algorithm"])
+    run.put("subset", "imagenet-1k", _IN1K_SOURCES["subset"])
+    _put_resolution(run.put, res)
+    run.put("ipc", ipc, f"ld3m-fast: IPC {ipc}, one of 1, 10 and 50, the ImageNet-1K settings dataset-"
+                        "distillation papers report; the released code has no ImageNet-1K run")
+    _put_released_run(run.put, "dm", res)
+    run.put("iterations", 10000, _IN1K_SOURCES["iterations"])
+    run.put("batch_real", 256, _IN1K_SOURCES["batch_real"])
+    if prior == "dit":
+        steps, steps_source = _DIT_T[res]
+        run.put("steps", steps, _DIT_SOURCES["steps"].format(t=steps_source))
+        run.put("guidance", 4.0, _DIT_SOURCES["guidance"])
+        run.put("lr_latent", 1.0, _DIT_SOURCES["lr_latent"])
+        run.put("lr_class", 1.0, _DIT_SOURCES["lr_class"])
+    description = f"LD3M with DM at {res}², IPC {ipc}, on all of ImageNet-1K through {prior_words}"
+    return Preset(f"ld3m-dm-in1k-{prior}-{res}-ipc{ipc}", description, types.MappingProxyType(run.values),
+                  types.MappingProxyType(run.sources), ("data", "prior"),
+                  _in1k_notes(prior, prior_name, res, ipc, run.values["steps"]),
+                  prior_name=prior_name, hints=types.MappingProxyType({"prior": prior_hint}))
+
+
+def _in1k_notes(prior: str, prior_name: str, res: int, ipc: int, steps: int) -> tuple[str, ...]:
+    notes = ["ImageNet-1K: the paper and the released code run 10-class subsets only; each 1000-class choice "
+             "is ld3m-fast's own, with its reason (the released DM values carry over otherwise)",
+             "data: --data IMAGENET_DIR, the train/ (and val/) folders of 1000 wnid folders",
+             f"plan it: `ld3m-fast plan --prior {prior_name} --res {res} --ipc {ipc} --classes 1000 --steps "
+             f"{steps} --algorithm dm --budget 80GiB` (one GPU's share: add --world-size N)"]
+    if prior == "dit" and res == 128:
+        notes.append(f"DiT-XL/2-256 was trained at 256² only ({DIT} train.py:259): at 128² its chain runs on "
+                     "16x16 latents, a grid it never saw (its sin-cos position embedding is recomputed for it), "
+                     "as the cin256-v2 presets run cin256-v2 on 32x32 latents at 128², the paper's setting")
+    return (*notes, _EVAL_NOTE)
 
 
 # --------------------------------------------------------------------------- the embedded default
@@ -206,6 +328,11 @@ def _build() -> dict[str, Preset]:
             for ipc in (1, 10):
                 preset = _ld3m(algorithm, res, ipc)
                 presets[preset.name] = preset
+    for prior in _IN1K_PRIORS:
+        for res in (128, 256):
+            for ipc in (1, 10, 50):
+                preset = _in1k(prior, res, ipc)
+                presets[preset.name] = preset
     return presets
 
 
@@ -213,7 +340,8 @@ PRESETS: types.MappingProxyType = types.MappingProxyType(_build())
 
 
 def list_presets() -> list[Preset]:
-    """Every preset, the embedded default first, then the paper's runs by algorithm, res, IPC."""
+    """Every preset: the embedded default first, then the paper's runs by algorithm, res, IPC,
+    then the ImageNet-1K ones by prior, res, IPC."""
     return list(PRESETS.values())
 
 
@@ -245,8 +373,7 @@ def with_preset(given: dict, *, needs=None) -> dict:
                         f"{given['algorithm']!r}; use ld3m-{given['algorithm']}-... (see `ld3m-fast presets`)")
     missing = [key for key in preset.needs if given.get(key) is None and (needs is None or key in needs)]
     if missing:
-        raise LD3MError(f"preset {name} needs " + ", ".join(NEED_HINTS.get(k, "--" + k.replace("_", "-"))
-                                                            for k in missing))
+        raise LD3MError(f"preset {name} needs " + ", ".join(preset.hint(k) for k in missing))
     compat = {key: value for key, (value, _) in preset.compat.items()} if given.get("released_compat") else {}
     return {**preset.values, **compat, **given}
 

@@ -10,6 +10,7 @@ from ld3m_fast.errors import LD3MError
 from ld3m_fast.presets import PRESETS, get_preset, list_presets, with_preset
 
 PAPER_GRID = [f"ld3m-{a}-{r}-ipc{i}" for a in ("dm", "dc", "mtt") for r in (128, 256) for i in (1, 10)]
+IN1K_GRID = [f"ld3m-dm-in1k-{p}-{r}-ipc{i}" for p in ("cin", "dit") for r in (128, 256) for i in (1, 10, 50)]
 SOURCE_KINDS = ("prune_and_distill ", "paper Table ", "ld3m-fast: ")
 USER_ARGS = ["--data", "/imagenet", "--subset", "imagenet-a", "--prior", "/priors/cin256-v2"]
 
@@ -25,13 +26,14 @@ def one_error_line(capsys, *fragments):
 
 def test_listing_has_the_paper_grid_and_the_embedded_default(capsys):
     names = [p.name for p in list_presets()]
-    assert set(PAPER_GRID) | {"embedded-default"} <= set(names)
+    assert set(PAPER_GRID) | set(IN1K_GRID) | {"embedded-default"} <= set(names)
     assert len(names) == len(set(names)) == len(PRESETS)
     assert main(["presets"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    for name in PAPER_GRID + ["embedded-default"]:
+    for name in PAPER_GRID + IN1K_GRID + ["embedded-default"]:
         row = next(line for line in lines if line.split()[:1] == [name])
-        needs = "--data --subset --prior" if name != "embedded-default" else "-"
+        needs = ("-" if name == "embedded-default" else "--data --prior" if name in IN1K_GRID
+                 else "--data --subset --prior")
         assert needs in row and get_preset(name).description in row
     assert "--buffer" in next(line for line in lines if line.startswith("ld3m-mtt-128-ipc10"))
 
@@ -65,6 +67,46 @@ def test_the_paper_presets_carry_the_released_values():
             assert (p["student_lr"], p["lr_student"], p["batch_syn"]) == (0.01, 1e-6, None)
         else:
             assert p["batch_real"] == 256
+
+
+@pytest.mark.parametrize("name", IN1K_GRID)
+def test_the_imagenet_1k_presets(name):
+    preset = get_preset(name)
+    p, prior = preset.values, name.split("-")[3]
+    res, ipc = int(name.split("-")[4]), int(name.split("ipc")[1])
+    assert (p["algorithm"], p["subset"], p["res"], p["ipc"]) == ("dm", "imagenet-1k", res, ipc)
+    assert p["depth"] == {128: 5, 256: 6}[res] and p["steps"] == {128: 10, 256: 20}[res]
+    assert p["guidance"] == {"cin": 3.0, "dit": 4.0}[prior]
+    assert (p["lr_latent"], p["lr_class"], p["momentum"]) == (1.0, 1.0, 0.5)
+    assert (p["iterations"], p["batch_real"]) == (10000, 256)
+    assert preset.needs == ("data", "prior") and "subset" in p  # the subset is the preset's, the folders the user's
+    assert preset.prior_name == {"cin": "cin256-v2", "dit": "dit-xl-2-256"}[prior]
+    assert ("DiTPipeline" in preset.hint("prior")) == (prior == "dit")
+    # Every 1000-class choice is ld3m-fast's own and says why; DiT's guidance cites DiT's code.
+    for key in ("algorithm", "subset", "ipc"):
+        assert preset.sources[key].startswith("ld3m-fast: "), key
+    assert "1000 classes" in preset.sources["iterations"] and "1000 classes" in preset.sources["batch_real"]
+    if prior == "dit":
+        assert "facebookresearch/DiT" in preset.sources["guidance"] and "sample.py:77" in preset.sources["guidance"]
+        assert all(preset.sources[k].startswith("ld3m-fast: ") for k in ("steps", "lr_latent", "lr_class"))
+    assert any("ImageNet-1K" in note for note in preset.notes)
+    # It resolves, with the user's data and prior folders, into a valid run description.
+    config = resolved("--preset", name, "--data", "/imagenet", "--prior", "/priors/p")
+    config.validate()
+    assert (config.preset, config.subset, config.res, config.ipc, config.guidance) == (
+        name, "imagenet-1k", res, ipc, p["guidance"])
+
+
+def test_an_imagenet_1k_preset_without_its_prior_says_which_prior(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["distill", "--preset", "ld3m-dm-in1k-dit-256-ipc10", "--data", "/d", "--out", str(out)]) == 2
+    one_error_line(capsys, "needs --prior DIR (DiT-XL/2-256: its diffusers DiTPipeline folder", "hf download")
+    assert main(["presets", "ld3m-dm-in1k-dit-128-ipc1"]) == 0
+    out = capsys.readouterr().out
+    assert "DiT's code: github.com/facebookresearch/DiT @ commit ed81ce22" in out and "16x16 latents" in out
+    assert main(["presets", "ld3m-dm-in1k-cin-256-ipc50", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["prior_name"] == "cin256-v2" and "ld3m-fast convert" in data["hints"]["prior"]
 
 
 def test_embedded_default_is_the_embedded_profile_for_dm():

@@ -24,7 +24,7 @@ COMMANDS = {
     "distill": ("ld3m_fast.cli.distill", "distill a dataset into LD3M latents (DM, DC or MTT)"),
     "buffer": ("ld3m_fast.cli.buffer", "train expert trajectories for MTT"),
     "eval": ("ld3m_fast.cli.evaluate", "train fresh networks on a distilled set, test on real data"),
-    "prior": ("ld3m_fast.cli.prior", "train a small prior (the embedded default is made this way)"),
+    "prior": ("ld3m_fast.cli.prior", "train a small prior (as the embedded default was), or import a diffusers pipeline folder"),
     "plan": ("ld3m_fast.cli.plan", "peak memory and FLOPs per iteration; pick chunk and dtype for a budget"),
     "bench": ("ld3m_fast.cli.bench", "benchmark report: simulated full-scale memory/FLOPs, measured CPU speed"),
     "convert": ("ld3m_fast.cli.convert", "convert a CompVis cin256-v2 .ckpt into a prior folder"),

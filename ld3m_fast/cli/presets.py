@@ -31,11 +31,12 @@ def _needs(preset) -> str:
 
 def _as_dict(preset) -> dict:
     return {"name": preset.name, "description": preset.description, "needs": list(preset.needs),
+            "hints": {key: preset.hint(key) for key in preset.needs}, "prior_name": preset.prior_name,
             "values": dict(preset.values), "sources": dict(preset.sources), "notes": list(preset.notes)}
 
 
 def run(args) -> int:
-    from ..presets import NEED_HINTS, RELEASED, get_preset, list_presets
+    from ..presets import DIT, RELEASED, get_preset, list_presets
 
     if args.name is None:
         presets = list_presets()
@@ -56,11 +57,13 @@ def run(args) -> int:
         return 0
     print(f"{preset.name}: {preset.description}")
     if preset.needs:
-        print("needs: " + "; ".join(NEED_HINTS.get(k, "--" + k.replace("_", "-")) for k in preset.needs))
+        print("needs: " + "; ".join(preset.hint(k) for k in preset.needs))
     for note in preset.notes:
         print(f"note: {note}")
-    if any(source.startswith("prune_and_distill ") for source in preset.sources.values()):
+    if any("prune_and_distill " in source for source in preset.sources.values()):
         print(f"released code: {RELEASED}")
+    if any(DIT in source for source in preset.sources.values()):
+        print(f"DiT's code: github.com/{DIT.replace(' @ ', ' @ commit ')}")
     print("settings (as run.toml keys), each with its source:")
     width = max(len(key) for key in preset.values)
     for key, value in preset.values.items():

@@ -8,6 +8,9 @@ Layout of a prior folder:
     scheduler/                 a diffusers scheduler config (the training noise schedule)
     class_table.safetensors    the class table, when it lives outside the denoiser
 
+A diffusers pipeline folder (`model_index.json`) loads too: its manifest is inferred from its
+own files (`pipeline.py`), and `ld3m-fast prior import` writes it out as a prior folder.
+
 Loading is strict: weights that do not match their config.json are an error. The folder
 is treated as untrusted input: every file it names must lie inside it (no '..', absolute
 paths or symlinks leading out), tensors come only from safetensors files, and anything
@@ -168,6 +171,7 @@ def save_prior(prior: Prior, out_dir, description: str = "") -> Path:
 MANIFEST_VERSION = 1
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+PICKLED_WEIGHTS = "diffusion_pytorch_model.bin"  # diffusers pipelines saved before safetensors
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 # Keys that fix a model's tensor shapes. diffusers fills a missing key with its own default,
@@ -379,6 +383,8 @@ def _build_model(class_name: str, folder: Path, config: dict) -> nn.Module:
     import diffusers
 
     cls = getattr(diffusers, class_name)  # one of DENOISERS / AUTOENCODERS, checked by read_manifest
+    # id2label (a pipeline's class names, read by ld3m-fast) is no constructor argument.
+    config = {k: v for k, v in config.items() if k != "id2label"}
     try:
         return cls.from_config(config)
     except _CONFIG_ERRORS as error:
@@ -386,14 +392,20 @@ def _build_model(class_name: str, folder: Path, config: dict) -> nn.Module:
                          f"({_one_line(error)})") from None
 
 
-def _read_weights(root: Path, folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a `save_pretrained` folder (single or sharded safetensors)."""
+def _read_weights(root: Path, folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a `save_pretrained` folder (single or sharded safetensors; with
+    `allow_pickle`, a diffusers pipeline's older `.bin`, read with `weights_only=True`)."""
     single = folder / WEIGHTS
     if single.is_file():
         return _read_safetensors(_inside(root, single, f"weights file {single}"), "weights file")
     index_path = folder / WEIGHTS_INDEX
+    if allow_pickle and not index_path.is_file() and (folder / PICKLED_WEIGHTS).is_file():
+        return _read_pickled_weights(_inside(root, folder / PICKLED_WEIGHTS, f"weights file {folder}"))
     if not index_path.is_file():
-        raise PriorError(f"{folder} has no {WEIGHTS} (nor a sharded {WEIGHTS_INDEX})")
+        present = sorted(p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+        raise PriorError(f"{folder} has no {WEIGHTS} (nor a sharded {WEIGHTS_INDEX})"
+                         + (f"; it holds {', '.join(present)} (a variant: rename it to {WEIGHTS})"
+                            if present else ""))
     index = _read_json(_inside(root, index_path, f"weights index {index_path}"), "weights index")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(
@@ -412,6 +424,21 @@ def _read_weights(root: Path, folder: Path) -> dict[str, torch.Tensor]:
             raise PriorError(f"weights shard {path} repeats tensors of another shard "
                              f"({_listing(twice)}); the shards do not belong together")
         state.update(tensors)
+    return state
+
+
+def _read_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` state dict, unpickled with `weights_only=True` (tensors and plain containers only)."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError) as error:
+        raise PriorError(f"cannot read weights file {path}: {_one_line(error)} (a corrupt file, or one "
+                         "holding more than tensors)") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise PriorError(f"weights file {path} is not a state dict of named tensors")
     return state
 
 
@@ -458,17 +485,17 @@ def _check_finite(state: dict[str, torch.Tensor], where: str):
                          "the weights are corrupt: convert or copy them again")
 
 
-def _load_weights(root: Path, model: nn.Module, folder: Path) -> None:
+def _load_weights(root: Path, model: nn.Module, folder: Path, allow_pickle: bool = False) -> None:
     """Load a model's weights strictly (diffusers' own `from_pretrained` only warns about
     missing weights and leaves them random: the silent failure the released code suffered from)."""
-    state = _read_weights(root, folder)
+    state = _read_weights(root, folder, allow_pickle)
     check_state_dict(model, state, str(folder))
     _check_finite(state, str(folder))
     model.load_state_dict(state, strict=True)
 
 
-def read_scheduler_config(path) -> dict:
-    """The checked training-schedule config (`scheduler/scheduler_config.json`) of a prior folder.
+def read_scheduler_config(path, subfolder: str = "scheduler") -> dict:
+    """The checked training-schedule config (`<subfolder>/scheduler_config.json`) of a prior folder.
 
     Required: num_train_timesteps, and beta_schedule with beta_start/beta_end (or
     trained_betas); prediction_type must be epsilon (the chain needs noise predictions).
@@ -477,9 +504,9 @@ def read_scheduler_config(path) -> dict:
     from .._host import host_values
 
     root = Path(path)
-    config_path = root / SCHEDULER_CONFIG
+    config_path = _relative(root, root, f"{subfolder}/scheduler_config.json", "scheduler config")
     if not config_path.is_file():
-        raise PriorError(f"prior folder {root} has no {SCHEDULER_CONFIG}")
+        raise PriorError(f"prior folder {root} has no {subfolder}/scheduler_config.json")
     config = _read_json(_inside(root, config_path, f"scheduler config {config_path}"), "scheduler config")
 
     def bad(problem: str):
@@ -520,12 +547,17 @@ def read_scheduler_config(path) -> dict:
     return config
 
 
-def _read_class_table(root: Path) -> torch.Tensor:
-    """class_table.safetensors: one 2-D float tensor named class_table, finite."""
-    path = root / CLASS_TABLE
-    if not path.is_file():
-        raise PriorError(f"prior folder {root} has no {CLASS_TABLE}")
-    tensors = _read_safetensors(_inside(root, path, f"class table {path}"), "class table")
+def _read_class_table(root: Path, path: Path | None = None) -> torch.Tensor:
+    """class_table.safetensors (`path`, by default in the prior folder `root`, which it must
+    then stay inside): one 2-D float tensor named class_table, finite."""
+    if path is None or path == root / CLASS_TABLE:
+        path = root / CLASS_TABLE
+        if not path.is_file():
+            raise PriorError(f"prior folder {root} has no {CLASS_TABLE}")
+        _inside(root, path, f"class table {path}")
+    elif not Path(path).is_file():
+        raise PriorError(f"class table {path} does not exist")
+    tensors = _read_safetensors(path, "class table")
     if "class_table" not in tensors:
         raise PriorError(f"{path} has no tensor named 'class_table' (it holds "
                          f"{_listing(tensors) or 'nothing'})")
@@ -538,25 +570,29 @@ def _read_class_table(root: Path) -> torch.Tensor:
 
 
 def build_prior(path, *, weights: bool = True) -> Prior:
-    """A prior folder as a frozen `Prior`; with `weights=False` only its architecture.
+    """A prior folder, a diffusers pipeline folder or a prior file (`pipeline.py`) as a frozen
+    `Prior`; with `weights=False` only its architecture.
 
-    Everything cheap is checked before any weights are read: the manifest, both
-    config.json files, the scheduler config, every path staying inside the folder.
-    `weights=False` reads no tensor file (the class table of a cross-attention prior
-    is zeros): the planner calls it inside `FakeTensorMode` to size full models.
+    Everything cheap is checked before any weights are read: the manifest (or, for a
+    pipeline, the facts it is inferred from), both config.json files, the scheduler config,
+    every path staying inside the folder. `weights=False` reads no tensor file (the class
+    table of a cross-attention prior is zeros): the planner calls it inside `FakeTensorMode`
+    to size full models.
     """
-    root = Path(path)
-    manifest = read_manifest(root)
+    from .pipeline import open_prior_source  # it reads its files through this module's helpers
+
+    source = open_prior_source(path)
+    root, manifest = source.root, source.manifest
     conditioning = manifest["conditioning"]
     parts = [_model_config(root, manifest[role], role) for role in ("denoiser", "autoencoder")]
-    scheduler_config = read_scheduler_config(root)
+    scheduler_config = read_scheduler_config(root, source.scheduler_subfolder)
     denoiser, autoencoder = (_build_model(name, folder, config) for name, folder, config in parts)
     class_table = None
     if weights:
         for model, (_, folder, _) in zip((denoiser, autoencoder), parts):
-            _load_weights(root, model, folder)
+            _load_weights(root, model, folder, source.allow_pickled_weights)
         if conditioning == "cross_attention":
-            class_table = _read_class_table(root)
+            class_table = _read_class_table(root, source.class_table)
     else:
         if conditioning == "cross_attention":
             dim = denoiser.config.cross_attention_dim
@@ -578,9 +614,11 @@ def build_prior(path, *, weights: bool = True) -> Prior:
 
 def load_prior(path, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Prior:
-    """Load a prior folder (see module docstring) into a frozen `Prior`.
+    """Load a prior folder (see module docstring), a diffusers pipeline folder or a prior file
+    naming one (`ld3m_fast.priors.pipeline`) into a frozen `Prior`.
 
-    Never downloads: `path` must be a local folder. Raises `PriorError` with a
+    Never downloads: `path` must be a local folder (or prior file); a hub id is refused with
+    how to download it. Raises `PriorError` with a
     one-line reason for a missing folder, a missing, unreadable or malformed part,
     a path leading outside the folder, or weights that do not match their config.
     """
