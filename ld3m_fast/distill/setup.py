@@ -229,6 +229,7 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     from ..data import load_dataset, require_per_class
     from ..generator import LD3MGenerator
     from ..priors import load_prior
+    from ..prune import prune_for_run
     from ..synthetic import SyntheticSet
 
     config.validate()
@@ -244,6 +245,7 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     res = resolve_resolution(prior, config.res, released=config.released_compat)
     data = load_dataset(config.data, split="train", subset=config.subset, res=res,
                         cache_dir=config.cache_dir, max_per_class=config.max_per_class, log=log)
+    data = prune_for_run(data, config, log=log)  # --prune-percent (100: unchanged); fills prune_scorer_hash
     require_per_class(data, config.ipc)
     rows = prior_class_rows(prior, config.subset, data.num_classes)
     network = build_network_spec(config, res, data.num_classes)
