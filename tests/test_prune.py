@@ -375,3 +375,24 @@ def test_buffer_trains_on_the_pruned_set_and_records_it(workspace, tmp_path, cap
     code, _, err = run_cli(["buffer", "--data", workspace / "data", "--res", "16", "--out", tmp_path / "b2",
                             "--prune-percent", "0"], capsys)
     assert_one_line_error(code, err, "from 1 to 100")
+
+
+def test_pruned_presets_are_the_released_commands_with_their_pruning():
+    from ld3m_fast.presets import PRESETS, get_preset, with_preset
+
+    pruned = {name: p for name, p in PRESETS.items() if name.endswith("-pruned")}
+    expected = {"ld3m-dc-128-ipc1-pruned": (60, 17), "ld3m-dm-128-ipc1-pruned": (20, 27),
+                "ld3m-mtt-128-ipc1-pruned": (60, 41), "ld3m-dc-128-ipc10-pruned": (60, 52),
+                "ld3m-dm-128-ipc10-pruned": (20, 62), "ld3m-dc-256-ipc1-pruned": (60, 72)}
+    assert set(pruned) == set(expected)
+    for name, (percent, line) in expected.items():
+        preset, base = pruned[name], get_preset(name.removesuffix("-pruned"))
+        assert preset.values["prune_percent"] == percent and preset.values["prune_order"] == "asc"
+        assert preset.sources["prune_percent"].startswith(f"prune_and_distill readme.md:{line} (--percent={percent}")
+        assert preset.sources["prune_order"].startswith(f"prune_and_distill readme.md:{line} (--order=asc")
+        assert {k: v for k, v in preset.values.items() if not k.startswith("prune_")} == dict(base.values)
+        assert preset.needs == base.needs + ("prune_scorer",)
+    given = {"preset": "ld3m-dm-128-ipc1-pruned", "data": "/d", "subset": "a", "prior": "/p"}
+    with pytest.raises(LD3MError, match="needs --prune-scorer RESNET18"):
+        with_preset(given)
+    assert with_preset({**given, "prune_scorer": "train"})["prune_percent"] == 20

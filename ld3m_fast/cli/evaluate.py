@@ -338,7 +338,7 @@ def _real_network_spec(args, config, res: int, num_classes: int):
                            depth=config.depth, norm=config.norm, epochs=args.teacher_epochs, seed=args.seed)
 
 
-def _real_network(args, config, train, res, comm, device):
+def _real_network(args, config, train, res, comm, device, cache_dir):
     """The real-trained ConvNet (rank 0 trains and caches it; the other ranks read the cache)."""
     from ..distill.real_networks import imageset_fingerprint, load_network_file, train_real_network
 
@@ -348,7 +348,7 @@ def _real_network(args, config, train, res, comm, device):
     def train_on_main() -> dict:
         trained["network"], info = train_real_network(train.images, train.labels, spec,
                                                       data_key=imageset_fingerprint(train),
-                                                      cache_dir=args.cache_dir, device=device, log=_say)
+                                                      cache_dir=cache_dir, device=device, log=_say)
         return info
 
     info = comm.on_main(train_on_main)
@@ -441,7 +441,7 @@ def _output_folder(args, sets) -> Path:
     return out
 
 
-def _with_baselines(args, config, sets, train, full_real, res, num_classes, comm, device):
+def _with_baselines(args, config, sets, train, full_real, res, num_classes, comm, device, *, subset, cache_dir):
     """The sets, their baselines (random real, coresets) and the full real split; the teacher
     (None without soft labels) and what the report says about the real-trained networks."""
     from ..distill import evaluation as ev
@@ -454,7 +454,7 @@ def _with_baselines(args, config, sets, train, full_real, res, num_classes, comm
     network = None
     coresets = [k for k in config.baselines if k != "random"]
     if coresets or (config.labels == "soft" and (args.teacher or "train") == "train"):
-        network, notes["real_network"] = _real_network(args, config, train, res, comm, device)
+        network, notes["real_network"] = _real_network(args, config, train, res, comm, device, cache_dir)
     if coresets:
         all_sets += ev.with_coreset_baselines(sets, train, network, kinds=coresets, num_classes=num_classes,
                                               device=device)
@@ -468,7 +468,7 @@ def _with_baselines(args, config, sets, train, full_real, res, num_classes, comm
             teacher, notes["teacher"] = network, dict(notes["real_network"])
         else:
             teacher, notes["teacher"] = load_classifier(args.teacher, num_classes=num_classes, res=res,
-                                                        subset=args.subset)
+                                                        subset=subset)
             teacher = teacher.to(device)
     return all_sets, teacher, notes
 
@@ -494,7 +494,6 @@ def run(args) -> int:
     # The test split (and the train split for the baselines) at the sets' resolution.
     res = args.res or next((s.res for s in sets if s.kind == "distilled"), sets[0].res)
     data, subset, cache_dir = _data_settings(args, run_configs)
-    args.subset, args.cache_dir = subset, cache_dir
     quiet = lambda *a: None  # noqa: E731
     test = load_dataset(data, split="test", subset=subset, res=res, cache_dir=cache_dir,
                         max_per_class=config.test_per_class, log=quiet)
@@ -507,7 +506,7 @@ def run(args) -> int:
         if train.num_classes != num_classes:
             raise LD3MError(f"{data}: the train split has {train.num_classes} classes, the test split {num_classes}")
         all_sets, teacher, notes = _with_baselines(args, config, sets, train, full_real, res, num_classes,
-                                                   comm, device)
+                                                   comm, device, subset=subset, cache_dir=cache_dir)
 
     kinds = {s.name: s.kind for s in all_sets}
     jobs = ev.plan_jobs([s.name for s in all_sets], config, kinds)

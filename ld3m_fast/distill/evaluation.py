@@ -70,10 +70,10 @@ BASELINE_LRS = ("fixed", "search")
 BASELINE_KINDS = ("random", "herding", "kcenter")
 BASELINE_SET_KINDS = ("random-real", "coreset")
 # DD-Ranking's learning-rate grid for the baselines (ddranking/metrics/hard_label.py:169,
-# soft_label.py:211 and :240) and its checkpoint interval (hard_label.py:119).
+# soft_label.py:240) and its checkpoint interval (hard_label.py:119).
 DDRANKING_LR_GRID = (0.001, 0.005, 0.01, 0.05, 0.1)
 DDRANKING_TEST_INTERVAL = 10
-# DD-Ranking's KL temperature as its configurations set it (configs/Demo_LRS_Soft_Label.yaml:61,
+# DD-Ranking's KL temperature as its configurations set it (configs/Demo_LRS_Soft_Label.yaml:55,
 # README.md:206); the class's own default is 1.2 (ddranking/loss/kl.py:7).
 DDRANKING_TEMPERATURE = 1.0
 # Sets smaller than this (bytes) are moved to the device once; larger ones batch by batch.
@@ -287,7 +287,7 @@ def build_augment(config: EvalConfig):
 
 def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) at `temperature`, averaged over the batch: DD-Ranking's
-    KLDivergenceLoss with scale_loss=False (ddranking/loss/kl.py:11-18)."""
+    KLDivergenceLoss with scale_loss=False (ddranking/loss/kl.py:12-19)."""
     student = F.log_softmax(student_logits / temperature, dim=1)
     teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
     return F.kl_div(student, teacher, reduction="batchmean")
@@ -799,7 +799,7 @@ def _table(accuracy: dict, name: str, labels: str, config: EvalConfig) -> dict[s
 
 def paired_gaps(mine: dict[str, dict[int, float]], other: dict[str, dict[int, float]], gap) -> dict:
     """Per-seed differences of two sets' accuracies, as DD-Ranking takes them (one difference
-    per evaluation run, then mean and std; metrics/hard_label.py:380-381, :591-594).
+    per evaluation run, then mean and std; metrics/hard_label.py:380-381, :411-414).
 
     mine, other: {arch: {seed: accuracy}}; gap(mine, other) -> difference. Per architecture the
     seeds both have; "unseen": per seed, the gap of the means over the unseen architectures
