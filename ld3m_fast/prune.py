@@ -341,6 +341,48 @@ class PruneSettings:
                             "dict (.pth or .safetensors) or 'train'")
 
 
+def pruning_losses(data, settings: PruneSettings, *, subset: str | None = None, cache_dir=None, device="cpu",
+                   log=logger.info, trained: TrainedScorerSettings = TrainedScorerSettings(),
+                   scorer: Scorer | None = None) -> tuple[torch.Tensor | None, dict]:
+    """The per-image losses `settings` ranks by (None for order "random" or percent 100) and a
+    record of where they come from: percent, order, scorer, scorer_hash, deviation."""
+    settings.check()
+    record = {"percent": settings.percent, "order": settings.order}
+    if settings.percent == 100:
+        return None, {"percent": 100}
+    if settings.order == "random":
+        record["scorer"] = f"none: a seeded random draw (stream prune:random:<class>, seed {settings.seed})"
+        return None, record
+    if settings.losses is not None:
+        losses, meta = read_losses(settings.losses, data)
+        record["losses_file"] = str(settings.losses)
+    else:
+        scorer = scorer or build_scorer(settings.scorer, res=data.resolution, num_classes=data.num_classes,
+                                        subset=subset, cache_dir=cache_dir, trained=trained)
+        losses, meta = losses_for(data, scorer, cache_dir=cache_dir, device=device, log=log)
+    record.update(scorer=meta.get("scorer", "unknown"), scorer_hash=meta.get("scorer_hash"),
+                  deviation=meta.get("deviation"))
+    return losses, {k: v for k, v in record.items() if v is not None}
+
+
+def apply_pruning(data, losses: torch.Tensor | None, settings: PruneSettings, record: dict, *,
+                  min_per_class: int = 1, need: str = "one image per class", log=logger.info):
+    """(`data` keeping the images of `prune_indices`, `record` with "kept_per_class"). A class left
+    with fewer than `min_per_class` images (`need` says what for) is a one-line `LD3MError`."""
+    if settings.percent == 100:
+        return data, record
+    keep = prune_indices(losses, data.labels, data.num_classes, settings.percent, settings.order, seed=settings.seed)
+    kept = torch.bincount(data.labels[keep], minlength=data.num_classes).tolist()
+    _refuse_short_classes(data, kept, settings.percent, min_per_class, need)
+    if record.get("deviation"):
+        log(f"pruning: deviation from the release: {record['deviation']}")
+    log(f"pruning: kept {len(keep)} of {len(data)} real images ({settings.percent}% per class, "
+        f"{settings.order}; scorer: {record['scorer']})")
+    pruned = data.subset(keep)
+    pruned.description = f"{data.description}, pruned to {settings.percent}% per class ({settings.order})"
+    return pruned, {**record, "kept_per_class": kept}
+
+
 def prune_dataset(data, settings: PruneSettings, *, subset: str | None = None, cache_dir=None, device="cpu",
                   min_per_class: int = 1, need: str = "one image per class", log=logger.info,
                   trained: TrainedScorerSettings = TrainedScorerSettings(), scorer: Scorer | None = None):
@@ -348,33 +390,9 @@ def prune_dataset(data, settings: PruneSettings, *, subset: str | None = None, c
     done: percent, order, scorer, scorer_hash, deviation, kept per class). A class left with
     fewer than `min_per_class` images (`need` says what for) is a one-line `LD3MError`.
     scorer: a `Scorer` to use instead of the one `settings.scorer` names (Python callers)."""
-    settings.check()
-    if settings.percent == 100:
-        return data, {"percent": 100}
-    record = {"percent": settings.percent, "order": settings.order}
-    losses = None
-    if settings.order == "random":
-        record["scorer"] = f"none: a seeded random draw (stream prune:random:<class>, seed {settings.seed})"
-    elif settings.losses is not None:
-        losses, meta = read_losses(settings.losses, data)
-        record.update(scorer=meta.get("scorer", "unknown"), scorer_hash=meta.get("scorer_hash"),
-                      deviation=meta.get("deviation"), losses_file=str(settings.losses))
-    else:
-        scorer = scorer or build_scorer(settings.scorer, res=data.resolution, num_classes=data.num_classes,
-                                        subset=subset, cache_dir=cache_dir, trained=trained)
-        losses, meta = losses_for(data, scorer, cache_dir=cache_dir, device=device, log=log)
-        record.update(scorer=meta.get("scorer"), scorer_hash=meta.get("scorer_hash"), deviation=meta.get("deviation"))
-    keep = prune_indices(losses, data.labels, data.num_classes, settings.percent, settings.order, seed=settings.seed)
-    kept = torch.bincount(data.labels[keep], minlength=data.num_classes).tolist()
-    _refuse_short_classes(data, kept, settings.percent, min_per_class, need)
-    record["kept_per_class"] = kept
-    if record.get("deviation"):
-        log(f"pruning: deviation from the release: {record['deviation']}")
-    log(f"pruning: kept {len(keep)} of {len(data)} real images ({settings.percent}% per class, "
-        f"{settings.order}; scorer: {record['scorer']})")
-    pruned = data.subset(keep)
-    pruned.description = f"{data.description}, pruned to {settings.percent}% per class ({settings.order})"
-    return pruned, {k: v for k, v in record.items() if v is not None}
+    losses, record = pruning_losses(data, settings, subset=subset, cache_dir=cache_dir, device=device, log=log,
+                                    trained=trained, scorer=scorer)
+    return apply_pruning(data, losses, settings, record, min_per_class=min_per_class, need=need, log=log)
 
 
 def _refuse_short_classes(data, kept: list[int], percent: int, min_per_class: int, need: str) -> None:
@@ -400,11 +418,15 @@ def prune_for_run(data, config, *, log=logger.info):
     from .distill.setup import resolve_device
 
     settings = PruneSettings.from_config(config)
-    device = distributed.current().device(resolve_device(config.device))
-    pruned, record = prune_dataset(data, settings, subset=config.subset, cache_dir=config.cache_dir, device=device,
-                                   min_per_class=config.ipc,
-                                   need=f"--ipc {config.ipc} (the synthetic set starts from IPC real images per "
-                                        "class)", log=log)
+    comm = distributed.current()
+    device = comm.device(resolve_device(config.device))
+    # Under torchrun rank 0 scores (or trains the scorer) and the others take its losses: every
+    # rank prunes alike, and the scorer is trained once. Unpruned runs skip the collective.
+    score_on_main = lambda: pruning_losses(data, settings, subset=config.subset,  # noqa: E731
+                                           cache_dir=config.cache_dir, device=device, log=log)
+    losses, record = comm.on_main(score_on_main) if settings.percent != 100 else pruning_losses(data, settings)
+    pruned, record = apply_pruning(data, losses, settings, record, min_per_class=config.ipc, log=log,
+                                   need=f"--ipc {config.ipc} (the synthetic set starts from IPC real images per class)")
     found = record.get("scorer_hash")
     recorded = config.prune_scorer_hash
     if recorded is not None and found != recorded:
@@ -415,6 +437,6 @@ def prune_for_run(data, config, *, log=logger.info):
 
 
 __all__ = ["LOSSES_FORMAT", "PRUNE_ORDERS", "PruneSettings", "ResNet18FileScorer", "Scorer", "TrainedScorer",
-           "TrainedScorerSettings", "build_scorer", "check_prune_settings", "kept_count", "losses_cache_dir",
+           "TrainedScorerSettings", "apply_pruning", "build_scorer", "pruning_losses", "check_prune_settings", "kept_count", "losses_cache_dir",
            "losses_for", "prune_dataset", "prune_for_run", "prune_indices", "read_losses", "score",
            "smallest_percent", "write_losses"]

@@ -161,6 +161,12 @@ def test_protocol_values_are_validated_in_one_line(changes, message):
         protocol_config("quick", **changes)
 
 
+def test_a_learning_rate_override_scales_the_per_architecture_rates():
+    config = protocol_config("ddranking", lr=0.01, arch_lr={"vgg11": 0.001}, epochs=50)
+    assert config.lr_for("vgg11") == 0.001 and config.name == "ddranking+arch_lr,epochs,lr"
+    assert PROTOCOLS["ddranking"].arch_lr == {"vgg11": 1e-4}  # the table is not modified
+
+
 def test_the_ddranking_protocol_sets_its_four_choices_and_nothing_else():
     ddranking, paper = PROTOCOLS["ddranking"], PROTOCOLS["paper"]
     assert (ddranking.report, ddranking.baseline_lr, ddranking.augment) == ("best", "search", "cutmix")
@@ -174,10 +180,10 @@ def test_the_ddranking_protocol_sets_its_four_choices_and_nothing_else():
 
 def test_baselines_are_trained_at_every_rate_of_the_grid_and_the_best_is_kept():
     config = EvalConfig(archs=("convnet",), seeds=2, baseline_lr="search", labels="soft")
-    kinds = {"syn": "distilled", "rr": "random-real", "herding-ipc1": "coreset"}
+    kinds = {"syn": "distilled", "rr": "random-real", "herding-ipc1": "coreset", "full-real": "full-real"}
     jobs = plan_jobs(kinds, config, kinds)
     per = {name: sum(j.set == name for j in jobs) for name in kinds}
-    assert per == {"syn": 2 * 2, "rr": 2 * 2 * 5, "herding-ipc1": 2 * 2 * 5}
+    assert per == {"syn": 2 * 2, "rr": 2 * 2 * 5, "herding-ipc1": 2 * 2 * 5, "full-real": 2}  # hard labels only
     assert {j.lr for j in jobs if j.set == "rr"} == set(config.lr_grid) and {j.lr for j in jobs if j.set == "syn"} == {None}
     assert all(j.stream == f"eval:convnet:{j.seed}" for j in jobs)  # the same networks and draws for all
 
@@ -202,9 +208,10 @@ def test_gather_keeps_the_best_rate_per_seed_and_reports_every_baseline_with_sof
                     ("rr", labels, 1, 0.01): 0.55 + shift, ("rr", labels, 1, 0.1): 0.55 + shift,  # tie: 0.01
                     ("kc", labels, 0, 0.01): 0.45 + shift, ("kc", labels, 0, 0.1): 0.30 + shift,
                     ("kc", labels, 1, 0.01): 0.45 + shift, ("kc", labels, 1, 0.1): 0.50 + shift,
-                    ("full-real", labels, 0, None): 0.90, ("full-real", labels, 1, None): 0.80})
+                    })
+    acc.update({("full-real", "hard", 0, None): 0.90, ("full-real", "hard", 1, None): 0.80})
     report = hand_report(acc, config=config, kinds=kinds, baselines={"random": "rr", "kcenter": "kc"})
-    assert report["complete"] and report["jobs_total"] == len(acc)
+    assert report["complete"] and report["jobs_total"] == len(acc) and "full-real" not in report["soft_sets"]
     hard, soft = report["sets"]["syn"], report["soft_sets"]["syn"]
     assert report["sets"]["rr"]["lr_chosen"] == {"convnet": [0.1, 0.01]}
     assert hard["ior"]["convnet"] == pytest.approx(((0.60 - 0.50) + (0.70 - 0.55)) / 2)
@@ -250,13 +257,30 @@ def test_herding_moves_the_chosen_mean_closest_to_the_class_mean():
 
 def test_kcenter_adds_the_point_farthest_from_its_nearest_centre():
     points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [0.0, 7.0], [5.0, 5.0], [0.2, 0.1]])
-    chosen = kcenter_positions(points, 4)
-    first = int(torch.argmin((points - points.mean(0)).norm(dim=1)))
-    expected = [first]
-    for _ in range(3):
-        rest = [i for i in range(6) if i not in expected]
-        expected.append(max(rest, key=lambda i: min(float((points[i] - points[c]).norm()) for c in expected)))
-    assert chosen == expected and kcenter_positions(points, 0) == []
+    for first in range(6):
+        chosen = kcenter_positions(points, 4, first)
+        expected = [first]
+        for _ in range(3):
+            rest = [i for i in range(6) if i not in expected]
+            expected.append(max(rest, key=lambda i: min(float((points[i] - points[c]).norm()) for c in expected)))
+        assert chosen == expected
+    assert kcenter_positions(points, 0) == [] and kcenter_positions(points, 9, 2)[0] == 2
+
+
+def test_coresets_are_chosen_class_by_class_and_kcenter_starts_at_a_seeded_draw():
+    from ld3m_fast.distill.coresets import coreset_indices
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat(7)
+    images = torch.randint(0, 256, (21, 3, 4, 4), dtype=torch.uint8, generator=generator)
+    network = torch.nn.Flatten()
+    network.embed = network.forward  # features = the normalised pixels
+    for kind in ("herding", "kcenter"):
+        index = coreset_indices(kind, network, images, labels, [2, 1, 3], seed=5)
+        assert labels[index].tolist() == [0, 0, 1, 2, 2, 2]
+        assert torch.equal(index, coreset_indices(kind, network, images, labels, [2, 1, 3], seed=5))
+    draws = {tuple(coreset_indices("kcenter", network, images, labels, [1, 1, 1], seed=s).tolist()) for s in range(6)}
+    assert len(draws) > 1  # the first centre depends on the seed; herding's choice does not
 
 
 # ----------------------------------------------------------------------------- real-trained networks
@@ -331,6 +355,18 @@ def test_cli_soft_labels_coresets_and_per_seed_gaps(data, tmp_path, capsys):
     code, out, err = run_cli([*cli(data, one, "--out", tmp_path / "again", "--labels", "soft",
                                    "--estimate-only")], capsys)
     assert code == 0 and "cached at" in out
+
+
+def test_cli_estimate_only_says_what_the_teacher_costs_and_trains_nothing(data, tmp_path, capsys):
+    one = write_set(tmp_path / "one.safetensors", 1)
+    argv = ["eval", one, "--data", data / "data", "--cache-dir", tmp_path / "cache", "--archs", "convnet",
+            "--epochs", "2", "--seeds", "1", "--threads", "1", "--no-progress", "--out", tmp_path / "out",
+            "--labels", "soft", "--baselines", "random,kcenter", "--estimate-only"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert "is not cached: training it on 18 images takes about" in out and "estimate: about" in out
+    assert "kcenter-ipc1: coreset, 3 images (IPC 1)" in out
+    assert not (tmp_path / "cache" / "networks").exists() and not (tmp_path / "out").exists()
 
 
 def test_cli_ddranking_beside_the_default(data, tmp_path, capsys):

@@ -396,3 +396,30 @@ def test_pruned_presets_are_the_released_commands_with_their_pruning():
     with pytest.raises(LD3MError, match="needs --prune-scorer RESNET18"):
         with_preset(given)
     assert with_preset({**given, "prune_scorer": "train"})["prune_percent"] == 20
+
+
+def test_ranks_prune_alike_from_rank_zeros_scorer(workspace, tmp_path):
+    """Under torchrun, rank 0 trains the scorer and scores; every rank keeps the same images."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "LD3M_FAST_CACHE": str(tmp_path / "user-cache")}
+    cache = tmp_path / "cache"  # empty: the scorer is trained in this test
+    args = distill_flags(workspace, tmp_path / "two", "--prune-percent", "50")
+    args[args.index("--cache-dir") + 1] = str(cache)
+    ranks = [subprocess.Popen([sys.executable, "-m", "ld3m_fast", *map(str, args)], text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    outputs = [p.communicate(timeout=900) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outputs
+    assert outputs[0][0].count("training convnet") == 1 and "kept 6 of 12 real images" in outputs[0][0]
+    assert "training convnet" not in outputs[1][0]
+    recorded = json.loads((tmp_path / "two" / "config.json").read_text())["prune_scorer_hash"]
+    cached_losses = list((cache / "prune").glob("losses-*.safetensors"))
+    assert len(cached_losses) == 1 and recorded.startswith("sha256:")

@@ -339,21 +339,51 @@ def _real_network_spec(args, config, res: int, num_classes: int):
 
 
 def _real_network(args, config, train, res, comm, device, cache_dir):
-    """The real-trained ConvNet (rank 0 trains and caches it; the other ranks read the cache)."""
-    from ..distill.real_networks import imageset_fingerprint, load_network_file, train_real_network
+    """The real-trained ConvNet and what the report says of it: from the cache, or (after a line
+    with its estimated training time) trained by rank 0 and cached, the other ranks reading the
+    cache. With --estimate-only an uncached one is not trained: its untrained initialisation
+    stands in (for the calibration and the coresets' sizes)."""
+    from ..distill.real_networks import (cached_real_network, imageset_fingerprint, load_network_file,
+                                         train_real_network, untrained_network)
 
     spec = _real_network_spec(args, config, res, train.num_classes)
+    data_key = imageset_fingerprint(train)
+    cached = cached_real_network(spec, data_key, cache_dir)
+    if cached is not None:
+        _say(f"real-data network: {cached[1]['description']}, cached at {cached[1]['path']}")
+        return cached[0].to(device), cached[1]
+    if comm.is_main:
+        _say_training_estimate(spec, train, device)
+    if args.estimate_only:
+        return untrained_network(spec).to(device).eval(), {"description": spec.describe(), "cached": False,
+                                                           "trained": False}
     trained = {}
 
     def train_on_main() -> dict:
-        trained["network"], info = train_real_network(train.images, train.labels, spec,
-                                                      data_key=imageset_fingerprint(train),
+        trained["network"], info = train_real_network(train.images, train.labels, spec, data_key=data_key,
                                                       cache_dir=cache_dir, device=device, log=_say)
         return info
 
     info = comm.on_main(train_on_main)
     network = trained["network"] if "network" in trained else load_network_file(info["path"])[0]
     return network.to(device).eval(), info
+
+
+def _say_training_estimate(spec, train, device) -> None:
+    import math
+
+    from ..distill import evaluation as ev
+    from ..distill.algorithms import stream_generator
+    from ..distill.real_networks import recipe, untrained_network
+
+    count = len(train)
+    batch = min(count, spec.batch_size)
+    step = ev.training_step_seconds(untrained_network(spec), batch, spec.res, config=recipe(spec),
+                                    num_classes=train.num_classes, generator=stream_generator(0, "eval-calibration"),
+                                    device=device)
+    seconds = spec.epochs * math.ceil(count / batch) * step
+    _say(f"real-data network: {spec.describe()} is not cached: training it on {count} images takes about "
+         f"{ev.format_duration(seconds)} here (once; later evaluations of this data share it)")
 
 
 def _say(message: str) -> None:
@@ -457,7 +487,7 @@ def _with_baselines(args, config, sets, train, full_real, res, num_classes, comm
         network, notes["real_network"] = _real_network(args, config, train, res, comm, device, cache_dir)
     if coresets:
         all_sets += ev.with_coreset_baselines(sets, train, network, kinds=coresets, num_classes=num_classes,
-                                              device=device)
+                                              device=device, seed=args.seed)
         notes["coreset_features"] = notes["real_network"]["description"]
     if full_real == "train":
         all_sets.append(ev.EvalSet("full-real", train.images, train.labels, "full-real",

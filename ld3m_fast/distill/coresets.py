@@ -10,11 +10,13 @@ Condensation with Gradient Matching", ICLR 2021, whose baselines DC-BENCH takes 
   in eval mode, on the uint8 images converted with the shared normalisation;
 - herding (Welling, 2009): per class, repeatedly add the image that brings the mean feature of
   the chosen images closest (Euclidean) to the class's mean feature;
-- k-center (greedy, Sener & Savarese, 2018): per class, start from the image closest to the
-  class mean, then repeatedly add the image farthest from its nearest chosen image.
+- k-center (greedy, Sener & Savarese, 2018): per class, start from one image drawn at random
+  (as DeepCore's `k_center_greedy` does; here from the stream `stream_generator(seed,
+  "kcenter:<class>")`), then repeatedly add the image farthest from its nearest chosen image.
+  At IPC 1 that is the random first image (the image nearest the mean would make it herding).
 
-Both are deterministic (ties go to the lower position), so a coreset is one set for every eval
-seed; `herding_positions` / `kcenter_positions` take plain feature matrices.
+Ties go to the lower position; a coreset is one set for every eval seed. `herding_positions` /
+`kcenter_positions` take plain feature matrices.
 """
 from __future__ import annotations
 
@@ -46,15 +48,13 @@ def herding_positions(features: torch.Tensor, budget: int) -> list[int]:
     return chosen
 
 
-def kcenter_positions(features: torch.Tensor, budget: int) -> list[int]:
-    """Greedy k-center on (n, F) features: the first centre is the image closest to the mean,
-    each next one the image farthest from its nearest centre. Returns `min(budget, n)` positions
-    in the order chosen."""
+def kcenter_positions(features: torch.Tensor, budget: int, first: int = 0) -> list[int]:
+    """Greedy k-center on (n, F) features: the first centre is position `first`, each next one the
+    image farthest from its nearest centre. Returns `min(budget, n)` positions in the order chosen."""
     features = features.double()
     n = features.shape[0]
     if budget < 1 or n == 0:
         return []
-    first = int(torch.argmin((features - features.mean(0)).norm(dim=1)))
     chosen = [first]
     nearest = (features - features[first]).norm(dim=1)
     for _ in range(min(budget, n) - 1):
@@ -75,19 +75,24 @@ def embed_images(network, images: torch.Tensor, *, device="cpu", batch_size: int
 
 
 def coreset_indices(kind: str, network, images: torch.Tensor, labels: torch.Tensor, counts: list[int], *,
-                    device="cpu") -> torch.Tensor:
+                    device="cpu", seed: int = 0) -> torch.Tensor:
     """Positions (into images/labels) of `counts[k]` images of every class k chosen by `kind`
     ("herding" or "kcenter") in `network`'s feature space, class by class (only one class's
-    features are held at a time), in class order."""
+    features are held at a time), in class order. seed: of k-center's first centres."""
+    from .algorithms import stream_generator
     from .evaluation import members_by_class
 
-    select = {"herding": herding_positions, "kcenter": kcenter_positions}[kind]
     chosen = []
-    for count, members in zip(counts, members_by_class(labels, len(counts))):
+    for k, (count, members) in enumerate(zip(counts, members_by_class(labels, len(counts)))):
         if count == 0:
             continue
         features = embed_images(network, images[members], device=device)
-        chosen.append(members[torch.tensor(select(features, count), dtype=torch.long)])
+        if kind == "herding":
+            positions = herding_positions(features, count)
+        else:
+            first = int(torch.randint(0, members.numel(), (), generator=stream_generator(seed, f"kcenter:{k}")))
+            positions = kcenter_positions(features, count, first)
+        chosen.append(members[torch.tensor(positions, dtype=torch.long)])
     return torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
 
 

@@ -120,6 +120,10 @@ class EvalConfig:
         """The trainings of every set: hard labels, and soft labels beside them with labels="soft"."""
         return ("hard", "soft") if self.labels == "soft" else ("hard",)
 
+    def label_modes_for(self, kind: str) -> tuple[str, ...]:
+        """The full real split is the hard-label reference of HLR: trained with hard labels only."""
+        return ("hard",) if kind == "full-real" else self.label_modes
+
     def checkpoint_epochs(self) -> list[int]:
         """Epochs after which the test accuracy is measured: the last one, and with report="best"
         every `best_every`-th one too (DD-Ranking tests after epochs 10, 20, ...)."""
@@ -178,7 +182,7 @@ def protocol_config(name: str, **overrides) -> EvalConfig:
         raise LD3MError(f"unknown protocol {name!r}: use one of {', '.join(PROTOCOLS)}")
     base = PROTOCOLS[name]
     changed = {k: v for k, v in overrides.items() if getattr(base, k) != v}
-    config = replace(base, arch_lr=dict(base.arch_lr), **overrides)
+    config = replace(base, **{"arch_lr": dict(base.arch_lr), **overrides})  # never the table's own dict
     if changed:
         config.name = f"{name}+" + ",".join(sorted(changed))
     config.validate()
@@ -520,7 +524,7 @@ def with_random_real_baselines(sets: list[EvalSet], train, *, num_classes: int, 
 
 
 def with_coreset_baselines(sets: list[EvalSet], train, network, *, kinds: Iterable[str], num_classes: int,
-                           device="cpu") -> list[EvalSet]:
+                           device="cpu", seed: int = 0) -> list[EvalSet]:
     """One coreset per kind ("herding", "kcenter") and distinct per-class count among `sets`,
     chosen in `network`'s feature space from `train` (an `ImageSet`); each set's `baselines[kind]`
     names its own. Returns the new coreset sets (the same images for every eval seed)."""
@@ -533,7 +537,8 @@ def with_coreset_baselines(sets: list[EvalSet], train, network, *, kinds: Iterab
         size = f"ipc{counts[0]}" if balanced else "-".join(map(str, counts))
         for kind in kinds:
             if (kind, counts) not in made:
-                index = coreset_indices(kind, network, train.images, train.labels, list(counts), device=device)
+                index = coreset_indices(kind, network, train.images, train.labels, list(counts), device=device,
+                                        seed=seed)
                 made[(kind, counts)] = EvalSet(
                     f"{kind}-{size}", train.images[index], train.labels[index], "coreset",
                     source=f"{kind} coreset, {counts[0] if balanced else size} per class of {train.description}")
@@ -699,7 +704,7 @@ def plan_jobs(set_names: Iterable[str], config: EvalConfig, kinds: dict[str, str
     names = list(set_names)
     kinds = kinds or {}
     return [EvalJob(name, arch, seed, labels, lr) for seed in range(config.seeds) for name in names
-            for labels in config.label_modes for arch in config.archs
+            for labels in config.label_modes_for(kinds.get(name, "")) for arch in config.archs
             for lr in job_rates(kinds.get(name, ""), config)]
 
 
@@ -845,8 +850,8 @@ def gather(results: Iterable[dict], *, config: EvalConfig, sets: dict[str, dict]
     carry "lr_chosen" (the rate of the grid kept per seed).
     """
     accuracy, rate, done = _selected_accuracies(results)
-    expected = sum(len(config.label_modes) * len(config.archs) * config.seeds * len(job_rates(info["kind"], config))
-                   for info in sets.values())
+    expected = sum(len(config.label_modes_for(info["kind"])) * len(config.archs) * config.seeds *
+                   len(job_rates(info["kind"], config)) for info in sets.values())
     full_name = next((n for n, info in sets.items() if info["kind"] == "full-real"), None)
     if full_real is not None:
         given = full_real["per_arch"]
@@ -859,6 +864,8 @@ def gather(results: Iterable[dict], *, config: EvalConfig, sets: dict[str, dict]
     for labels in config.label_modes:
         rows = {}
         for name, info in sets.items():
+            if labels not in config.label_modes_for(info["kind"]):
+                continue
             table = _table(accuracy, name, labels, config)
             row = {**info, **summarize({a: [v[s] for s in sorted(v)] for a, v in table.items()})}
             if config.searches_lr(info["kind"]):
@@ -966,21 +973,31 @@ def calibrate(set_sizes: Iterable[int], *, config: EvalConfig, res: int, num_cla
     augment = build_augment(config)
     for arch in config.archs:
         network = build_eval_network(arch, generator, num_classes=num_classes, res=res, config=config).to(device)
-        optimizer = torch.optim.SGD(network.parameters(), lr=1e-6, momentum=config.momentum)
-        network.train()
         for batch in batches:
-            images = torch.randn(batch, 3, res, res, generator=generator)
-            labels = torch.randint(0, num_classes, (batch,), generator=generator)
-            index = torch.arange(batch)
-            calibration.step_seconds[(arch, batch)] = _median_seconds(
-                lambda: _training_step(network, optimizer, augment, images, labels, index, generator, device),
-                steps, device)
+            calibration.step_seconds[(arch, batch)] = training_step_seconds(
+                network, batch, res, config=config, num_classes=num_classes, generator=generator, device=device,
+                steps=steps, augment=augment)
         calibration.test_seconds_per_image[arch] = _forward_seconds(network, test_images, res, generator, device)
     if teacher is not None:
         calibration.teacher_seconds_per_image = _forward_seconds(teacher, min(test_images, config.batch_size), res,
                                                                  generator, device)
     calibration.seconds = time.perf_counter() - started
     return calibration
+
+
+def training_step_seconds(network, batch: int, res: int, *, config: EvalConfig, num_classes: int,
+                          generator: torch.Generator, device="cpu", steps: int = 2, augment=None) -> float:
+    """Median wall seconds of one training step of `network` (moved to `device`) on a random
+    batch of `batch` images of side `res`, augmentation included (after a warm-up step); the
+    network's weights change (a tiny learning rate)."""
+    network = network.to(device).train()
+    optimizer = torch.optim.SGD(network.parameters(), lr=1e-6, momentum=config.momentum)
+    images = torch.randn(batch, 3, res, res, generator=generator)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator)
+    index = torch.arange(batch)
+    augment = build_augment(config) if augment is None else augment
+    return _median_seconds(lambda: _training_step(network, optimizer, augment, images, labels, index, generator,
+                                                  device), steps, device)
 
 
 def _median_seconds(step: Callable[[], None], steps: int, device) -> float:

@@ -118,6 +118,42 @@ def _network_cache_dir(cache_dir) -> Path:
     return Path(cache_dir).expanduser() / "networks" if cache_dir else user_cache_dir("networks")
 
 
+def real_network_path(spec: RealNetworkSpec, data_key: str, cache_dir=None) -> Path:
+    spec = spec.resolved()
+    return _network_cache_dir(cache_dir) / f"{spec.arch}-{spec.res}px-{spec.key(data_key)[:24]}.safetensors"
+
+
+def cached_real_network(spec: RealNetworkSpec, data_key: str, cache_dir=None) -> tuple[nn.Module, dict] | None:
+    """The cached network of `spec` on the data `data_key` names, or None (an unreadable cache
+    file is ignored with a warning)."""
+    path = real_network_path(spec, data_key, cache_dir)
+    if not path.is_file():
+        return None
+    try:
+        network, _ = load_network_file(path)
+    except LD3MError as error:
+        logger.warning("ignoring unreadable cached network %s (%s); training again", path, error)
+        return None
+    return network.eval(), {"description": spec.resolved().describe(), "path": str(path),
+                            "sha256": state_sha256(network), "cached": True}
+
+
+def recipe(spec: RealNetworkSpec):
+    """The evaluation recipe (an `EvalConfig`) a real-data network is trained with."""
+    from .evaluation import EvalConfig
+
+    spec = spec.resolved()
+    return EvalConfig(archs=(spec.arch,), seeds=1, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
+                      width=spec.width, depth=spec.depth, norm=spec.norm or "instance")
+
+
+def untrained_network(spec: RealNetworkSpec) -> nn.Module:
+    """The initial network of `spec` (what training starts from), from its own stream."""
+    from .algorithms import stream_generator
+
+    return spec.network_spec().build_seeded(stream_generator(spec.seed, f"real-network:{spec.resolved().arch}"))
+
+
 def train_real_network(images: torch.Tensor, labels: torch.Tensor, spec: RealNetworkSpec, *, data_key: str,
                        cache_dir=None, device="cpu", log=logger.info) -> tuple[nn.Module, dict]:
     """The network of `spec` trained on (images, labels), from the cache or trained now (with a
@@ -125,30 +161,24 @@ def train_real_network(images: torch.Tensor, labels: torch.Tensor, spec: RealNet
 
     Returns (network in eval mode on `device`, {"description", "path", "sha256" of its weights,
     "cached" (bool)})."""
-    from .evaluation import EvalConfig, train_network
+    from .evaluation import train_network
 
     spec = spec.resolved()
-    path = _network_cache_dir(cache_dir) / f"{spec.arch}-{spec.res}px-{spec.key(data_key)[:24]}.safetensors"
-    if path.is_file():
-        try:
-            network, _ = load_network_file(path)
-            log(f"{spec.describe()}: cached at {path}")
-            return network.to(device).eval(), {"description": spec.describe(), "path": str(path),
-                                                "sha256": state_sha256(network), "cached": True}
-        except LD3MError as error:
-            logger.warning("ignoring unreadable cached network %s (%s); training again", path, error)
+    path = real_network_path(spec, data_key, cache_dir)
+    cached = cached_real_network(spec, data_key, cache_dir)
+    if cached is not None:
+        log(f"{spec.describe()}: cached at {path}")
+        return cached[0].to(device), cached[1]
     from tqdm import tqdm
 
     from .algorithms import stream_generator
 
     generator = stream_generator(spec.seed, f"real-network:{spec.arch}")
     network = spec.network_spec().build_seeded(generator)
-    recipe = EvalConfig(archs=(spec.arch,), seeds=1, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-                        width=spec.width, depth=spec.depth, norm=spec.norm or "instance")
     log(f"training {spec.describe()} ({int(labels.numel())} images); cached afterwards at {path}")
     with tqdm(total=spec.epochs, desc=f"{spec.arch} on the real data", unit="epoch", leave=False,
               disable=None) as bar:  # no bar without a terminal
-        trained = train_network(network, images, labels, lr=spec.lr, config=recipe, generator=generator,
+        trained = train_network(network, images, labels, lr=spec.lr, config=recipe(spec), generator=generator,
                                 device=device, on_epoch=lambda epoch: bar.update(1))
     trained = trained.eval()
     try:
@@ -246,5 +276,6 @@ def load_classifier(path, *, num_classes: int, res: int, subset: str | None = No
 
 
 __all__ = ["IMAGENET_SIDE", "ImageNetClassifier", "NETWORK_FORMAT", "REAL_NETWORK_EPOCHS", "RealNetworkSpec",
-           "data_fingerprint", "file_sha256", "imagenet_rows", "imageset_fingerprint", "load_classifier",
-           "load_network_file", "state_sha256", "train_real_network"]
+           "cached_real_network", "data_fingerprint", "file_sha256", "imagenet_rows", "imageset_fingerprint",
+           "load_classifier", "load_network_file", "real_network_path", "recipe", "state_sha256",
+           "train_real_network", "untrained_network"]
