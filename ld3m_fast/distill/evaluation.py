@@ -1222,10 +1222,14 @@ def write_report(report: dict, out_dir, *, plot: bool) -> list[Path]:
 
 
 __all__ = [
-    "ARCH_LR", "Calibration", "DEFAULT_POOL", "DISTILL_ARCH", "EvalConfig", "EvalJob", "EvalSet", "PROTOCOLS",
-    "as_network_input", "assign_jobs", "build_eval_network", "calibrate", "check_eval_set", "corrected_ema_update",
-    "estimate_seconds", "evaluate_synthetic", "format_duration", "format_markdown", "format_report", "gather",
-    "load_eval_set", "mean_std", "plan_jobs", "plot_report", "protocol_config", "random_real_indices",
-    "random_real_set", "read_image_folder_set", "read_safetensors_set", "run_job", "summarize",
-    "test_accuracy", "train_and_test", "warmup_cosine", "with_random_real_baselines", "write_report",
+    "ARCH_LR", "AUGMENTS", "BASELINE_KINDS", "BASELINE_LRS", "BASELINE_SET_KINDS", "Calibration",
+    "DDRANKING_LR_GRID", "DDRANKING_TEMPERATURE", "DDRANKING_TEST_INTERVAL", "DEFAULT_POOL", "DISTILL_ARCH",
+    "EvalConfig", "EvalJob", "EvalSet", "LABEL_MODES", "PROTOCOLS", "REPORTS", "accuracy_label", "as_network_input",
+    "assign_jobs", "build_augment", "build_eval_network", "calibrate", "check_eval_set", "corrected_ema_update",
+    "cutmix", "estimate_seconds", "evaluate_synthetic", "format_duration", "format_markdown", "format_report",
+    "gather", "job_rates", "load_eval_set", "mean_std", "members_by_class", "paired_gaps", "plan_jobs",
+    "plot_report", "protocol_config", "random_real_indices", "random_real_set", "read_image_folder_set",
+    "read_safetensors_set", "run_job", "soft_label_loss", "summarize", "test_accuracy", "train_and_test",
+    "train_and_test_detailed", "train_network", "training_step_seconds", "warmup_cosine",
+    "with_coreset_baselines", "with_random_real_baselines", "write_report",
 ]
