@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _workspace import assert_one_line_error, run_cli, write_image_folder
-from test_evaluation import write_set
+from test_evaluation import data, write_set  # noqa: F401 (data: the CLI tests' real data fixture)
 from ld3m_fast.data import ImageSet
 from ld3m_fast.distill.coresets import herding_positions, kcenter_positions
 from ld3m_fast.distill.evaluation import (
@@ -316,14 +316,6 @@ def test_a_torchvision_teacher_keeps_the_logits_of_the_subset(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the CLI
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("protocols")
-    write_image_folder(root / "data" / "train", 3, 6, seed=0, res=8)
-    write_image_folder(root / "data" / "test", 3, 4, seed=1, res=8)
-    return root
-
 
 def cli(data, *extra):
     return ["eval", "--data", data / "data", "--cache-dir", data / "cache", "--archs", "convnet", "--epochs", "2",
