@@ -454,3 +454,113 @@ def build_network(arch: str, *, num_classes: int, channels: int = 3, res: int, w
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- torchvision ResNet-18
+
+class TorchvisionBasicBlock(nn.Module):
+    """torchvision's `BasicBlock` (expansion 1, BatchNorm, ReLU), with its parameter names."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class TorchvisionResNet18(nn.Module):
+    """The ImageNet ResNet-18 of torchvision (`torchvision.models.resnet18`), so that its state
+    dicts load here without torchvision: a 7x7 stride-2 stem, a 3x3 stride-2 max-pool, four stages
+    of two `BasicBlock`s (64, 128, 256, 512 channels), global average pool, `fc`.
+
+    The parameter and buffer names are torchvision's (conv1, bn1, layer1.0.conv1, ...,
+    layer2.0.downsample.0, fc; 122 state-dict entries), and so is the count: 11,689,512
+    parameters with 1000 classes. Input: (B, 3, H, W) in ImageNet normalisation (224x224 for
+    the pretrained weights); output (B, num_classes) logits. This is the scorer of the released
+    pruning study (prune_and_distill get_losses_imagenet.py:14) and a teacher for soft labels.
+    """
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        in_channels = 64
+        for i, (channels, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
+            setattr(self, f"layer{i}", nn.Sequential(TorchvisionBasicBlock(in_channels, channels, stride),
+                                                     TorchvisionBasicBlock(channels, channels, 1)))
+            in_channels = channels
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.avgpool(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embed(x))
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file: safetensors, or a pickle read with `weights_only=True`
+    (a plain state dict, or one under a "state_dict" key). One-line `LD3MError`s."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise LD3MError(f"{path} does not exist or is not a file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling and safetensors errors have no common base
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LD3MError(f"cannot read {path} as a state dict: {first}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LD3MError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return state
+
+
+def load_torchvision_resnet18(path) -> TorchvisionResNet18:
+    """A `TorchvisionResNet18` with the weights of `path` (torchvision's state dict of
+    `resnet18`, any number of classes), checked strictly: missing, unexpected and misshapen
+    entries are one `LD3MError` that names them. Returned in eval mode."""
+    state = read_state_dict(path)
+    fc = state.get("fc.weight")
+    if fc is None or fc.dim() != 2 or fc.shape[1] != 512:
+        hint = " (keys start with 'module.': save model.module.state_dict())" if \
+            any(k.startswith("module.") for k in state) else ""
+        raise LD3MError(f"{path} is not a torchvision ResNet-18 state dict: no fc.weight of shape "
+                        f"(classes, 512){hint}")
+    model = TorchvisionResNet18(num_classes=int(fc.shape[0]))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+    problems = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} ({len(names)})"
+                for what, names in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen))
+                if names]
+    if problems:
+        raise LD3MError(f"{path} does not match torchvision's ResNet-18: " + "; ".join(problems))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    return model.eval()

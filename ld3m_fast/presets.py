@@ -38,6 +38,8 @@ NEED_HINTS = {
     "subset": "--subset NAME (imagenette, woof, a..e, ...)",
     "prior": "--prior DIR (cin256-v2, converted with `ld3m-fast convert`)",
     "buffer": "--buffer DIR (expert trajectories from `ld3m-fast buffer`)",
+    "prune_scorer": "--prune-scorer RESNET18 (torchvision's ImageNet ResNet-18 state dict, the release's scorer, "
+                    "prune_and_distill get_losses_imagenet.py:14; or 'train': a ConvNet trained here, a deviation)",
 }
 
 
@@ -321,6 +323,39 @@ _EMBEDDED_DEFAULT = Preset(
 )
 
 
+# --------------------------------------------------------------------------- the pruned runs
+
+# The released README's commands distil from a pruned real set (the follow-up study, "Distill the
+# Best, Ignore the Rest"): (algorithm, res, ipc) -> --percent of the command at _COMMAND's line.
+_PRUNED_PERCENT = {("dc", 128, 1): 60, ("dm", 128, 1): 20, ("mtt", 128, 1): 60,
+                   ("dc", 128, 10): 60, ("dm", 128, 10): 20, ("dc", 256, 1): 60}
+_MTT_BUFFER_COMMAND = 37  # readme.md:37, the buffer of the MTT command (--percent=60 --order=asc)
+
+
+def _pruned(algorithm: str, res: int, ipc: int) -> Preset:
+    """The paper preset of a released README command with that command's pruning (ld3m_fast/prune.py)."""
+    base = _ld3m(algorithm, res, ipc)
+    line, percent = _COMMAND[(algorithm, res, ipc)], _PRUNED_PERCENT[(algorithm, res, ipc)]
+    values, sources = dict(base.values), dict(base.sources)
+    values.update(prune_percent=percent, prune_order="asc")
+    sources.update(
+        prune_percent=f"{_R}readme.md:{line} (--percent={percent}; kept per class int(percent * n / 100), "
+                      "get_losses_imagenet.py:54)",
+        prune_order=f"{_R}readme.md:{line} (--order=asc: the lowest losses, get_losses_imagenet.py:50,55)",
+        max_per_class=f"{_R}src/glad_utils.py:43-53 (every training image of the subset is scored, then the "
+                      "pruned lists are kept)")
+    notes = list(base.notes) + [
+        "scorer: the release ranks by the cross-entropy of torchvision's ImageNet-pretrained ResNet-18 "
+        "(get_losses_imagenet.py:14, 224², eval mode); give its state dict with --prune-scorer, or --prune-scorer "
+        "train for a ConvNet trained here (recorded as a deviation); `ld3m-fast prune` scores once for many runs"]
+    if algorithm == "mtt":
+        notes.append(f"buffer: built from the same pruned set (readme.md:{_MTT_BUFFER_COMMAND}: --percent=60 "
+                     "--order=asc): `ld3m-fast buffer ... --prune-percent 60 --prune-order asc --prune-scorer ...`")
+    description = f"{base.description}, from the real set pruned to {percent}% per class (lowest losses kept)"
+    return Preset(f"{base.name}-pruned", description, types.MappingProxyType(values),
+                  types.MappingProxyType(sources), base.needs + ("prune_scorer",), tuple(notes), base.compat)
+
+
 def _build() -> dict[str, Preset]:
     presets = {_EMBEDDED_DEFAULT.name: _EMBEDDED_DEFAULT}
     for algorithm in ("dm", "dc", "mtt"):
@@ -333,6 +368,7 @@ def _build() -> dict[str, Preset]:
             for ipc in (1, 10, 50):
                 preset = _in1k(prior, res, ipc)
                 presets[preset.name] = preset
+    presets.update((p.name, p) for p in (_pruned(*key) for key in _PRUNED_PERCENT))
     return presets
 
 

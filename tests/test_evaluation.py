@@ -227,8 +227,10 @@ def test_gather_reports_mean_std_unseen_ior_and_hlr():
     assert syn["hlr"] == pytest.approx({"convnet": 0.25, "vgg11": 0.3, "unseen": 0.3})
     assert "ior" not in report["sets"]["rr"] and report["complete"]
     text = format_markdown(report)
-    assert "| syn | IOR | +15.00 | +20.00 | +10.00 | +15.00 |" in text
-    assert "| syn | HLR | +25.00 | +30.00 | — | +30.00 |" in text
+    # gaps are means ± std of per-seed differences (DD-Ranking's per-run differences)
+    assert syn["ior_std"] == pytest.approx({"convnet": 0.05, "vgg11": 0.0, "resnet18": 0.1, "unseen": 0.05})
+    assert "| syn | IOR (over rr) | +15.00 ± 5.00 | +20.00 ± 0.00 | +10.00 ± 10.00 | +15.00 ± 5.00 |" in text
+    assert "| syn | HLR | +25.00 ± 5.00 | +30.00 ± 0.00 | — | +30.00 ± 0.00 |" in text
 
 
 def test_gather_uses_a_trained_full_real_set_and_marks_partial_reports():
@@ -447,7 +449,7 @@ def test_cli_compares_sets_with_baselines_plan_estimate_progress_and_files(data,
     assert report["protocol"]["name"] == "quick+archs,epochs,seeds" and report["complete"]
     assert report["test"]["images"] == 9 and len(report["jobs"]) == 5
     assert (out / "eval.png").stat().st_size > 0 and "| one | external | 1 |" in (out / "eval.md").read_text()
-    assert "| two | IOR |" in stdout
+    assert "| two | IOR (over random-real-ipc2) |" in stdout
 
 
 def test_cli_estimate_only_trains_nothing(data, tmp_path, capsys):

@@ -32,7 +32,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--max-per-class", type=int, default=None)
+    add_pruning_arguments(parser)
     add_threads_argument(parser)
+
+
+def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
+    """The experts train on the pruned real set, as the released buffers do (prune_and_distill
+    readme.md:37: --percent=60 --order=asc); the same flags as `distill` (docs/pruning.md)."""
+    from ..prune import PRUNE_ORDERS
+
+    parser.add_argument("--prune-percent", type=int, default=100,
+                        help="keep int(P * n / 100) real images of each class, by --prune-scorer's loss "
+                             "(1-100; default 100 = no pruning)")
+    parser.add_argument("--prune-order", choices=PRUNE_ORDERS, default="asc",
+                        help="asc: the lowest losses (default, the release's), desc: the highest, random: a seeded draw")
+    parser.add_argument("--prune-scorer", default="train", metavar="PATH|train",
+                        help="a torchvision ResNet-18 state dict, or 'train' (a ConvNet trained on the real data; "
+                             "a deviation from the release)")
+    parser.add_argument("--prune-losses", default=None, metavar="FILE",
+                        help="per-image losses from `ld3m-fast prune` (instead of scoring)")
 
 
 def run(args) -> int:
@@ -40,6 +58,7 @@ def run(args) -> int:
     from ..distill.algorithms import NetworkSpec
     from ..distill.buffers import build_buffer
     from ..distill.setup import resolve_device
+    from ..prune import PruneSettings, prune_dataset
 
     apply_threads(args)
     for name in ("experts", "max_start_epoch", "expert_epochs", "batch"):
@@ -53,9 +72,13 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.glob("expert_*.safetensors")):
         raise LD3MError(f"{out} already holds a buffer; choose another --out")
+    pruning = PruneSettings(args.prune_percent, args.prune_order, args.prune_scorer, args.prune_losses, args.seed)
+    pruning.check()
     device = resolve_device(args.device)
     data = load_dataset(args.data, split="train", subset=args.subset, res=args.res,
                         cache_dir=args.cache_dir, max_per_class=args.max_per_class)
+    data, pruned = prune_dataset(data, pruning, subset=args.subset, cache_dir=args.cache_dir, device=device,
+                                 min_per_class=1, need="an expert (every class in its training)", log=print)
     spec = NetworkSpec(num_classes=data.num_classes, res=args.res, width=args.width, depth=args.depth,
                        norm=args.norm)
     spec.build()  # an unknown norm or resolution fails here, before anything is written
@@ -63,6 +86,6 @@ def run(args) -> int:
                          keep_epochs=None if args.keep_all_epochs else keep, lr=args.lr,
                          batch_size=args.batch, dsa_strategy=None if args.dsa == "none" else args.dsa,
                          seed=args.seed, source=str(args.data), subset=args.subset, device=device,
-                         progress=lambda i, n, p: print(f"expert {i}/{n} -> {p}", flush=True))
+                         pruning=pruned, progress=lambda i, n, p: print(f"expert {i}/{n} -> {p}", flush=True))
     print(f"wrote {len(paths)} experts ({epochs} epochs each) to {out}")
     return 0

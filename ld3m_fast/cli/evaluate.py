@@ -10,6 +10,12 @@ every accuracy as it comes. Results: eval.json and eval.md (eval.png when severa
 are compared) in `--out` (default: the run folder, when one run is evaluated), rewritten
 after every finished job.
 
+DD-Ranking-compatible options (docs/evaluation.md): `--labels soft --teacher PATH|train`
+(soft-label IOR and HLR beside the hard ones), `--report best` (best of checkpoints, labelled
+so), `--baseline-lr search`, `--augment cutmix`, all at once with `--protocol ddranking`;
+`--baselines random,herding,kcenter` adds coresets beside the random real subset;
+`--max-test-per-class N` is a quick check on part of the test split (said in the report).
+
 Under torchrun (`torchrun --nproc-per-node N -m ld3m_fast eval ...`) the jobs are spread over
 the ranks (longest estimated first, to the least loaded rank); every job's result depends
 only on (set, architecture, seed), so rank 0 gathers them and writes the same report.
@@ -28,21 +34,85 @@ from .distill import add_threads_argument, apply_threads
 PROGRESS_LINE_SECONDS = 30.0
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type: anything else is a one-line usage error)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def baseline_list(text: str) -> tuple[str, ...]:
+    """--baselines: a comma-separated subset of random, herding, kcenter (argparse type)."""
+    from ..distill.evaluation import BASELINE_KINDS
+
+    names = tuple(dict.fromkeys(n.strip().lower().replace("-", "") for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in BASELINE_KINDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(BASELINE_KINDS)}, got {text!r}")
+    return names
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..distill.real_networks import REAL_NETWORK_EPOCHS
+
     parser.add_argument("sets", nargs="+", metavar="SET",
                         help="run folders, image folders (one subfolder per class) or .safetensors files")
-    parser.add_argument("--protocol", choices=("paper", "quick"), default="paper",
+    parser.add_argument("--protocol", choices=("paper", "quick", "ddranking"), default="paper",
                         help="paper: SPEC §2.5, 5 archs x 5 seeds x 1000 epochs, full test split; quick: "
-                             "convnet+vgg11 x 2 seeds x 50 epochs, 100 test images per class (default: paper)")
+                             "convnet+vgg11 x 2 seeds x 50 epochs, 100 test images per class; ddranking: paper "
+                             "with DD-Ranking's --report best --baseline-lr search --augment cutmix "
+                             "(default: paper)")
+    parser.add_argument("--labels", choices=("hard", "soft"), default=None,
+                        help="soft: also train every set on a teacher's logits (DD-Ranking's soft-label protocol, "
+                             "KL at --temperature); soft-label IOR and HLR are reported beside the hard ones "
+                             "(default: hard)")
+    parser.add_argument("--teacher", default=None, metavar="PATH|train",
+                        help="the soft-label teacher: an ld3m-fast network file, a torchvision ResNet-18 state "
+                             "dict, or 'train' (a ConvNet trained on the real train split, cached; default)")
+    parser.add_argument("--teacher-epochs", type=positive_int, default=REAL_NETWORK_EPOCHS,
+                        help="epochs of a network trained on the real data (the 'train' teacher and the "
+                             f"coresets' feature network; default {REAL_NETWORK_EPOCHS})")
+    parser.add_argument("--temperature", type=positive_float, default=None,
+                        help="soft-label KL temperature (default 1.0, DD-Ranking's configurations)")
+    parser.add_argument("--report", choices=("final", "best"), default=None,
+                        help="final: the accuracy after the last epoch (ours, default); best: the best test "
+                             "accuracy over checkpoints every 10 epochs (DD-Ranking's; selection on the test set)")
+    parser.add_argument("--baseline-lr", choices=("fixed", "search"), default=None,
+                        help="search: train every baseline at each lr of DD-Ranking's grid "
+                             "(0.001, 0.005, 0.01, 0.05, 0.1) and keep the best on the test set (default: fixed)")
+    parser.add_argument("--augment", choices=("dsa", "cutmix", "none"), default=None,
+                        help="training augmentation (default dsa; ddranking: cutmix)")
+    parser.add_argument("--baselines", type=baseline_list, default=None, metavar="random,herding,kcenter",
+                        help="baselines of the same IPC per class: random real subsets, herding and k-center "
+                             "coresets in a real-trained ConvNet's feature space (default: random)")
     parser.add_argument("--archs", default=None, help="comma-separated pool (overrides the protocol's)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (overrides the protocol's)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per architecture (overrides the protocol's)")
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate (overrides the protocol's; VGG-11 keeps 1/10 of it)")
     parser.add_argument("--batch", type=int, default=None, help="training batch size (default 256)")
-    parser.add_argument("--test-per-class", "--max-per-class", dest="test_per_class", type=int, default=None,
-                        help="test images per class (paper: all, quick: 100)")
-    parser.add_argument("--no-dsa", action="store_true", help="train without DSA")
+    parser.add_argument("--max-test-per-class", "--test-per-class", "--max-per-class", dest="test_per_class",
+                        type=int, default=None,
+                        help="test on at most N images per class: a quick check, labelled as such in the report "
+                             "(paper: the whole test split, quick: 100)")
+    parser.add_argument("--no-dsa", action="store_true", help="train without augmentation (= --augment none)")
     parser.add_argument("--data", default=None,
                         help="real data for the test split and the baselines (default: the runs' --data; "
                              "needed for sets that are not ld3m-fast runs)")
@@ -134,8 +204,9 @@ class Progress:
     corrected by the measured rate), or a line every `PROGRESS_LINE_SECONDS` without a TTY
     or with --no-progress; and one line per finished job."""
 
-    def __init__(self, estimates: dict, *, bar: bool):
+    def __init__(self, estimates: dict, *, bar: bool, epochs: int = 0):
         self.estimates = estimates
+        self.epochs = epochs
         self.total = sum(estimates.values())
         self.done = 0.0
         self.job_spent = 0.0
@@ -151,7 +222,7 @@ class Progress:
     def start(self, job, epochs: int):
         """The `on_epoch` callback for `job`'s training."""
         share = self.estimates[job] * 0.95 / epochs  # the test pass takes the rest
-        description = f"{job.set} {job.arch} seed {job.seed}"
+        description = job.describe()
         self.job_spent = 0.0
         if self.bar is not None:
             self.bar.set_description(description, refresh=False)
@@ -183,8 +254,9 @@ class Progress:
 
     def finished(self, job, result: dict) -> None:
         self.advance(self.estimates[job] - self.job_spent)
-        line = (f"{job.set} {job.arch} seed {job.seed}: {100 * result['accuracy']:.2f}% "
-                f"({result['seconds']:.0f} s)")
+        best = (f", best {100 * result['best_accuracy']:.2f}% at epoch {result['best_epoch']}"
+                if result.get("best_epoch") not in (None, self.epochs) else "")
+        line = f"{job.describe()}: {100 * result['final_accuracy']:.2f}% final{best} ({result['seconds']:.0f} s)"
         if self.bar is not None:
             self.bar.write(line, file=sys.stdout)
         else:
@@ -206,11 +278,21 @@ def _protocol(args, first_run: dict):
     for flag in ("epochs", "seeds", "batch", "test_per_class"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise LD3MError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        raise LD3MError(f"--lr must be > 0, got {args.lr}")
+            name = "max-test-per-class" if flag == "test_per_class" else flag
+            raise LD3MError(f"--{name} must be >= 1, got {value}")
+    if args.lr is not None and not (args.lr > 0 and args.lr != float("inf")):
+        raise LD3MError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.no_dsa and args.augment not in (None, "none"):
+        raise LD3MError(f"--no-dsa and --augment {args.augment} contradict each other: give one")
+    baselines = args.baselines
+    if args.no_random_real:
+        if baselines is not None and "random" in baselines:
+            raise LD3MError("--no-random-real and --baselines random contradict each other: give one")
+        baselines = tuple(b for b in (baselines or ()) if b != "random")
     overrides = {"epochs": args.epochs, "seeds": args.seeds, "batch_size": args.batch, "lr": args.lr,
-                 "test_per_class": args.test_per_class}
+                 "test_per_class": args.test_per_class, "labels": args.labels, "temperature": args.temperature,
+                 "report": args.report, "baseline_lr": args.baseline_lr,
+                 "augment": "none" if args.no_dsa else args.augment, "baselines": baselines}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.archs is not None:
         archs = tuple(dict.fromkeys(parse_arch(a.strip())[0] for a in args.archs.split(",") if a.strip()))
@@ -220,8 +302,8 @@ def _protocol(args, first_run: dict):
     base = ev.PROTOCOLS[args.protocol]
     if args.lr is not None:  # the per-architecture rates keep their ratio to the base rate
         overrides["arch_lr"] = {a: args.lr * v / base.lr for a, v in base.arch_lr.items()}
-    if args.no_dsa:
-        overrides["dsa_strategy"] = None
+    if args.teacher is not None and overrides.get("labels", base.labels) != "soft":
+        raise LD3MError("--teacher labels the sets with --labels soft; add --labels soft or drop --teacher")
     config = ev.protocol_config(args.protocol, **overrides)
     # The ConvNet of the runs (as distilled), as before; recorded in eval.json's protocol.
     for key in ("width", "depth", "norm"):
@@ -230,20 +312,110 @@ def _protocol(args, first_run: dict):
     return config
 
 
+def check_output_folder(out: Path) -> None:
+    """One line, before any work, when `out` cannot become a writable folder (nothing is created)."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise LD3MError(f"--out {out} is a file, not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise LD3MError(f"--out {out}: {existing} is not a writable folder")
+
+
+def check_teacher_path(text: str | None) -> None:
+    if text is not None and text != "train" and not Path(text).is_file():
+        raise LD3MError(f"--teacher {text} does not exist: give a network file or 'train'")
+
+
+def _real_network_spec(args, config, res: int, num_classes: int):
+    """The ConvNet trained on the real data for the 'train' teacher and the coresets' features."""
+    from ..distill.real_networks import RealNetworkSpec
+
+    return RealNetworkSpec(res=res, num_classes=num_classes, arch="convnet", width=config.width,
+                           depth=config.depth, norm=config.norm, epochs=args.teacher_epochs, seed=args.seed)
+
+
+def _real_network(args, config, train, res, comm, device, cache_dir):
+    """The real-trained ConvNet and what the report says of it: from the cache, or (after a line
+    with its estimated training time) trained by rank 0 and cached, the other ranks reading the
+    cache. With --estimate-only an uncached one is not trained: its untrained initialisation
+    stands in (for the calibration and the coresets' sizes)."""
+    from ..distill.real_networks import (cached_real_network, imageset_fingerprint, load_network_file,
+                                         train_real_network, untrained_network)
+
+    spec = _real_network_spec(args, config, res, train.num_classes)
+    data_key = imageset_fingerprint(train)
+    cached = cached_real_network(spec, data_key, cache_dir)
+    if cached is not None:
+        _say(f"real-data network: {cached[1]['description']}, cached at {cached[1]['path']}")
+        return cached[0].to(device), cached[1]
+    if comm.is_main:
+        _say_training_estimate(spec, train, device)
+    if args.estimate_only:
+        return untrained_network(spec).to(device).eval(), {"description": spec.describe(), "cached": False,
+                                                           "trained": False}
+    trained = {}
+
+    def train_on_main() -> dict:
+        trained["network"], info = train_real_network(train.images, train.labels, spec, data_key=data_key,
+                                                      cache_dir=cache_dir, device=device, log=_say)
+        return info
+
+    info = comm.on_main(train_on_main)
+    network = trained["network"] if "network" in trained else load_network_file(info["path"])[0]
+    return network.to(device).eval(), info
+
+
+def _say_training_estimate(spec, train, device) -> None:
+    import math
+
+    from ..distill import evaluation as ev
+    from ..distill.algorithms import stream_generator
+    from ..distill.real_networks import recipe, untrained_network
+
+    count = len(train)
+    batch = min(count, spec.batch_size)
+    step = ev.training_step_seconds(untrained_network(spec), batch, spec.res, config=recipe(spec),
+                                    num_classes=train.num_classes, generator=stream_generator(0, "eval-calibration"),
+                                    device=device)
+    seconds = spec.epochs * math.ceil(count / batch) * step
+    _say(f"real-data network: {spec.describe()} is not cached: training it on {count} images takes about "
+         f"{ev.format_duration(seconds)} here (once; later evaluations of this data share it)")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
 def _print_plan(all_sets, config, jobs, test, res, num_classes) -> None:
+    modes = " x hard+soft labels" if config.labels == "soft" else ""
     print(f"eval: protocol {config.name}: {len(all_sets)} sets x {len(config.archs)} archs "
-          f"({', '.join(config.archs)}) x {config.seeds} seeds x {config.epochs} epochs = {len(jobs)} trainings; "
-          f"test: {len(test)} images ({test.description}) at {res}²", flush=True)
+          f"({', '.join(config.archs)}) x {config.seeds} seeds x {config.epochs} epochs{modes} = {len(jobs)} "
+          f"trainings; test: {len(test)} images ({test.description}) at {res}²", flush=True)
+    print(f"  accuracy: {_accuracy_note(config)}", flush=True)
+    if config.test_per_class is not None:
+        print(f"  test: at most {config.test_per_class} images per class: a quick check, not the full test split",
+              flush=True)
     for s in all_sets:
         info = s.info(num_classes)
         ipc = f" (IPC {info['ipc']})" if info["ipc"] is not None and s.kind != "full-real" else ""
-        print(f"  {s.name}: {s.kind}, {info['images']} images{ipc}, {s.source}", flush=True)
+        searched = f", lr searched over {len(config.lr_grid)} rates" if config.searches_lr(s.kind) else ""
+        print(f"  {s.name}: {s.kind}, {info['images']} images{ipc}{searched}, {s.source}", flush=True)
         if s.kind == "full-real":
             print(f"  (full-real trains on all {info['images']} train images every epoch: expensive, see "
                   "its estimate)", flush=True)
 
 
-def _estimate(all_sets, config, jobs, test, res, num_classes, device) -> dict:
+def _accuracy_note(config) -> str:
+    from ..distill.evaluation import accuracy_label
+
+    return accuracy_label(config.to_dict())
+
+
+def _estimate(all_sets, config, jobs, test, res, num_classes, device, teacher=None) -> dict:
     """Calibrate, print the estimate (and the quick protocol's when the paper's is long)."""
     import torch
 
@@ -255,7 +427,7 @@ def _estimate(all_sets, config, jobs, test, res, num_classes, device) -> dict:
     print(f"calibrating: a few training steps of every architecture on {device} ({threads} threads)...",
           flush=True)
     calibration = ev.calibrate(set(sizes.values()), config=config, res=res, num_classes=num_classes,
-                               device=device)
+                               device=device, teacher=teacher)
     estimates = ev.estimate_seconds(jobs, sizes, len(test), calibration, config)
     per_set: dict[str, float] = {}
     for job, seconds in estimates.items():
@@ -275,6 +447,62 @@ def _estimate(all_sets, config, jobs, test, res, num_classes, device) -> dict:
             "cpu": cpu_model()}
 
 
+def _load_sets(args):
+    from ..distill import evaluation as ev
+
+    sets, run_configs = [], []
+    for path, name in zip(args.sets, _unique_names(args.sets)):
+        eval_set, run_config = ev.load_eval_set(path, name=name)
+        sets.append(eval_set)
+        if run_config is not None:
+            run_configs.append(run_config)
+    return sets, run_configs
+
+
+def _output_folder(args, sets) -> Path:
+    out = Path(args.out) if args.out else None
+    if out is None:
+        if len(sets) == 1 and sets[0].kind == "distilled":
+            out = Path(sets[0].source)
+        else:
+            raise LD3MError("pass --out FOLDER to say where eval.json goes (it defaults to the run folder "
+                            "only when exactly one run is evaluated)")
+    check_output_folder(out)
+    return out
+
+
+def _with_baselines(args, config, sets, train, full_real, res, num_classes, comm, device, *, subset, cache_dir):
+    """The sets, their baselines (random real, coresets) and the full real split; the teacher
+    (None without soft labels) and what the report says about the real-trained networks."""
+    from ..distill import evaluation as ev
+    from ..distill.real_networks import load_classifier
+
+    all_sets = list(sets)
+    if "random" in config.baselines:
+        all_sets = ev.with_random_real_baselines(sets, train, num_classes=num_classes, seed=args.seed)
+    notes: dict = {}
+    network = None
+    coresets = [k for k in config.baselines if k != "random"]
+    if coresets or (config.labels == "soft" and (args.teacher or "train") == "train"):
+        network, notes["real_network"] = _real_network(args, config, train, res, comm, device, cache_dir)
+    if coresets:
+        all_sets += ev.with_coreset_baselines(sets, train, network, kinds=coresets, num_classes=num_classes,
+                                              device=device, seed=args.seed)
+        notes["coreset_features"] = notes["real_network"]["description"]
+    if full_real == "train":
+        all_sets.append(ev.EvalSet("full-real", train.images, train.labels, "full-real",
+                                   source=f"the whole train split of {train.description}"))
+    teacher = None
+    if config.labels == "soft":
+        if (args.teacher or "train") == "train":
+            teacher, notes["teacher"] = network, dict(notes["real_network"])
+        else:
+            teacher, notes["teacher"] = load_classifier(args.teacher, num_classes=num_classes, res=res,
+                                                        subset=subset)
+            teacher = teacher.to(device)
+    return all_sets, teacher, notes
+
+
 def run(args) -> int:
     import torch
 
@@ -287,19 +515,9 @@ def run(args) -> int:
     main = comm.is_main
     apply_threads(args)
     device = comm.device(resolve_device(args.device))
-    sets, run_configs = [], []
-    for path, name in zip(args.sets, _unique_names(args.sets)):
-        eval_set, run_config = ev.load_eval_set(path, name=name)
-        sets.append(eval_set)
-        if run_config is not None:
-            run_configs.append(run_config)
-    out = Path(args.out) if args.out else None
-    if out is None:
-        if len(sets) == 1 and sets[0].kind == "distilled":
-            out = Path(sets[0].source)
-        else:
-            raise LD3MError("pass --out FOLDER to say where eval.json goes (it defaults to the run folder "
-                            "only when exactly one run is evaluated)")
+    check_teacher_path(args.teacher)
+    sets, run_configs = _load_sets(args)
+    out = _output_folder(args, sets)
     config = _protocol(args, run_configs[0] if run_configs else {})
     full_real = parse_full_real(args.full_real, config.archs)
 
@@ -312,22 +530,20 @@ def run(args) -> int:
     num_classes = test.num_classes
     for s in sets:
         ev.check_eval_set(s.images, s.labels, num_classes=num_classes, res=res, what=f"set {s.name}")
-    all_sets = list(sets)
-    if not args.no_random_real or full_real == "train":
+    all_sets, teacher, notes = list(sets), None, {}
+    if config.baselines or full_real == "train" or config.labels == "soft":
         train = load_dataset(data, split="train", subset=subset, res=res, cache_dir=cache_dir, log=quiet)
         if train.num_classes != num_classes:
             raise LD3MError(f"{data}: the train split has {train.num_classes} classes, the test split {num_classes}")
-        if not args.no_random_real:
-            all_sets = ev.with_random_real_baselines(sets, train, num_classes=num_classes, seed=args.seed)
-        if full_real == "train":
-            all_sets.append(ev.EvalSet("full-real", train.images, train.labels, "full-real",
-                                       source=f"the whole train split of {train.description}"))
+        all_sets, teacher, notes = _with_baselines(args, config, sets, train, full_real, res, num_classes,
+                                                   comm, device, subset=subset, cache_dir=cache_dir)
 
-    jobs = ev.plan_jobs([s.name for s in all_sets], config)
+    kinds = {s.name: s.kind for s in all_sets}
+    jobs = ev.plan_jobs([s.name for s in all_sets], config, kinds)
     estimate = None
     if main:  # the other ranks wait for rank 0's plan at the broadcast below
         _print_plan(all_sets, config, jobs, test, res, num_classes)
-        estimate = _estimate(all_sets, config, jobs, test, res, num_classes, device)
+        estimate = _estimate(all_sets, config, jobs, test, res, num_classes, device, teacher)
         if comm.world_size > 1:
             print(f"distributed: {comm.describe()}; the jobs are spread over the ranks", flush=True)
     if args.estimate_only:
@@ -344,13 +560,14 @@ def run(args) -> int:
               "threads": estimate["threads"], "device": str(device), "cpu": estimate["cpu"],
               "torch": torch.__version__}
     test_meta = {"source": test.description or str(data), "images": len(test), "res": res,
-                 "per_class": config.test_per_class, "num_classes": num_classes}
+                 "per_class": config.test_per_class, "num_classes": num_classes,
+                 "quick_check": config.test_per_class is not None}
     results: list[dict] = []
     started = time.perf_counter()
 
     def report() -> dict:
         out_report = ev.gather(results, config=config, sets=infos, full_real=given_full)
-        out_report.update(test=test_meta, seed=args.seed, jobs=list(results),
+        out_report.update(test=test_meta, seed=args.seed, jobs=list(results), **notes,
                           timing={**timing, "elapsed_seconds": time.perf_counter() - started})
         if len(sets) == 1:  # the single set's result where `evaluate_synthetic` put it
             row = out_report["sets"][sets[0].name]
@@ -359,12 +576,12 @@ def run(args) -> int:
         return out_report
 
     shown = {jobs[i]: estimate["estimates"][jobs[i]] for i in mine}
-    progress = Progress(shown, bar=main and not args.no_progress and sys.stderr.isatty())
+    progress = Progress(shown, bar=main and not args.no_progress and sys.stderr.isatty(), epochs=config.epochs)
     try:
         for i in mine:
             job = jobs[i]
             result = ev.run_job(job, by_name[job.set], test.images, test.labels, num_classes=num_classes,
-                                config=config, seed=args.seed, device=device,
+                                config=config, seed=args.seed, device=device, teacher=teacher,
                                 on_epoch=progress.start(job, config.epochs) if main else None)
             results.append(result)
             if main:
@@ -376,9 +593,9 @@ def run(args) -> int:
         gathered = comm.gather_to_main(results)
         if not main:
             return 0
-        order = {(j.set, j.arch, j.seed): i for i, j in enumerate(jobs)}
+        order = {j.key: i for i, j in enumerate(jobs)}
         results[:] = sorted((r for part in gathered for r in part),
-                            key=lambda r: order[(r["set"], r["arch"], r["seed"])])
+                            key=lambda r: order[(r["set"], r["arch"], r["seed"], r["labels"], r["lr"])])
     final = report()
     written = ev.write_report(final, out, plot=len(sets) > 1)
     print(ev.format_markdown(final))

@@ -23,6 +23,7 @@ set_wait_policy()  # before anything imports torch (and its OpenMP runtime)
 COMMANDS = {
     "distill": ("ld3m_fast.cli.distill", "distill a dataset into LD3M latents (DM, DC or MTT)"),
     "buffer": ("ld3m_fast.cli.buffer", "train expert trajectories for MTT"),
+    "prune": ("ld3m_fast.cli.prune", "score every real image for pruning (the authors' follow-up); write the losses"),
     "eval": ("ld3m_fast.cli.evaluate", "train fresh networks on a distilled set, test on real data"),
     "prior": ("ld3m_fast.cli.prior", "train a small prior (as the embedded default was), or import a diffusers pipeline folder"),
     "plan": ("ld3m_fast.cli.plan", "peak memory and FLOPs per iteration; pick chunk and dtype for a budget"),

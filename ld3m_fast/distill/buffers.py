@@ -5,7 +5,8 @@ tensors `epochs` (E+1, P) float32 (row e = all parameters after e epochs, row 0 
 the initialisation, parameters flattened in `names` order) and metadata `ld3m_buffer`,
 a JSON object with arch, depth, width, norm, res, channels, source, subset,
 num_classes, lr, momentum, batch_size, epochs_trained, epochs_kept, names,
-shapes, seed, dsa. Only the epochs MTT will read are kept
+shapes, seed, dsa, and pruning (the real set's pruning: percent, order, scorer,
+scorer_hash, kept_per_class; {"percent": 100} when unpruned). Only the epochs MTT will read are kept
 (0 .. max_start_epoch + expert_epochs) unless asked otherwise.
 """
 from __future__ import annotations
@@ -100,7 +101,7 @@ def build_buffer(out_dir, network_spec, images: torch.Tensor, labels: torch.Tens
                  num_experts: int, epochs: int, keep_epochs: int | None, lr: float = 0.01,
                  batch_size: int = 256, dsa_strategy: str | None = "color_crop_cutout_flip_scale_rotate",
                  seed: int = 0, source: str = "", subset: str | None = None, device="cpu",
-                 progress=None) -> list[Path]:
+                 pruning: dict | None = None, progress=None) -> list[Path]:
     """Train `num_experts` experts and write `out_dir/expert_XXXX.safetensors` for each.
 
     `network_spec` is an `algorithms.NetworkSpec`. Expert i's init, batch order and
@@ -117,7 +118,7 @@ def build_buffer(out_dir, network_spec, images: torch.Tensor, labels: torch.Tens
             paths.append(_build_one_expert(out_dir, i, network_spec, images, labels, epochs=epochs,
                                            keep_epochs=keep_epochs, lr=lr, batch_size=batch_size, dsa=dsa,
                                            dsa_strategy=dsa_strategy, seed=seed, source=source,
-                                           subset=subset, device=device))
+                                           subset=subset, device=device, pruning=pruning))
             if progress is not None:
                 progress(i + 1, num_experts, paths[-1])
     except BaseException:
@@ -129,7 +130,7 @@ def build_buffer(out_dir, network_spec, images: torch.Tensor, labels: torch.Tens
 
 
 def _build_one_expert(out_dir: Path, i: int, network_spec, images, labels, *, epochs, keep_epochs, lr,
-                      batch_size, dsa, dsa_strategy, seed, source, subset, device) -> Path:
+                      batch_size, dsa, dsa_strategy, seed, source, subset, device, pruning=None) -> Path:
     """Train expert `i` (init, batch order and DSA from a generator seeded by (seed, i)) and write it."""
     generator = stream_generator(seed, f"expert:{i}")
     network = network_spec.build_seeded(generator)
@@ -144,7 +145,7 @@ def _build_one_expert(out_dir: Path, i: int, network_spec, images, labels, *, ep
         "num_classes": network_spec.num_classes, "source": source, "subset": subset,
         "lr": lr, "momentum": 0.0, "batch_size": batch_size, "epochs_trained": epochs,
         "epochs_kept": trajectory.shape[0] - 1, "names": names, "shapes": shapes,
-        "seed": seed, "expert_index": i, "dsa": dsa_strategy,
+        "seed": seed, "expert_index": i, "dsa": dsa_strategy, "pruning": pruning or {"percent": 100},
     }
     path = out_dir / f"expert_{i:04d}.safetensors"
     write_trajectory_atomic(path, trajectory, metadata)

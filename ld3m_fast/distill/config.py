@@ -75,6 +75,20 @@ class DistillConfig:
     prior: str | None = setting(None, "prior folder (written by `ld3m-fast convert` or save_prior); "
                                 "default: the embedded Fashion-MNIST prior")
     max_per_class: int | None = setting(None, "use at most N real images per class", minimum=1, walked=False)
+    # -- pruning the real data, as the authors' follow-up releases it (ld3m_fast/prune.py, docs/pruning.md)
+    prune_percent: int = setting(100, "keep int(P * n / 100) real images of each class of n, ranked by "
+                                 "--prune-scorer's loss (1-100; 100 = no pruning)", minimum=1, maximum=100,
+                                 walked=False)
+    prune_order: str = setting("asc", "asc: keep the lowest losses (the release's choice), desc: the highest, "
+                               "random: a seeded draw (no scorer)", choices=("asc", "desc", "random"), walked=False)
+    prune_scorer: str = setting("train", "what scores the real images: a torchvision ResNet-18 state dict (the "
+                                "release's ImageNet-pretrained one) or 'train' (a ConvNet trained here on the real "
+                                "data; recorded as a deviation from the release)", walked=False)
+    prune_losses: str | None = setting(None, "per-image losses written by `ld3m-fast prune` (instead of scoring)",
+                                       walked=False)
+    prune_scorer_hash: str | None = setting(None, "filled in by the run: the sha256 of the scorer's weights (or "
+                                            "the one --prune-losses records); given or recorded, a scorer that "
+                                            "hashes otherwise is refused", walked=False)
     cache_dir: str | None = setting(None, "decoded-data cache folder", resumable=True, walked=False)
     # -- the synthetic set and the chain
     algorithm: str = setting("dm", "distillation loss", choices=ALGORITHMS)

@@ -23,9 +23,25 @@ the network's initialisation, the shuffles and the DSA draws of a job are a func
 them. The stream does not depend on the set either: every set is trained with the same
 networks and the same draws (common random numbers), so differences between sets of the
 same size, such as IOR, are paired comparisons.
+
+Beside that default (ours: the final accuracy, hard labels, DSA, a fixed learning rate), the
+options of the field's yardstick DD-Ranking (NUS-HPC-AI-Lab/DD-Ranking, commit b8b09664) can be
+switched on one by one or together (`PROTOCOLS["ddranking"]`; docs/evaluation.md):
+
+- `report="best"`: the best test accuracy over checkpoints every `best_every` (10) epochs
+  (ddranking/metrics/hard_label.py:119, :278-286), labelled as such wherever it appears;
+- `baseline_lr="search"`: every baseline set is trained at each rate of DD-Ranking's grid
+  (hard_label.py:169) and the best test accuracy is kept, per seed;
+- `augment="cutmix"`: DD-Ranking's cutmix (ddranking/aug/cutmix.py), images only;
+- `labels="soft"`: every set is also trained on a teacher's logits by KL divergence at a
+  temperature (DD-Ranking's soft-label mode "M": the teacher labels each augmented batch,
+  ddranking/utils/train_and_eval.py:174-180; loss ddranking/loss/kl.py).
+
+IOR and HLR are means of per-seed (paired) differences, with their std over seeds.
 """
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -40,9 +56,28 @@ from torch.optim.swa_utils import AveragedModel
 from ..errors import LD3MError
 from ..normalization import from_uint8
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_POOL = ("convnet", "alexnet", "vgg11", "resnet18", "vit")
 DISTILL_ARCH = "convnet"
 ARCH_LR = {"vgg11": 1e-4}
+LABEL_MODES = ("hard", "soft")
+REPORTS = ("final", "best")
+AUGMENTS = ("dsa", "cutmix", "none")
+BASELINE_LRS = ("fixed", "search")
+# Baselines beside the distilled sets: a random real subset, and the coresets of
+# `ld3m_fast.distill.coresets` (herding, k-center) in a real-trained network's feature space.
+BASELINE_KINDS = ("random", "herding", "kcenter")
+BASELINE_SET_KINDS = ("random-real", "coreset")
+# DD-Ranking's learning-rate grid for the baselines (ddranking/metrics/hard_label.py:169,
+# soft_label.py:240) and its checkpoint interval (hard_label.py:119).
+DDRANKING_LR_GRID = (0.001, 0.005, 0.01, 0.05, 0.1)
+DDRANKING_TEST_INTERVAL = 10
+# DD-Ranking's KL temperature as its configurations set it (configs/Demo_LRS_Soft_Label.yaml:55,
+# README.md:206); the class's own default is 1.2 (ddranking/loss/kl.py:7).
+DDRANKING_TEMPERATURE = 1.0
+# Sets smaller than this (bytes) are moved to the device once; larger ones batch by batch.
+RESIDENT_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -64,15 +99,65 @@ class EvalConfig:
     width: int = 128
     depth: int | None = None
     norm: str = "instance"
-    test_per_class: int | None = None   # test images per class (None: the whole test split)
+    test_per_class: int | None = None   # at most this many test images per class (None: the whole split)
     name: str = "custom"
+    # -- DD-Ranking-compatible options (module docstring); the defaults are ours
+    labels: str = "hard"                # "soft": also train every set on a teacher's logits
+    temperature: float = DDRANKING_TEMPERATURE
+    report: str = "final"               # "best": best test accuracy over checkpoints (selection on test)
+    best_every: int = DDRANKING_TEST_INTERVAL
+    augment: str = "dsa"                # dsa (dsa_strategy) | cutmix | none
+    cutmix_beta: float = 1.0            # DD-Ranking's aug_params beta (configs/Demo_LRS_Soft_Label.yaml:19)
+    baseline_lr: str = "fixed"          # "search": DD-Ranking's grid for every baseline set
+    lr_grid: tuple[float, ...] = DDRANKING_LR_GRID
+    baselines: tuple[str, ...] = ("random",)
 
     def lr_for(self, arch: str) -> float:
         return self.arch_lr.get(arch, self.lr)
 
+    @property
+    def label_modes(self) -> tuple[str, ...]:
+        """The trainings of every set: hard labels, and soft labels beside them with labels="soft"."""
+        return ("hard", "soft") if self.labels == "soft" else ("hard",)
+
+    def label_modes_for(self, kind: str) -> tuple[str, ...]:
+        """The full real split is the hard-label reference of HLR: trained with hard labels only."""
+        return ("hard",) if kind == "full-real" else self.label_modes
+
+    def checkpoint_epochs(self) -> list[int]:
+        """Epochs after which the test accuracy is measured: the last one, and with report="best"
+        every `best_every`-th one too (DD-Ranking tests after epochs 10, 20, ...)."""
+        if self.report != "best":
+            return [self.epochs]
+        return sorted(set(range(self.best_every, self.epochs + 1, self.best_every)) | {self.epochs})
+
+    def searches_lr(self, kind: str) -> bool:
+        return self.baseline_lr == "search" and kind in BASELINE_SET_KINDS
+
+    def validate(self) -> None:
+        """One `LD3MError` line for the first setting out of its range."""
+        for name, allowed in (("labels", LABEL_MODES), ("report", REPORTS), ("augment", AUGMENTS),
+                              ("baseline_lr", BASELINE_LRS)):
+            if getattr(self, name) not in allowed:
+                raise LD3MError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        unknown = [b for b in self.baselines if b not in BASELINE_KINDS]
+        if unknown:
+            raise LD3MError(f"unknown baseline {unknown[0]!r}: use {', '.join(BASELINE_KINDS)}")
+        for name in ("seeds", "epochs", "batch_size", "test_batch_size", "best_every"):
+            if not getattr(self, name) >= 1:
+                raise LD3MError(f"{name} must be >= 1, got {getattr(self, name)}")
+        positive = {"lr": self.lr, "temperature": self.temperature, "cutmix_beta": self.cutmix_beta,
+                    **{"a rate of lr_grid": v for v in self.lr_grid}}
+        for name, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise LD3MError(f"{name} must be a finite number > 0, got {value}")
+        if self.test_per_class is not None and self.test_per_class < 1:
+            raise LD3MError(f"test_per_class must be >= 1, got {self.test_per_class}")
+
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["archs"] = list(self.archs)
+        for key in ("archs", "lr_grid", "baselines"):
+            out[key] = list(getattr(self, key))
         return out
 
 
@@ -80,10 +165,13 @@ class EvalConfig:
 # CPU): the distillation architecture and the cheapest unseen one that learns at 32x32,
 # 2 seeds, 50 epochs at the 10x larger learning rate a 50-epoch schedule needs (as in
 # docs/reproduction.md), tested on 100 images per class.
+# "ddranking" is the paper protocol with DD-Ranking's four choices: best-of-checkpoints, the
+# baselines' learning-rate search, cutmix and (always reported) per-seed differences.
 PROTOCOLS = {
     "paper": EvalConfig(name="paper"),
     "quick": EvalConfig(name="quick", archs=("convnet", "vgg11"), seeds=2, epochs=50, lr=1e-2,
                         arch_lr={"vgg11": 1e-3}, test_per_class=100),
+    "ddranking": EvalConfig(name="ddranking", report="best", baseline_lr="search", augment="cutmix"),
 }
 
 
@@ -94,9 +182,10 @@ def protocol_config(name: str, **overrides) -> EvalConfig:
         raise LD3MError(f"unknown protocol {name!r}: use one of {', '.join(PROTOCOLS)}")
     base = PROTOCOLS[name]
     changed = {k: v for k, v in overrides.items() if getattr(base, k) != v}
-    config = replace(base, arch_lr=dict(base.arch_lr), **overrides)
+    config = replace(base, **{"arch_lr": dict(base.arch_lr), **overrides})  # never the table's own dict
     if changed:
         config.name = f"{name}+" + ",".join(sorted(changed))
+    config.validate()
     return config
 
 
@@ -120,14 +209,17 @@ def as_network_input(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def test_accuracy(model, test_images: torch.Tensor, test_labels: torch.Tensor, *, batch_size: int,
                   device) -> float:
-    """Top-1 accuracy of `model` on uint8 test images (N, 3, res, res)."""
+    """Top-1 accuracy of `model` on uint8 test images (N, 3, res, res), streamed: one batch of
+    `batch_size` at a time is moved to `device` and converted there, so the split (memory-mapped
+    or not) is never copied whole, nor turned into floats."""
     model.eval()
     correct = 0
-    for start in range(0, test_images.shape[0], batch_size):
-        x = from_uint8(test_images[start:start + batch_size]).to(device)
+    total = int(test_images.shape[0])
+    for start in range(0, total, batch_size):
+        x = as_network_input(test_images[start:start + batch_size].to(device))
         y = test_labels[start:start + batch_size].to(device)
         correct += int((model(x).argmax(1) == y).sum())
-    return correct / max(1, test_images.shape[0])
+    return correct / max(1, total)
 
 
 def corrected_ema_update(decay: float):
@@ -153,30 +245,90 @@ def corrected_ema_update(decay: float):
     return update
 
 
-def _training_step(network, optimizer, dsa, images, labels, index, generator) -> None:
-    x = as_network_input(images[index])
-    if dsa is not None:
-        x = dsa.apply(x, dsa.draw(x.shape[0], generator, x.device))
-    loss = F.cross_entropy(network(x), labels[index])
+# ----------------------------------------------------------------------------- augmentation, labels
+
+def _beta_draw(beta: float, generator: torch.Generator) -> float:
+    """One Beta(beta, beta) draw from `generator` (Beta(1, 1) is uniform: no detour)."""
+    if beta == 1.0:
+        return float(torch.rand((), generator=generator, dtype=torch.float64))
+    import numpy as np
+
+    from .._host import draw_int
+
+    return float(np.random.default_rng(draw_int(2**62, generator)).beta(beta, beta))
+
+
+def cutmix(images: torch.Tensor, generator: torch.Generator, beta: float = 1.0) -> torch.Tensor:
+    """DD-Ranking's cutmix (ddranking/aug/cutmix.py:10-34), with explicit randomness: one box for
+    the whole batch, of side fractions sqrt(1 - lam) with lam ~ Beta(beta, beta), centred at a
+    uniform pixel and clipped, filled from a random permutation of the batch. Labels are not
+    mixed (DD-Ranking applies it to the images only, ddranking/utils/train_and_eval.py:174;
+    with soft labels the teacher labels the mixed images). images: (B, C, H, W); a new tensor."""
+    rows, cols = images.shape[2], images.shape[3]  # its rand_bbox's W = size[2], H = size[3]
+    cut = math.sqrt(1.0 - _beta_draw(beta, generator))
+    cut_rows, cut_cols = int(rows * cut), int(cols * cut)
+    centre = torch.randint(0, rows * cols, (), generator=generator).item()
+    cr, cc = centre // cols, centre % cols
+    r1, r2 = min(max(cr - cut_rows // 2, 0), rows), min(max(cr + cut_rows // 2, 0), rows)
+    c1, c2 = min(max(cc - cut_cols // 2, 0), cols), min(max(cc + cut_cols // 2, 0), cols)
+    permutation = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    out = images.clone()
+    out[:, :, r1:r2, c1:c2] = images[permutation, :, r1:r2, c1:c2]
+    return out
+
+
+def build_augment(config: EvalConfig):
+    """x, generator -> augmented x for the protocol's `augment` (None: no augmentation)."""
+    if config.augment == "cutmix":
+        return lambda x, generator: cutmix(x, generator, config.cutmix_beta)
+    if config.augment == "dsa" and config.dsa_strategy:
+        from ..dsa import DSA
+
+        dsa = DSA(config.dsa_strategy)
+        return lambda x, generator: dsa.apply(x, dsa.draw(x.shape[0], generator, x.device))
+    return None
+
+
+def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) at `temperature`, averaged over the batch: DD-Ranking's
+    KLDivergenceLoss with scale_loss=False (ddranking/loss/kl.py:12-19)."""
+    student = F.log_softmax(student_logits / temperature, dim=1)
+    teacher = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    return F.kl_div(student, teacher, reduction="batchmean")
+
+
+def _training_step(network, optimizer, augment, images, labels, index, generator, device,
+                   teacher=None, temperature: float = DDRANKING_TEMPERATURE) -> None:
+    x = as_network_input(images[index].to(device))
+    if augment is not None:
+        x = augment(x, generator)
+    if teacher is None:
+        loss = F.cross_entropy(network(x), labels[index].to(device))
+    else:  # DD-Ranking's soft-label mode "M": the teacher labels the augmented batch itself
+        with torch.no_grad():
+            target = teacher(x)
+        loss = soft_label_loss(network(x), target, temperature)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
 
-def train_and_test(network, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
-                   test_labels: torch.Tensor, *, lr: float, config: EvalConfig, generator: torch.Generator,
-                   device="cpu", on_epoch: Callable[[int], None] | None = None) -> float:
-    """Train `network` on a set and return the test accuracy of its weight EMA after the final epoch.
+def train_network(network, images: torch.Tensor, labels: torch.Tensor, *, lr: float, config: EvalConfig,
+                  generator: torch.Generator, device="cpu", on_epoch: Callable[[int], None] | None = None,
+                  teacher=None, at_checkpoint: Callable[[int, torch.nn.Module], None] | None = None):
+    """Train `network` under the protocol's recipe and return its weight average (EMA module).
 
-    images: (N, 3, H, W) float network input, or uint8 pixels (converted batch by batch, so
-    a whole real train split can be used without a float copy); labels (N,) long.
-    on_epoch(e) is called after each finished epoch e = 1..config.epochs.
+    images: (N, 3, H, W) float network input or uint8 pixels (converted batch by batch);
+    labels (N,) long. Sets under `RESIDENT_BYTES` move to `device` once, larger ones (a whole
+    real train split) one batch at a time. teacher: a network in eval mode whose logits on each
+    augmented batch are the targets (soft labels) instead of `labels`.
+    on_epoch(e) after each epoch e = 1..epochs; at_checkpoint(e, ema_module) after the epochs
+    of `config.checkpoint_epochs()`.
     """
-    from ..dsa import DSA
-
     network = network.to(device)
-    images, labels = images.to(device), labels.to(device)
-    dsa = DSA(config.dsa_strategy) if config.dsa_strategy else None
+    if images.numel() * images.element_size() <= RESIDENT_BYTES:
+        images, labels = images.to(device), labels.to(device)
+    augment = build_augment(config)
     optimizer = torch.optim.SGD(network.parameters(), lr=lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(images.shape[0] / config.batch_size)
@@ -184,18 +336,58 @@ def train_and_test(network, images: torch.Tensor, labels: torch.Tensor, test_ima
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total, max(1, int(config.warmup_fraction * total))))
     ema = AveragedModel(network, multi_avg_fn=corrected_ema_update(config.ema_decay), use_buffers=True)
-    network.train()
-    for epoch in range(config.epochs):
-        order = torch.randperm(images.shape[0], generator=generator).to(device)
+    checkpoints = set(config.checkpoint_epochs()) if at_checkpoint is not None else set()
+    for epoch in range(1, config.epochs + 1):
+        network.train()
+        order = torch.randperm(images.shape[0], generator=generator).to(images.device)
         for start in range(0, images.shape[0], config.batch_size):
-            _training_step(network, optimizer, dsa, images, labels, order[start:start + config.batch_size],
-                           generator)
+            _training_step(network, optimizer, augment, images, labels, order[start:start + config.batch_size],
+                           generator, device, teacher, config.temperature)
             schedule.step()
             ema.update_parameters(network)
         if on_epoch is not None:
-            on_epoch(epoch + 1)
-    return test_accuracy(ema.module, test_images, test_labels, batch_size=config.test_batch_size,
-                         device=device)
+            on_epoch(epoch)
+        if epoch in checkpoints:
+            at_checkpoint(epoch, ema.module)
+    return ema.module
+
+
+def train_and_test_detailed(network, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
+                            test_labels: torch.Tensor, *, lr: float, config: EvalConfig, generator: torch.Generator,
+                            device="cpu", on_epoch: Callable[[int], None] | None = None, teacher=None) -> dict:
+    """Train, and test the weight average after the epochs of `config.checkpoint_epochs()`.
+
+    Returns {"final_accuracy" (after the last epoch), "best_accuracy" and "best_epoch" (the
+    best checkpoint, measured on the test set: DD-Ranking's report), "accuracy" (the one
+    `config.report` names)}."""
+    curve: dict[int, float] = {}
+
+    def measure(epoch: int, model) -> None:
+        curve[epoch] = test_accuracy(model, test_images, test_labels, batch_size=config.test_batch_size,
+                                     device=device)
+        model.train()
+
+    train_network(network, images, labels, lr=lr, config=config, generator=generator, device=device,
+                  on_epoch=on_epoch, teacher=teacher, at_checkpoint=measure)
+    best_epoch = max(curve, key=lambda e: (curve[e], -e))  # ties: the earliest, as DD-Ranking's `>`
+    final = curve[config.epochs]
+    return {"accuracy": curve[best_epoch] if config.report == "best" else final, "final_accuracy": final,
+            "best_accuracy": curve[best_epoch], "best_epoch": best_epoch}
+
+
+def train_and_test(network, images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
+                   test_labels: torch.Tensor, *, lr: float, config: EvalConfig, generator: torch.Generator,
+                   device="cpu", on_epoch: Callable[[int], None] | None = None, teacher=None) -> float:
+    """Train `network` on a set and return the test accuracy of its weight EMA that
+    `config.report` names: after the final epoch (ours), or the best checkpoint ("best").
+
+    images: (N, 3, H, W) float network input, or uint8 pixels (converted batch by batch, so
+    a whole real train split can be used without a float copy); labels (N,) long.
+    on_epoch(e) is called after each finished epoch e = 1..config.epochs.
+    """
+    return train_and_test_detailed(network, images, labels, test_images, test_labels, lr=lr, config=config,
+                                   generator=generator, device=device, on_epoch=on_epoch,
+                                   teacher=teacher)["accuracy"]
 
 
 # ----------------------------------------------------------------------------- sets
@@ -206,8 +398,10 @@ class EvalSet:
 
     images: (N, 3, res, res) float network input or uint8 pixels; labels (N,) long.
     kind: "distilled" (an ld3m-fast run), "external" (another method's set),
-    "random-real" (the baseline of the same per-class counts), "full-real" (the train split).
-    baseline: the name of the random-real set it is compared with (IOR), if any.
+    "random-real" (the baseline of the same per-class counts), "coreset" (herding or
+    k-center, `ld3m_fast.distill.coresets`), "full-real" (the train split).
+    baseline: the name of the random-real set it is compared with (IOR), if any;
+    baselines: every baseline it is compared with, {kind ("random", "herding", "kcenter"): name}.
     draw: for random-real sets, eval seed -> (images, labels) of that seed's own draw
     (`images`/`labels` are draw 0); None: every seed trains on `images`/`labels`.
     """
@@ -219,6 +413,7 @@ class EvalSet:
     source: str = ""
     baseline: str | None = None
     draw: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    baselines: dict = field(default_factory=dict)
 
     @property
     def res(self) -> int:
@@ -234,8 +429,11 @@ class EvalSet:
     def info(self, num_classes: int) -> dict:
         counts = self.class_counts(num_classes)
         ipc = counts[0] if len(set(counts)) == 1 else None
+        baselines = dict(self.baselines)
+        if self.baseline is not None:
+            baselines.setdefault("random", self.baseline)
         return {"kind": self.kind, "source": self.source, "images": int(self.labels.numel()),
-                "ipc": ipc, "class_counts": counts, "baseline": self.baseline}
+                "ipc": ipc, "class_counts": counts, "baseline": self.baseline, "baselines": baselines}
 
 
 def check_eval_set(images: torch.Tensor, labels: torch.Tensor, *, num_classes: int, res: int | None,
@@ -268,13 +466,21 @@ def check_eval_set(images: torch.Tensor, labels: torch.Tensor, *, num_classes: i
         raise LD3MError(f"{what}: images contain NaN or infinity")
 
 
+def members_by_class(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
+    """Per class k, the positions of its images in ascending order: one stable sort, so 1000
+    classes cost O(N log N), not a scan of all N labels per class."""
+    labels = labels.long()
+    order = torch.sort(labels, stable=True).indices
+    counts = torch.bincount(labels, minlength=num_classes)[:num_classes].tolist()
+    return list(torch.split(order, counts))
+
+
 def random_real_indices(labels: torch.Tensor, counts: list[int], generator: torch.Generator) -> torch.Tensor:
     """Positions of `counts[k]` random images of every class k, class by class, drawn with
     `generator` only (a permutation of each class's members, first counts[k] taken: the
     draw `SyntheticSet.from_real` makes for its initial images)."""
     chosen = []
-    for k, count in enumerate(counts):
-        members = torch.nonzero(labels == k).flatten()
+    for k, (count, members) in enumerate(zip(counts, members_by_class(labels, len(counts)))):
         if members.numel() < count:
             raise LD3MError(f"the real train split has {members.numel()} images of class {k}, fewer than "
                             f"the {count} a random-real baseline of the same size needs")
@@ -313,7 +519,31 @@ def with_random_real_baselines(sets: list[EvalSet], train, *, num_classes: int, 
         if counts not in baselines:
             baselines[counts] = random_real_set(train, list(counts), seed)
         s.baseline = baselines[counts].name
+        s.baselines["random"] = s.baseline
     return list(sets) + list(baselines.values())
+
+
+def with_coreset_baselines(sets: list[EvalSet], train, network, *, kinds: Iterable[str], num_classes: int,
+                           device="cpu", seed: int = 0) -> list[EvalSet]:
+    """One coreset per kind ("herding", "kcenter") and distinct per-class count among `sets`,
+    chosen in `network`'s feature space from `train` (an `ImageSet`); each set's `baselines[kind]`
+    names its own. Returns the new coreset sets (the same images for every eval seed)."""
+    from .coresets import coreset_indices
+
+    made: dict[tuple, EvalSet] = {}
+    for s in sets:
+        counts = tuple(s.class_counts(num_classes))
+        balanced = len(set(counts)) == 1
+        size = f"ipc{counts[0]}" if balanced else "-".join(map(str, counts))
+        for kind in kinds:
+            if (kind, counts) not in made:
+                index = coreset_indices(kind, network, train.images, train.labels, list(counts), device=device,
+                                        seed=seed)
+                made[(kind, counts)] = EvalSet(
+                    f"{kind}-{size}", train.images[index], train.labels[index], "coreset",
+                    source=f"{kind} coreset, {counts[0] if balanced else size} per class of {train.description}")
+            s.baselines[kind] = made[(kind, counts)].name
+    return list(made.values())
 
 
 def read_image_folder_set(folder, *, what: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,23 +667,45 @@ def load_eval_set(path, *, name: str | None = None) -> tuple[EvalSet, dict | Non
 
 @dataclass(frozen=True)
 class EvalJob:
-    """One training run: network `arch`, eval seed `seed` (0-based), trained on set `set`."""
+    """One training run: network `arch`, eval seed `seed` (0-based), trained on set `set`
+    with `labels` ("hard", or "soft": a teacher's logits) at learning rate `lr` (None: the
+    protocol's rate for `arch`; a rate of the grid for a baseline under baseline_lr="search")."""
 
     set: str
     arch: str
     seed: int
+    labels: str = "hard"
+    lr: float | None = None
 
     @property
     def stream(self) -> str:
+        # Not a function of the set, the labels or the rate: all of them train the same networks
+        # on the same draws (common random numbers), so their differences are paired.
         return f"eval:{self.arch}:{self.seed}"
 
+    @property
+    def key(self) -> tuple:
+        return (self.set, self.arch, self.seed, self.labels, self.lr)
 
-def plan_jobs(set_names: Iterable[str], config: EvalConfig) -> list[EvalJob]:
-    """Every (set, arch, seed) of the protocol, seed-major: the first seed of every set and
-    architecture comes before any second seed, so a run cut short leaves even tables."""
+    def describe(self) -> str:
+        extra = (" soft" if self.labels == "soft" else "") + (f" lr {self.lr:g}" if self.lr is not None else "")
+        return f"{self.set} {self.arch} seed {self.seed}{extra}"
+
+
+def job_rates(kind: str, config: EvalConfig) -> tuple:
+    """The learning rates a set of `kind` is trained at: (None,) = the protocol's, or the grid."""
+    return tuple(config.lr_grid) if config.searches_lr(kind) else (None,)
+
+
+def plan_jobs(set_names: Iterable[str], config: EvalConfig, kinds: dict[str, str] | None = None) -> list[EvalJob]:
+    """Every (set, arch, seed, labels, lr) of the protocol, seed-major: the first seed of every
+    set and architecture comes before any second seed, so a run cut short leaves even tables.
+    kinds: {set: kind}, for the baselines' learning-rate search (no search without it)."""
     names = list(set_names)
-    return [EvalJob(name, arch, seed) for seed in range(config.seeds) for name in names
-            for arch in config.archs]
+    kinds = kinds or {}
+    return [EvalJob(name, arch, seed, labels, lr) for seed in range(config.seeds) for name in names
+            for labels in config.label_modes_for(kinds.get(name, "")) for arch in config.archs
+            for lr in job_rates(kinds.get(name, ""), config)]
 
 
 def assign_jobs(jobs: list[EvalJob], seconds: dict, world_size: int) -> list[list[int]]:
@@ -484,22 +736,27 @@ def build_eval_network(arch: str, generator: torch.Generator, *, num_classes: in
 
 def run_job(job: EvalJob, train: EvalSet, test_images: torch.Tensor, test_labels: torch.Tensor, *,
             num_classes: int, config: EvalConfig, seed: int = 0, device="cpu",
-            on_epoch: Callable[[int], None] | None = None) -> dict:
-    """Train one network of `job` on `train`, test it; a function of (job, seed, sets) only.
+            on_epoch: Callable[[int], None] | None = None, teacher=None) -> dict:
+    """Train one network of `job` on `train`, test it; a function of (job, seed, sets, teacher) only.
 
-    Returns {"set", "arch", "seed", "accuracy" (a fraction), "seconds" (wall)}.
+    teacher: the network whose logits are the targets of a soft-label job (eval mode).
+    Returns {"set", "arch", "seed", "labels", "lr", "accuracy" (the one `config.report`
+    names, a fraction), "final_accuracy", "best_accuracy", "best_epoch", "seconds" (wall)}.
     """
     from .algorithms import stream_generator
 
+    if job.labels == "soft" and teacher is None:
+        raise ValueError(f"job {job.describe()} trains on soft labels but no teacher was given")
     started = time.perf_counter()
     images, labels = train.training_data(job.seed)
     generator = stream_generator(seed, job.stream)
     network = build_eval_network(job.arch, generator, num_classes=num_classes, res=train.res, config=config)
-    accuracy = train_and_test(network, images, labels, test_images, test_labels,
-                              lr=config.lr_for(job.arch), config=config, generator=generator, device=device,
-                              on_epoch=on_epoch)
-    return {"set": job.set, "arch": job.arch, "seed": job.seed, "accuracy": accuracy,
-            "seconds": time.perf_counter() - started}
+    accuracies = train_and_test_detailed(
+        network, images, labels, test_images, test_labels, lr=config.lr_for(job.arch) if job.lr is None else job.lr,
+        config=config, generator=generator, device=device, on_epoch=on_epoch,
+        teacher=teacher if job.labels == "soft" else None)
+    return {"set": job.set, "arch": job.arch, "seed": job.seed, "labels": job.labels, "lr": job.lr,
+            **accuracies, "seconds": time.perf_counter() - started}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -518,58 +775,136 @@ def summarize(accuracies_by_arch: dict[str, list[float]]) -> dict:
     return {"per_arch": per_arch, "unseen_mean": statistics.fmean(unseen) if unseen else None}
 
 
+def _selected_accuracies(results: Iterable[dict]) -> tuple[dict, dict, int]:
+    """Per (set, labels, arch, seed) the reported accuracy and the learning rate it was trained at:
+    where a baseline was trained at several rates (the search), the best one, ties to the
+    smaller rate (DD-Ranking keeps the first of its ascending grid on ties, hard_label.py:191).
+    Returns (accuracy, rate, number of job results); a job reported twice is an error."""
+    by_key: dict[tuple, float] = {}
+    for r in results:
+        lr = r.get("lr")
+        key = (r["set"], r["arch"], int(r["seed"]), r.get("labels", "hard"), None if lr is None else float(lr))
+        if key in by_key:
+            raise LD3MError(f"job {key} was reported twice")
+        by_key[key] = float(r["accuracy"])
+    accuracy: dict[tuple, float] = {}
+    rate: dict[tuple, float | None] = {}
+    for (name, arch, seed, labels, lr), value in sorted(by_key.items(), key=lambda kv: kv[0][4] or 0.0):
+        key = (name, labels, arch, seed)
+        if key not in accuracy or value > accuracy[key]:
+            accuracy[key], rate[key] = value, lr
+    return accuracy, rate, len(by_key)
+
+
+def _table(accuracy: dict, name: str, labels: str, config: EvalConfig) -> dict[str, dict[int, float]]:
+    """{arch: {seed: accuracy}} of one set under one kind of labels."""
+    return {arch: {s: accuracy[(name, labels, arch, s)] for s in range(config.seeds)
+                   if (name, labels, arch, s) in accuracy} for arch in config.archs}
+
+
+def paired_gaps(mine: dict[str, dict[int, float]], other: dict[str, dict[int, float]], gap) -> dict:
+    """Per-seed differences of two sets' accuracies, as DD-Ranking takes them (one difference
+    per evaluation run, then mean and std; metrics/hard_label.py:380-381, :411-414).
+
+    mine, other: {arch: {seed: accuracy}}; gap(mine, other) -> difference. Per architecture the
+    seeds both have; "unseen": per seed, the gap of the means over the unseen architectures
+    both have. Returns {"mean": {arch | "unseen": mean}, "std": {...: population std}}."""
+    differences: dict[str, list[float]] = {}
+    for arch, values in mine.items():
+        common = [s for s in values if s in other.get(arch, {})]
+        if common:
+            differences[arch] = [gap(values[s], other[arch][s]) for s in common]
+    unseen = [a for a in mine if a != DISTILL_ARCH and a in other]
+    seeds = sorted({s for a in unseen for s in mine[a]})
+    per_seed = []
+    for s in seeds:
+        archs = [a for a in unseen if s in mine[a] and s in other[a]]
+        if archs:
+            per_seed.append(gap(statistics.fmean(mine[a][s] for a in archs),
+                                statistics.fmean(other[a][s] for a in archs)))
+    if per_seed:
+        differences["unseen"] = per_seed
+    stats = {key: mean_std(values) for key, values in differences.items()}
+    return {"mean": {k: m for k, (m, _) in stats.items()}, "std": {k: sd for k, (_, sd) in stats.items()}}
+
+
+def _baselines_of(info: dict) -> dict[str, str]:
+    baselines = dict(info.get("baselines") or {})
+    if info.get("baseline"):
+        baselines.setdefault("random", info["baseline"])
+    return baselines
+
+
 def gather(results: Iterable[dict], *, config: EvalConfig, sets: dict[str, dict],
            full_real: dict | None = None) -> dict:
     """The report from job results (any order, any subset; duplicates are an error).
 
     sets: {name: EvalSet.info()} in display order. full_real: {"per_arch": {arch: accuracy},
     "source": ...} given by the user, or None (a "full-real" set among `sets` is used if
-    evaluated). Per set: per_arch (mean ± std over seeds), unseen_mean, and where they
-    apply ior = acc(set) - acc(its random-real baseline) and hlr = acc(full real) - acc(set),
-    per architecture and for the unseen mean.
+    evaluated; its hard-label accuracy is the reference for soft labels too, as in DD-Ranking).
+    Per set and kind of labels ("sets": hard, "soft_sets": soft): per_arch (mean ± std over
+    seeds), unseen_mean, and for distilled and external sets the gaps, means of per-seed
+    differences with their std (`paired_gaps`): ior = acc(set) - acc(random-real baseline),
+    hlr = acc(full real) - acc(set), and "improvements" over every baseline (random-real,
+    herding, k-center), per architecture and for the unseen mean. A searched baseline's rows
+    carry "lr_chosen" (the rate of the grid kept per seed).
     """
-    by_key: dict[tuple, float] = {}
-    for r in results:
-        key = (r["set"], r["arch"], int(r["seed"]))
-        if key in by_key:
-            raise LD3MError(f"job {key} was reported twice")
-        by_key[key] = float(r["accuracy"])
-    expected = len(sets) * len(config.archs) * config.seeds
-    out_sets = {}
-    for name, info in sets.items():
-        accuracies = {arch: [by_key[(name, arch, s)] for s in range(config.seeds) if (name, arch, s) in by_key]
-                      for arch in config.archs}
-        out_sets[name] = {**info, **summarize(accuracies)}
-    reference = None
+    accuracy, rate, done = _selected_accuracies(results)
+    expected = sum(len(config.label_modes_for(info["kind"])) * len(config.archs) * config.seeds *
+                   len(job_rates(info["kind"], config)) for info in sets.values())
+    full_name = next((n for n, info in sets.items() if info["kind"] == "full-real"), None)
     if full_real is not None:
-        reference = dict(full_real["per_arch"])
-    elif any(info["kind"] == "full-real" for info in sets.values()):
-        name = next(n for n, info in sets.items() if info["kind"] == "full-real")
-        reference = {arch: row["mean"] for arch, row in out_sets[name]["per_arch"].items()}
-    for name, row in out_sets.items():
-        if row["kind"] not in ("distilled", "external"):
-            continue
-        base = out_sets.get(row.get("baseline") or "")
-        if base is not None:
-            row["ior"] = _gaps(row, base, lambda mine, other: mine - other)
-        if reference is not None:
-            ref_row = summarize({a: [v] for a, v in reference.items() if a in config.archs})
-            row["hlr"] = _gaps(row, ref_row, lambda mine, other: other - mine)
-    return {"format": "ld3m-fast-eval", "protocol": config.to_dict(), "complete": len(by_key) >= expected,
-            "jobs_done": len(by_key), "jobs_total": expected, "sets": out_sets,
-            "full_real": full_real if full_real is not None else (
-                {"source": "trained", "per_arch": reference} if reference is not None else None)}
+        given = full_real["per_arch"]
+        reference = {a: {s: given[a] for s in range(config.seeds)} for a in config.archs if a in given}
+    elif full_name is not None:
+        reference = _table(accuracy, full_name, "hard", config)
+    else:
+        reference = None
+    out = {}
+    for labels in config.label_modes:
+        rows = {}
+        for name, info in sets.items():
+            if labels not in config.label_modes_for(info["kind"]):
+                continue
+            table = _table(accuracy, name, labels, config)
+            row = {**info, **summarize({a: [v[s] for s in sorted(v)] for a, v in table.items()})}
+            if config.searches_lr(info["kind"]):
+                row["lr_chosen"] = {a: [rate[(name, labels, a, s)] for s in sorted(v)] for a, v in table.items()}
+            if info["kind"] in ("distilled", "external"):
+                _add_gaps(row, table, _baselines_of(info), accuracy, labels, config, reference)
+            rows[name] = row
+        out[labels] = rows
+    report = {"format": "ld3m-fast-eval", "protocol": config.to_dict(), "complete": done >= expected,
+              "jobs_done": done, "jobs_total": expected, "sets": out["hard"]}
+    if "soft" in out:
+        report["soft_sets"] = out["soft"]
+    if full_real is not None:
+        report["full_real"] = full_real
+    elif full_name is not None:
+        report["full_real"] = {"source": "trained", "per_arch": {
+            a: row["mean"] for a, row in out["hard"][full_name]["per_arch"].items()}}
+    else:
+        report["full_real"] = None
+    return report
 
 
-def _gaps(row: dict, other: dict, gap) -> dict:
-    out = {arch: gap(r["mean"], other["per_arch"][arch]["mean"])
-           for arch, r in row["per_arch"].items() if arch in other["per_arch"]}
-    unseen_mine = [r["mean"] for a, r in row["per_arch"].items() if a != DISTILL_ARCH and a in other["per_arch"]]
-    unseen_other = [other["per_arch"][a]["mean"] for a in row["per_arch"]
-                    if a != DISTILL_ARCH and a in other["per_arch"]]
-    if unseen_mine:
-        out["unseen"] = gap(statistics.fmean(unseen_mine), statistics.fmean(unseen_other))
-    return out
+def _add_gaps(row: dict, table: dict, baselines: dict, accuracy: dict, labels: str, config: EvalConfig,
+              reference: dict | None) -> None:
+    """IOR, HLR and the improvement over every baseline of one set's row (in place)."""
+    improvements = {}
+    for kind, base in baselines.items():
+        base_table = _table(accuracy, base, labels, config)
+        if any(base_table.values()):
+            gaps = paired_gaps(table, base_table, lambda mine, other: mine - other)
+            improvements[base] = {"kind": kind, "gap": gaps["mean"], "std": gaps["std"]}
+    if improvements:
+        row["improvements"] = improvements
+    random_base = improvements.get(baselines.get("random", ""))
+    if random_base is not None:
+        row["ior"], row["ior_std"] = random_base["gap"], random_base["std"]
+    if reference is not None:
+        gaps = paired_gaps(table, reference, lambda mine, other: other - mine)
+        row["hlr"], row["hlr_std"] = gaps["mean"], gaps["std"]
 
 
 def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
@@ -603,66 +938,97 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test_images: 
 
 @dataclass
 class Calibration:
-    """Measured wall seconds on this device now: one training step per (arch, batch size)
-    and one test image per arch."""
+    """Measured wall seconds on this device now: one training step per (arch, batch size),
+    one test image per arch, and one teacher forward per image (soft labels)."""
 
     step_seconds: dict = field(default_factory=dict)   # (arch, batch) -> seconds
     test_seconds_per_image: dict = field(default_factory=dict)  # arch -> seconds
     seconds: float = 0.0   # what the calibration itself took
+    teacher_seconds_per_image: float = 0.0
 
     def epoch_seconds(self, arch: str, images: int, config: EvalConfig) -> float:
         batch = min(images, config.batch_size)
         return self.step_seconds[(arch, batch)] * images / batch
 
-    def job_seconds(self, arch: str, images: int, test_images: int, config: EvalConfig) -> float:
-        return config.epochs * self.epoch_seconds(arch, images, config) + \
-            test_images * self.test_seconds_per_image[arch]
+    def job_seconds(self, arch: str, images: int, test_images: int, config: EvalConfig,
+                    labels: str = "hard") -> float:
+        teacher = self.teacher_seconds_per_image * images if labels == "soft" else 0.0
+        tests = len(config.checkpoint_epochs())
+        return config.epochs * (self.epoch_seconds(arch, images, config) + teacher) + \
+            tests * test_images * self.test_seconds_per_image[arch]
 
 
 def calibrate(set_sizes: Iterable[int], *, config: EvalConfig, res: int, num_classes: int, device="cpu",
-              steps: int = 2, test_images: int = 64) -> Calibration:
+              steps: int = 2, test_images: int = 64, teacher=None) -> Calibration:
     """Time `steps` training steps (after one warm-up) of every architecture at every batch
-    size the sets need, DSA included, and a forward pass over `test_images` test-sized
-    inputs. Uses its own stream ("eval-calibration"): the jobs' streams are untouched."""
-    from ..dsa import DSA
+    size the sets need, augmentation included, a forward pass over `test_images` test-sized
+    inputs, and the teacher's forward when given. Uses its own stream ("eval-calibration"):
+    the jobs' streams are untouched."""
     from .algorithms import stream_generator
 
     started = time.perf_counter()
     calibration = Calibration()
     generator = stream_generator(0, "eval-calibration")
     batches = sorted({min(int(n), config.batch_size) for n in set_sizes})
-    dsa = DSA(config.dsa_strategy) if config.dsa_strategy else None
+    augment = build_augment(config)
     for arch in config.archs:
         network = build_eval_network(arch, generator, num_classes=num_classes, res=res, config=config).to(device)
-        optimizer = torch.optim.SGD(network.parameters(), lr=1e-6, momentum=config.momentum)
-        network.train()
         for batch in batches:
-            images = torch.randn(batch, 3, res, res, generator=generator).to(device)
-            labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
-            index = torch.arange(batch, device=device)
-            times = []
-            for i in range(steps + 1):
-                t = time.perf_counter()
-                _training_step(network, optimizer, dsa, images, labels, index, generator)
-                if torch.device(device).type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
-            calibration.step_seconds[(arch, batch)] = statistics.median(times[1:])
-        network.eval()
-        with torch.no_grad():
-            x = torch.randn(test_images, 3, res, res, generator=generator).to(device)
-            network(x[:2])
-            t = time.perf_counter()
-            network(x)
-            calibration.test_seconds_per_image[arch] = (time.perf_counter() - t) / test_images
+            calibration.step_seconds[(arch, batch)] = training_step_seconds(
+                network, batch, res, config=config, num_classes=num_classes, generator=generator, device=device,
+                steps=steps, augment=augment)
+        calibration.test_seconds_per_image[arch] = _forward_seconds(network, test_images, res, generator, device)
+    if teacher is not None:
+        calibration.teacher_seconds_per_image = _forward_seconds(teacher, min(test_images, config.batch_size), res,
+                                                                 generator, device)
     calibration.seconds = time.perf_counter() - started
     return calibration
+
+
+def training_step_seconds(network, batch: int, res: int, *, config: EvalConfig, num_classes: int,
+                          generator: torch.Generator, device="cpu", steps: int = 2, augment=None) -> float:
+    """Median wall seconds of one training step of `network` (moved to `device`) on a random
+    batch of `batch` images of side `res`, augmentation included (after a warm-up step); the
+    network's weights change (a tiny learning rate)."""
+    network = network.to(device).train()
+    optimizer = torch.optim.SGD(network.parameters(), lr=1e-6, momentum=config.momentum)
+    images = torch.randn(batch, 3, res, res, generator=generator)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator)
+    index = torch.arange(batch)
+    augment = build_augment(config) if augment is None else augment
+    return _median_seconds(lambda: _training_step(network, optimizer, augment, images, labels, index, generator,
+                                                  device), steps, device)
+
+
+def _median_seconds(step: Callable[[], None], steps: int, device) -> float:
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        step()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+@torch.no_grad()
+def _forward_seconds(network, count: int, res: int, generator: torch.Generator, device) -> float:
+    """Seconds per image of one eval-mode forward over `count` random inputs (after a warm-up)."""
+    network.eval()
+    x = torch.randn(count, 3, res, res, generator=generator).to(device)
+    network(x[:2])
+    t = time.perf_counter()
+    network(x)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / count
 
 
 def estimate_seconds(jobs: Iterable[EvalJob], set_sizes: dict[str, int], test_count: int,
                      calibration: Calibration, config: EvalConfig) -> dict[EvalJob, float]:
     """Estimated wall seconds of every job from the calibration."""
-    return {job: calibration.job_seconds(job.arch, set_sizes[job.set], test_count, config) for job in jobs}
+    return {job: calibration.job_seconds(job.arch, set_sizes[job.set], test_count, config, job.labels)
+            for job in jobs}
 
 
 def format_duration(seconds: float) -> str:
@@ -692,51 +1058,110 @@ def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 
 
-def _signed(value) -> str:
-    return "—" if value is None else f"{100 * value:+.2f}"
+def _pm(value, std) -> str:
+    if value is None:
+        return "—"
+    return f"{100 * value:+.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
 
 
-def format_markdown(report: dict) -> str:
-    """Markdown tables of a `gather` report: accuracy (%) per set and architecture (mean ± std
-    over seeds, n), the unseen mean, then IOR and HLR (percentage points) per set."""
+def accuracy_label(protocol: dict) -> str:
+    """What the accuracies of a report are: the final one (ours) or DD-Ranking's best checkpoint."""
+    if protocol.get("report") == "best":
+        return (f"best test accuracy over checkpoints every {protocol['best_every']} epochs (selected on the "
+                "test set, DD-Ranking's report; not the final accuracy)")
+    return "test accuracy after the final epoch (no selection on the test set)"
+
+
+def _protocol_line(report: dict) -> str:
     protocol = report["protocol"]
     archs = protocol["archs"]
-    lines = [f"Protocol {protocol['name']}: {', '.join(archs)}; {protocol['seeds']} seeds, "
-             f"{protocol['epochs']} epochs, lr {protocol['lr']:g}"
-             + "".join(f" ({a} {v:g})" for a, v in protocol["arch_lr"].items() if a in archs)
-             + f", DSA {protocol['dsa_strategy'] or 'off'}, EMA {protocol['ema_decay']:g}."]
+    augment = protocol.get("augment", "dsa")
+    augmentation = (f"DSA {protocol['dsa_strategy'] or 'off'}" if augment == "dsa" else
+                    f"cutmix (beta {protocol['cutmix_beta']:g}, DD-Ranking's)" if augment == "cutmix" else
+                    "no augmentation")
+    line = (f"Protocol {protocol['name']}: {', '.join(archs)}; {protocol['seeds']} seeds, "
+            f"{protocol['epochs']} epochs, lr {protocol['lr']:g}"
+            + "".join(f" ({a} {v:g})" for a, v in protocol["arch_lr"].items() if a in archs)
+            + f", {augmentation}, EMA {protocol['ema_decay']:g}. Accuracy: {accuracy_label(protocol)}.")
+    if protocol.get("baseline_lr") == "search":
+        line += (" Baselines: trained at each lr of " + ", ".join(f"{v:g}" for v in protocol["lr_grid"])
+                 + " and the best kept per seed (lr searched on the test set, DD-Ranking's grid).")
     test = report.get("test")
     if test:
-        lines[0] += f" Test: {test['images']} images of {test['source']} at {test['res']}²."
-    if not report["complete"]:
-        lines.append(f"Incomplete: {report['jobs_done']} of {report['jobs_total']} jobs finished.")
-    lines += ["", "Test accuracy (%), mean ± std over seeds:", "",
-              "| set | kind | IPC | " + " | ".join(archs) + " | unseen mean |",
-              "|---|---|---|" + "---|" * len(archs) + "---|"]
-    for name, row in report["sets"].items():
+        line += f" Test: {test['images']} images of {test['source']} at {test['res']}²"
+        if test.get("per_class"):
+            line += (f", at most {test['per_class']} per class: a quick check, not the full test split")
+        line += "."
+    return line
+
+
+def _accuracy_table(rows: dict, archs: list[str]) -> list[str]:
+    lines = ["| set | kind | IPC | " + " | ".join(archs) + " | unseen mean |",
+             "|---|---|---|" + "---|" * len(archs) + "---|"]
+    for name, row in rows.items():
         cells = []
         for arch in archs:
             r = row["per_arch"].get(arch)
             cells.append("—" if r is None else
                          f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={len(r['accuracies'])})")
         ipc = row["ipc"] if row["ipc"] is not None else f"{row['images']} images"
-        lines.append(f"| {name} | {row['kind']} | {ipc} | " + " | ".join(cells) +
-                     f" | {_pct(row['unseen_mean'])} |")
-    gap_rows = [(n, r) for n, r in report["sets"].items() if "ior" in r or "hlr" in r]
-    if gap_rows:
-        columns = list(archs) + (["unseen"] if any(a != DISTILL_ARCH for a in archs) else [])
-        lines += ["", "IOR = acc(set) − acc(random real, same IPC); HLR = acc(full real) − acc(set); "
-                      "percentage points:", "",
-                  "| set | gap | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-        for name, row in gap_rows:
-            for gap in ("ior", "hlr"):
-                if gap in row:
-                    lines.append(f"| {name} | {gap.upper()} | " +
-                                 " | ".join(_signed(row[gap].get(c)) for c in columns) + " |")
-        full = report.get("full_real")
-        if full:
-            lines += ["", f"Full real ({full['source']}): " + ", ".join(
-                f"{a} {_pct(v)}" for a, v in full["per_arch"].items())]
+        lines.append(f"| {name} | {row['kind']} | {ipc} | " + " | ".join(cells) + f" | {_pct(row['unseen_mean'])} |")
+    return lines
+
+
+_GAP_NAMES = {"random": "IOR (over {})", "herding": "improvement over {}", "kcenter": "improvement over {}"}
+
+
+def _gap_table(rows: dict, archs: list[str]) -> list[str]:
+    columns = list(archs) + (["unseen"] if any(a != DISTILL_ARCH for a in archs) else [])
+    lines = ["| set | gap | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for name, row in rows.items():
+        for base, gap in (row.get("improvements") or {}).items():
+            label = _GAP_NAMES.get(gap["kind"], "improvement over {}").format(base)
+            lines.append(f"| {name} | {label} | " +
+                         " | ".join(_pm(gap["gap"].get(c), gap["std"].get(c)) for c in columns) + " |")
+        if "hlr" in row:
+            lines.append(f"| {name} | HLR | " + " | ".join(
+                _pm(row["hlr"].get(c), row.get("hlr_std", {}).get(c)) for c in columns) + " |")
+    return lines if len(lines) > 2 else []
+
+
+def format_markdown(report: dict) -> str:
+    """Markdown tables of a `gather` report: accuracy (%) per set and architecture (mean ± std
+    over seeds, n), the unseen mean, then per set its gaps in percentage points, each the mean
+    ± std of per-seed differences: IOR and the improvement over every other baseline, and HLR;
+    the same for soft labels when the report has them."""
+    protocol = report["protocol"]
+    archs = protocol["archs"]
+    best = protocol.get("report") == "best"
+    what = "best-of-checkpoints test accuracy" if best else "test accuracy"
+    lines = [_protocol_line(report)]
+    if not report["complete"]:
+        lines.append(f"Incomplete: {report['jobs_done']} of {report['jobs_total']} jobs finished.")
+    gap_note = ("Gaps in percentage points, mean ± std of per-seed differences: IOR = acc(set) − acc(random "
+                "real, same IPC), improvement over a coreset = acc(set) − acc(coreset), HLR = acc(full real) − "
+                "acc(set)" + (", all of best-of-checkpoints accuracies" if best else "") + ":")
+    sections = [("Hard labels" if "soft_sets" in report else None, report["sets"])]
+    if "soft_sets" in report:
+        teacher = report.get("teacher") or {}
+        sections.append((f"Soft labels (teacher {teacher.get('description', '?')}; KL at temperature "
+                         f"{protocol['temperature']:g}, DD-Ranking's soft-label protocol; HLR against the "
+                         "hard-label full real)", report["soft_sets"]))
+    for title, rows in sections:
+        lines += [""] + ([f"{title}:", ""] if title else [])
+        lines += [f"{what.capitalize()} (%), mean ± std over seeds:", ""] + _accuracy_table(rows, archs)
+        gaps = _gap_table(rows, archs)
+        if gaps:
+            lines += ["", gap_note, ""] + gaps
+    chosen = [(n, r["lr_chosen"]) for n, r in report["sets"].items() if r.get("lr_chosen")]
+    if chosen:
+        lines += ["", "Learning rate kept per seed (search on the test set): " + "; ".join(
+            f"{n} " + ", ".join(f"{a} {'/'.join(f'{v:g}' for v in rates)}" for a, rates in by_arch.items())
+            for n, by_arch in chosen)]
+    full = report.get("full_real")
+    if full:
+        lines += ["", f"Full real ({full['source']}): " + ", ".join(
+            f"{a} {_pct(v)}" for a, v in full["per_arch"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -797,10 +1222,14 @@ def write_report(report: dict, out_dir, *, plot: bool) -> list[Path]:
 
 
 __all__ = [
-    "ARCH_LR", "Calibration", "DEFAULT_POOL", "DISTILL_ARCH", "EvalConfig", "EvalJob", "EvalSet", "PROTOCOLS",
-    "as_network_input", "assign_jobs", "build_eval_network", "calibrate", "check_eval_set", "corrected_ema_update",
-    "estimate_seconds", "evaluate_synthetic", "format_duration", "format_markdown", "format_report", "gather",
-    "load_eval_set", "mean_std", "plan_jobs", "plot_report", "protocol_config", "random_real_indices",
-    "random_real_set", "read_image_folder_set", "read_safetensors_set", "run_job", "summarize",
-    "test_accuracy", "train_and_test", "warmup_cosine", "with_random_real_baselines", "write_report",
+    "ARCH_LR", "AUGMENTS", "BASELINE_KINDS", "BASELINE_LRS", "BASELINE_SET_KINDS", "Calibration",
+    "DDRANKING_LR_GRID", "DDRANKING_TEMPERATURE", "DDRANKING_TEST_INTERVAL", "DEFAULT_POOL", "DISTILL_ARCH",
+    "EvalConfig", "EvalJob", "EvalSet", "LABEL_MODES", "PROTOCOLS", "REPORTS", "accuracy_label", "as_network_input",
+    "assign_jobs", "build_augment", "build_eval_network", "calibrate", "check_eval_set", "corrected_ema_update",
+    "cutmix", "estimate_seconds", "evaluate_synthetic", "format_duration", "format_markdown", "format_report",
+    "gather", "job_rates", "load_eval_set", "mean_std", "members_by_class", "paired_gaps", "plan_jobs",
+    "plot_report", "protocol_config", "random_real_indices", "random_real_set", "read_image_folder_set",
+    "read_safetensors_set", "run_job", "soft_label_loss", "summarize", "test_accuracy", "train_and_test",
+    "train_and_test_detailed", "train_network", "training_step_seconds", "warmup_cosine",
+    "with_coreset_baselines", "with_random_real_baselines", "write_report",
 ]

@@ -165,6 +165,7 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     """Load the prior, data and buffer and assemble the iteration and the synthetic set."""
     from ..data import load_dataset, require_per_class
     from ..priors import load_prior
+    from ..prune import prune_for_run
     from ..synthetic import SyntheticSet
 
     config.validate()
@@ -179,6 +180,7 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     res = resolve_resolution(prior, config.res, released=config.released_compat)
     data = load_dataset(config.data, split="train", subset=config.subset, res=res,
                         cache_dir=config.cache_dir, max_per_class=config.max_per_class, log=log)
+    data = prune_for_run(data, config, log=log)  # --prune-percent (100: unchanged); fills prune_scorer_hash
     require_per_class(data, config.ipc)
     rows = prior_class_rows(prior, config.subset, data.num_classes)
     trajectories = load_trajectories(config, res, data.num_classes)
