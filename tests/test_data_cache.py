@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -115,7 +116,7 @@ def test_decode_killed_with_sigkill_resumes_from_finished_classes(tmp_path, monk
     messages = []
     resumed = load_dataset(root, res=8, cache_dir=cache_dir, workers=1, log=messages.append)
     assert counter.calls == 9  # classes 2, 3, 4 only
-    assert any("classes 1-2 were decoded before" in m for m in messages)
+    assert any("resuming after the first 2 classes" in m for m in messages)
     fresh = load_dataset(root, res=8, cache_dir=tmp_path / "fresh", log=SILENT)
     assert torch.equal(resumed.images, fresh.images) and torch.equal(resumed.labels, fresh.labels)
     assert sorted(p.name for p in entry.iterdir()) == [".lock", "images.u8", "index.json"]
@@ -314,14 +315,56 @@ def test_unwritable_cache_dir_is_one_error(tmp_path):
         load_dataset(root, res=8, cache_dir=tmp_path / "a-file" / "cache", log=SILENT)
 
 
-def test_finished_cache_is_read_without_write_access(tmp_path):
+def test_finished_cache_is_read_without_the_writers_lock(tmp_path):
     root, cache_dir = _tree(tmp_path / "data"), tmp_path / "c"
     first = load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
     entry = _entry(cache_dir)
     (entry / ".lock").unlink()
-    os.chmod(entry, 0o555)
+    os.chmod(entry, 0o555)  # read-only for other users; root (CI) writes anyway, hence the lock check
     try:
         again = load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
     finally:
         os.chmod(entry, 0o755)
     assert torch.equal(first.images, again.images) and not (entry / ".lock").exists()
+
+
+def test_row_file_reads_what_the_map_holds(tmp_path):
+    root = _tree(tmp_path / "data", classes=4, per_class=3)
+    share = load_dataset(root, res=8, cache_dir=tmp_path / "c", classes=range(1, 3), log=SILENT)
+    index = torch.tensor([5, 0, 3, 3])
+    assert share.rows.shape == (6, 3, 8, 8) and len(share.rows) == 6
+    assert torch.equal(share.rows[index], share.images[index]) and torch.equal(share.take(index), share.images[index])
+    assert share.rows[[]].shape == (0, 3, 8, 8)
+    with pytest.raises(IndexError):
+        share.rows[torch.tensor([6])]
+    reloaded = pickle.loads(pickle.dumps(share.rows))
+    assert torch.equal(reloaded[index], share.images[index])
+    real, mapped = RealData.from_imageset(share), RealData(share.images, share.labels, share.num_classes)
+    assert real.rows is share.rows and mapped.rows is None
+    for k in (1, 2):
+        assert torch.equal(real.sample(k, 2, torch.Generator().manual_seed(k), "cpu"),
+                           mapped.sample(k, 2, torch.Generator().manual_seed(k), "cpu"))
+
+
+_LOADS_AT_IMPORT = """
+from ld3m_fast.data import load_dataset
+data = load_dataset({root!r}, res=8, cache_dir={cache!r}, workers=2, log=print)
+print("loaded", len(data))
+"""
+
+
+def test_decoding_workers_and_main_scripts(tmp_path):
+    """Worker processes are spawned, and spawn runs the main script again in each: a script that
+    loads data at import time (no `if __name__ == "__main__":`) gets one error instead of a
+    hang; a script read from stdin (no file to run) decodes in its own process."""
+    root = _tree(tmp_path / "data", classes=2, per_class=70)
+    script = tmp_path / "unguarded.py"
+    script.write_text(_LOADS_AT_IMPORT.format(root=str(root), cache=str(tmp_path / "c1")))
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "LD3MError: a decoding worker process died" in done.stderr.splitlines()[-1]
+    assert 'put the script\'s work under `if __name__ == "__main__":`' in done.stderr
+    from_stdin = subprocess.run([sys.executable, "-"], input=_LOADS_AT_IMPORT.format(
+        root=str(root), cache=str(tmp_path / "c2")), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert from_stdin.returncode == 0, from_stdin.stderr[-2000:]
+    assert "(1 worker process)" in from_stdin.stdout and "loaded 140" in from_stdin.stdout

@@ -6,11 +6,12 @@ is run twice, first decoding it into an empty cache (the decode worker processes
 too), then from the cache. The peak RSS of the 4N run may exceed the N run's by at most
 10% of the decoded size of the 3N extra images.
 
-Measured with glibc's mmap threshold fixed and ld3m-fast's keep-freed-memory policy off:
-with the adaptive defaults, the peak of identical runs of this command varied by 10-230 MB
-on this project's machine (heap fragmentation at the final render), which would drown the
-8.8 MB allowed here; fixed, identical runs agree within 1 MB. Decoded data held in memory
-is counted either way (the previous whole-set cache gave +86 MB for 4N here).
+Measured with glibc's mmap threshold fixed and ld3m-fast's keep-freed-memory policy off, so
+that the heap's fragmentation does not move the peak: on this project's machine four
+identical runs of this command peaked at 869-873 MiB with the defaults and at 732 MiB each
+with these settings (the 10-class embedded-default command varied by up to 230 MB with the
+defaults). Decoded data held in memory counts either way: the previous whole-set cache gave
+4N +86 MB here.
 """
 from __future__ import annotations
 

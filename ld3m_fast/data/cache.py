@@ -141,6 +141,8 @@ class RowFile:
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.count):
             raise IndexError(f"row index out of range 0..{self.count - 1}")
         out = torch.empty((positions.numel(), 3, self.res, self.res), dtype=torch.uint8)
+        if not positions.numel():
+            return out
         size = row_bytes(self.res)
         buffer = memoryview(out.numpy()).cast("B")
         if self._fd is None:

@@ -85,8 +85,10 @@ class FileSource:
         require_free_space(writer.folder, total * row_bytes(options.res))
         workers = worker_count(total, options.workers)
         options.log(f"decoding {total} images of {len(remaining)} classes at {options.res}x{options.res} "
-                    f"({workers} worker process{'es' if workers > 1 else ''}) into {writer.folder}"
-                    + (f"; classes 1-{writer.done_classes} were decoded before" if writer.done_classes else ""))
+                    f"({workers} worker process{'es' if workers > 1 else ''}) into {writer.folder}, "
+                    f"{total * row_bytes(options.res) / 1e9:.2f} GB"
+                    + (f"; resuming after the first {writer.done_classes} classes, decoded before"
+                       if writer.done_classes else ""))
         per_chunk = chunk_rows(options.res)
         jobs = (((k, start + per_chunk >= len(files.names)), files.paths(start, start + per_chunk))
                 for k, files in remaining for start in range(0, len(files.names), per_chunk))
