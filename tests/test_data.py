@@ -27,6 +27,8 @@ from ld3m_fast.data import (
 from ld3m_fast.data import cache, decode, sources
 from ld3m_fast.errors import LD3MError
 
+from _data_helpers import CountingDecoder, logged_warnings
+
 SILENT = lambda message: None  # noqa: E731
 
 
@@ -53,15 +55,6 @@ def _imagenet_tree(root: Path, subset="imagenette", per_class=3, split="train"):
     return root
 
 
-class _CountingDecoder:
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        self._real = decode.decode_image_file
-        monkeypatch.setattr(decode, "decode_image_file", self)
-
-    def __call__(self, path, res):
-        self.calls += 1
-        return self._real(path, res)
 
 
 # ----------------------------------------------------------------------------- subsets
@@ -174,8 +167,6 @@ def test_missing_subset_class_folder(tmp_path):
         load_dataset(root, subset="imagenette", res=8, cache_dir=tmp_path / "c", log=SILENT)
 
 
-def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_unreadable_image_is_skipped_with_warning(tmp_path, caplog):
@@ -183,7 +174,7 @@ def test_unreadable_image_is_skipped_with_warning(tmp_path, caplog):
     (root / "train" / "n01440764" / "broken.JPEG").write_bytes(b"not a jpeg at all")
     with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
         data = load_dataset(root, subset="imagenette", res=8, cache_dir=tmp_path / "c", log=SILENT)
-    (message,) = _warnings(caplog)
+    (message,) = logged_warnings(caplog)
     assert re.search("skipped 1 unreadable image.*broken.JPEG", message), message
     assert data.class_counts() == [2] * 10
 
@@ -354,7 +345,7 @@ def test_installed_fashion_mnist(tmp_path):
 
 def test_cache_hit_equals_first_load_without_decoding(tmp_path, monkeypatch):
     root = _imagenet_tree(tmp_path / "imagenet", per_class=2)
-    counter = _CountingDecoder(monkeypatch)
+    counter = CountingDecoder(monkeypatch)
     cache = tmp_path / "cache"
     first = load_dataset(root, subset="imagenette", res=16, cache_dir=cache, log=SILENT)
     assert counter.calls == 20
@@ -384,7 +375,7 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path, caplog):
     (entry / "index.json").write_bytes(b"garbage")
     with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
         again = load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
-    assert any("unreadable data cache" in m for m in _warnings(caplog))
+    assert any("unreadable data cache" in m for m in logged_warnings(caplog))
     assert torch.equal(first.images, again.images)
 
 

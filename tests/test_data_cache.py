@@ -28,6 +28,8 @@ from ld3m_fast.data import cache, decode, load_dataset, parallel, require_per_cl
 from ld3m_fast.distill.algorithms import RealData
 from ld3m_fast.errors import LD3MError
 
+from _data_helpers import CountingDecoder, logged_warnings
+
 SILENT = lambda message: None  # noqa: E731
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,19 +44,8 @@ def _tree(root: Path, classes=5, per_class=3, size=(12, 10)) -> Path:
     return root
 
 
-class _CountingDecoder:
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        self._real = decode.decode_image_file
-        monkeypatch.setattr(decode, "decode_image_file", self)
-
-    def __call__(self, path, res):
-        self.calls += 1
-        return self._real(path, res)
 
 
-def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def _entry(cache_dir: Path) -> Path:
@@ -112,7 +103,7 @@ def test_decode_killed_with_sigkill_resumes_from_finished_classes(tmp_path, monk
     with open(partial, "ab") as handle:  # as if the kill had come halfway through class 2
         handle.write(b"\x07" * (2 * 3 * 8 * 8))
 
-    counter = _CountingDecoder(monkeypatch)
+    counter = CountingDecoder(monkeypatch)
     messages = []
     resumed = load_dataset(root, res=8, cache_dir=cache_dir, workers=1, log=messages.append)
     assert counter.calls == 9  # classes 2, 3, 4 only
@@ -136,7 +127,7 @@ def test_interrupted_decode_keeps_finished_classes(tmp_path, monkeypatch):
         load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
     assert json.loads((_entry(cache_dir) / "progress.json").read_text())["counts"] == [3, 3, 3]
     monkeypatch.setattr(decode, "decode_image_file", real)
-    counter = _CountingDecoder(monkeypatch)
+    counter = CountingDecoder(monkeypatch)
     load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
     assert counter.calls == 6
 
@@ -160,7 +151,7 @@ def test_old_npz_cache_is_rebuilt_and_removed(tmp_path, monkeypatch):
              class_names=np.asarray([f"class{k}" for k in range(5)]))
     unrelated = cache_dir / "imagefolder-train-8px-00000000000000000000.npz"
     unrelated.write_bytes(b"another data set's old cache")
-    counter = _CountingDecoder(monkeypatch)
+    counter = CountingDecoder(monkeypatch)
     messages = []
     data = load_dataset(root, res=8, cache_dir=cache_dir, log=messages.append)
     assert counter.calls == 15 and data.images[4, :, 0, 0].tolist() == [40, 10, 200]
@@ -257,7 +248,7 @@ def test_worker_processes_give_the_same_rows(tmp_path, monkeypatch, caplog):
     assert any("(2 worker processes)" in m for m in messages)
     assert torch.equal(alone.images, pooled.images) and torch.equal(alone.labels, pooled.labels)
     assert pooled.class_counts() == [7, 7, 7]
-    skipped = [m for m in _warnings(caplog) if m.startswith("skipped 1 unreadable image")]
+    skipped = [m for m in logged_warnings(caplog) if m.startswith("skipped 1 unreadable image")]
     assert len(skipped) == 2 and all("zz-broken.png" in m for m in skipped)
 
 
@@ -282,7 +273,7 @@ def test_tall_png_is_skipped_before_decoding(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
         data = load_dataset(root, res=8, cache_dir=tmp_path / "c", log=SILENT)
     assert data.class_counts() == [1, 1]
-    (message,) = _warnings(caplog)
+    (message,) = logged_warnings(caplog)
     assert "skipped 1 unreadable image(s)" in message and "tall.png" in message
     assert "1x20000000 pixels would need 3.6 GiB" in message and "\n" not in message
 
