@@ -339,23 +339,39 @@ def test_row_file_reads_what_the_map_holds(tmp_path):
 
 _LOADS_AT_IMPORT = """
 from ld3m_fast.data import load_dataset
+print("script starts")
 data = load_dataset({root!r}, res=8, cache_dir={cache!r}, workers=2, log=print)
 print("loaded", len(data))
 """
 
 
-def test_decoding_workers_and_main_scripts(tmp_path):
-    """Worker processes are spawned, and spawn runs the main script again in each: a script that
-    loads data at import time (no `if __name__ == "__main__":`) gets one error instead of a
-    hang; a script read from stdin (no file to run) decodes in its own process."""
+def test_decoding_workers_do_not_run_the_main_script(tmp_path):
+    """Workers are fresh interpreters, not multiprocessing children: a script without
+    `if __name__ == "__main__":` runs once, and a script read from stdin works."""
     root = _tree(tmp_path / "data", classes=2, per_class=70)
     script = tmp_path / "unguarded.py"
     script.write_text(_LOADS_AT_IMPORT.format(root=str(root), cache=str(tmp_path / "c1")))
-    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert "LD3MError: a decoding worker process died" in done.stderr.splitlines()[-1]
-    assert 'put the script\'s work under `if __name__ == "__main__":`' in done.stderr
+    from_file = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=300)
     from_stdin = subprocess.run([sys.executable, "-"], input=_LOADS_AT_IMPORT.format(
-        root=str(root), cache=str(tmp_path / "c2")), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert from_stdin.returncode == 0, from_stdin.stderr[-2000:]
-    assert "(1 worker process)" in from_stdin.stdout and "loaded 140" in from_stdin.stdout
+        root=str(root), cache=str(tmp_path / "c2")), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    for done in (from_file, from_stdin):
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("script starts") == 1 and "(2 worker processes)" in done.stdout
+        assert "loaded 140" in done.stdout
+
+
+def test_a_worker_that_dies_is_one_error(tmp_path, monkeypatch):
+    root = _tree(tmp_path / "data", classes=2, per_class=70)
+    real_send = parallel._Worker.send
+
+    def send_then_kill(worker, job_id, paths, res):
+        real_send(worker, job_id, paths, res)
+        if job_id == 1:
+            worker.process.kill()
+
+    monkeypatch.setattr(parallel._Worker, "send", send_then_kill)
+    monkeypatch.setattr(parallel, "CHUNK_BYTES", 3 * 8 * 8 * 10)
+    with pytest.raises(LD3MError, match="a decoding worker process died .*run again to continue"):
+        load_dataset(root, res=8, cache_dir=tmp_path / "c", workers=2, log=SILENT)
+    assert not list((tmp_path / "c").glob("*/index.json"))

@@ -25,7 +25,6 @@ rows it touches. Rows are grouped by class (class 0's first), each class in file
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import numbers
 import os
 import time
@@ -113,12 +112,6 @@ def _held_classes(classes, num_classes: int) -> range:
 
 def _decode_into(folder: Path, plan, key: cache.CacheKey, options: sources.DecodeOptions) -> dict:
     """Decode what the cache entry lacks (under its lock) and return its index."""
-    if getattr(multiprocessing.current_process(), "_inheriting", False):
-        # A decoding worker is importing a main script that loads data at import time: it
-        # would wait for the lock its parent holds. (`_inheriting` is what multiprocessing
-        # itself checks to refuse new processes at this point.)
-        raise LD3MError("load_dataset ran while a decoding worker process was importing the main script: "
-                        "put the script's work under `if __name__ == \"__main__\":`")
     started = time.perf_counter()
     with cache.writer_lock(folder, options.log):
         # Another process may have finished the entry while this one waited for the lock.
