@@ -204,8 +204,10 @@ def test_class_share_of_distributed_matches_whole_set(tmp_path):
 
     root, cache_dir = _tree(tmp_path / "data", classes=5, per_class=2), tmp_path / "c"
     whole = load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
-    pieces = [load_dataset(root, res=8, cache_dir=cache_dir, classes=class_share(5, rank, 2), log=SILENT)
-              for rank in range(2)]
+    pieces = [load_dataset(root, res=8, cache_dir=cache_dir, classes=class_share(5, 0, 2), log=SILENT),
+              load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT,  # as `comm.class_share` is passed
+                           classes=lambda num_classes: class_share(num_classes, 1, 2))]
+    assert [p.held_classes for p in pieces] == [range(0, 3), range(3, 5)]
     assert torch.equal(torch.cat([p.images for p in pieces]), whole.images)
     assert torch.equal(torch.cat([p.labels for p in pieces]), whole.labels)
 

@@ -54,7 +54,8 @@ def default_cache_dir() -> Path:
 
 def load_dataset(source: str | os.PathLike, *, split: str = "train", subset: str | None = None,
                  res: int, cache_dir: str | os.PathLike | None = None,
-                 max_per_class: int | None = None, classes: Sequence[int] | None = None,
+                 max_per_class: int | None = None,
+                 classes: Sequence[int] | Callable[[int], Sequence[int]] | None = None,
                  workers: int | None = None, progress: bool | None = None, log: Log = print) -> ImageSet:
     """Read, decode (shorter side -> res, centre crop, RGB) and cache a labelled image set.
 
@@ -62,10 +63,11 @@ def load_dataset(source: str | os.PathLike, *, split: str = "train", subset: str
     split: "train", "val" or "test" ("val" and "test" both mean the held-out split).
     subset: ImageNet subset name or alias (only for ImageNet wnid trees and ImageNet's val).
     max_per_class: keep the first n images of each class (sorted file order / file order).
-    classes: only these classes, a contiguous block such as `range(a, b)` (a rank's share,
-        `ld3m_fast.distributed.class_share`): the images of the others are not opened, and
-        labels stay the global class indices. None: every class. The whole set is decoded
-        once either way (the cache is shared).
+    classes: only these classes, a contiguous block such as `range(a, b)`, or a function of
+        the number of classes that gives one (a rank's share: `comm.class_share`, see
+        `ld3m_fast.distributed`): the images of the others are not opened, and labels stay
+        the global class indices. None: every class. The whole set is decoded once either
+        way (the cache is shared).
     workers: decoding processes (default: the cores this process may use).
     progress: show a progress bar while decoding (None: only on a terminal).
     Returns an `ImageSet` with images (N, 3, res, res) uint8, memory-mapped from the cache,
@@ -100,6 +102,8 @@ def _held_classes(classes, num_classes: int) -> range:
     """`classes` as a range of class indices, checked (None: all of them)."""
     if classes is None:
         return range(num_classes)
+    if callable(classes):
+        classes = classes(num_classes)
     wanted = [int(k) for k in classes]
     if not wanted or wanted != list(range(wanted[0], wanted[0] + len(wanted))):
         raise LD3MError(f"classes must be a non-empty contiguous block of class indices (as "
