@@ -116,6 +116,26 @@ def test_mat_reader_refuses_other_files(tmp_path):
             read_mat(tmp_path / name)
 
 
+def test_mat_reader_damage_is_a_value_error(tmp_path):
+    """Every truncation and random byte changes of a meta.mat: read, or ValueError, nothing else."""
+    write_meta_mat(tmp_path / "meta.mat", [(7, "n02119789", "kit fox"), (1001, "n00001740", "entity")],
+                   compressed=False)
+    raw = (tmp_path / "meta.mat").read_bytes()
+    rng = np.random.default_rng(0)
+    damaged = [raw[:n] for n in range(len(raw))]
+    for _ in range(500):
+        changed = bytearray(raw)
+        for position in rng.integers(128, len(raw), 3):
+            changed[position] = int(rng.integers(256))
+        damaged.append(bytes(changed))
+    for content in damaged:
+        (tmp_path / "damaged.mat").write_bytes(content)
+        try:
+            read_mat(tmp_path / "damaged.mat")
+        except ValueError:
+            pass
+
+
 def test_mat_reader_agrees_with_scipy(tmp_path):
     """Where scipy is installed: a meta.mat that scipy writes reads the same."""
     scipy_io = pytest.importorskip("scipy.io")

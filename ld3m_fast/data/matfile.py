@@ -108,7 +108,10 @@ def _matrix(payload: bytes, order: str):
         return [_element_matrix(reader, order) for _ in range(count)]
     if mx_class == MX_STRUCT:
         _, length = reader.element()
-        name_length = int(_numbers(MI_INT32, length, order)[0])
+        lengths = _numbers(MI_INT32, length, order)
+        if lengths.size != 1:
+            raise ValueError("struct field name length missing")
+        name_length = int(lengths[0])
         _, names_raw = reader.element()
         if name_length <= 0 or len(names_raw) % name_length:
             raise ValueError("struct field names malformed")
