@@ -8,7 +8,9 @@ through the CLI in-process (`ld3m_fast.cli.main.main`): exit code 2, exactly one
 """
 import gzip
 import json
+import logging
 import os
+import re
 import pickle
 import shutil
 from pathlib import Path
@@ -488,7 +490,7 @@ def test_cli_distill_with_bad_data(base, tmp_path, capsys, name, make, fragment)
     assert not run.exists()
 
 
-def test_mixed_image_modes_read_right(tmp_path):
+def test_mixed_image_modes_read_right(tmp_path, caplog):
     """Palette, grayscale, alpha, 1-bit and CMYK images all become RGB; 16-bit grayscale is
     scaled to 8 bits (not clipped to white); a float image is skipped with its reason."""
     root = tmp_path / "modes"
@@ -497,25 +499,31 @@ def test_mixed_image_modes_read_right(tmp_path):
     (root / "wide").mkdir(parents=True)
     Image.fromarray(np.full((RES, RES), 40000, np.uint16)).save(root / "wide" / "gray16.png")
     Image.fromarray(np.full((RES, RES), 0.5, np.float32)).save(root / "wide" / "float.tif")
-    with pytest.warns(UserWarning, match="skipped 1 unreadable image.*float.tif.*floating-point image"):
+    with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
         data = load_dataset(root, res=8, cache_dir=tmp_path / "cache", log=SILENT)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert re.search("skipped 1 unreadable image.*float.tif.*floating-point image", warning), warning
     assert data.class_names == ["mixed", "wide"] and data.class_counts() == [5, 1]
     assert (data.by_class(1) == round(40000 / 257)).all()
 
 
-def test_unusable_cache_files_are_decoded_again(tmp_path):
+def test_unusable_cache_files_are_decoded_again(tmp_path, caplog):
     root = tmp_path / "images"
     _png(root / "a" / "1.png")
     _png(root / "b" / "1.png", seed=1)
     cache = tmp_path / "cache"
     first = load_dataset(root, res=8, cache_dir=cache, log=SILENT)
-    (cache_file,) = cache.iterdir()
-    raw = cache_file.read_bytes()
-    wrong = tmp_path / "wrong.npz"
-    np.savez(wrong, images=np.zeros((2, 3, 4, 4), np.uint8), labels=np.zeros(2, np.int64),
-             class_names=np.asarray(["a", "b"]))
-    for content in (raw[: len(raw) // 2], b"", wrong.read_bytes()):
-        cache_file.write_bytes(content)
-        with pytest.warns(UserWarning, match="unreadable data cache"):
+    expected = first.images.clone()  # `first` maps the file this test damages in place
+    (entry,) = cache.iterdir()
+    rows, index = (entry / "images.u8").read_bytes(), json.loads((entry / "index.json").read_text())
+    damages = [("images.u8", rows[: len(rows) // 2]), ("images.u8", b""), ("index.json", b""),
+               ("index.json", json.dumps({**index, "res": 4}).encode()),
+               ("index.json", json.dumps({**index, "counts": [2, 0]}).encode()),
+               ("index.json", json.dumps({**index, "class_names": ["b", "a"]}).encode())]
+    for name, content in damages:
+        (entry / name).write_bytes(content)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
             again = load_dataset(root, res=8, cache_dir=cache, log=SILENT)
-        assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+        assert any("unreadable data cache" in r.getMessage() for r in caplog.records), name
+        assert torch.equal(again.images, expected) and torch.equal(again.labels, first.labels)

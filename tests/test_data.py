@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -22,8 +24,10 @@ from ld3m_fast.data import (
     resolve_subset,
     subset_aliases,
 )
-from ld3m_fast.data import decode, loading
+from ld3m_fast.data import cache, decode, sources
 from ld3m_fast.errors import LD3MError
+
+from _data_helpers import CountingDecoder, logged_warnings
 
 SILENT = lambda message: None  # noqa: E731
 
@@ -51,15 +55,6 @@ def _imagenet_tree(root: Path, subset="imagenette", per_class=3, split="train"):
     return root
 
 
-class _CountingDecoder:
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        self._real = decode.decode_image_file
-        monkeypatch.setattr(decode, "decode_image_file", self)
-
-    def __call__(self, path, res):
-        self.calls += 1
-        return self._real(path, res)
 
 
 # ----------------------------------------------------------------------------- subsets
@@ -75,11 +70,12 @@ def test_wnid_index_order():
 
 
 def test_subset_registry_and_aliases():
-    assert len(SUBSET_NAMES) == 11
+    assert len(SUBSET_NAMES) == 12
     for name in SUBSET_NAMES:
         subset = resolve_subset(name)
-        assert subset.name == name and subset.num_classes == 10
-        assert len(set(subset.imagenet_indices)) == 10
+        size = 1000 if name == "imagenet-1k" else 10
+        assert subset.name == name and subset.num_classes == size
+        assert len(set(subset.imagenet_indices)) == size
         assert all(0 <= i < 1000 for i in subset.imagenet_indices)
     nette = resolve_subset("ImageNette")
     assert nette.imagenet_indices == (0, 217, 482, 491, 497, 566, 569, 571, 574, 701)
@@ -171,11 +167,15 @@ def test_missing_subset_class_folder(tmp_path):
         load_dataset(root, subset="imagenette", res=8, cache_dir=tmp_path / "c", log=SILENT)
 
 
-def test_unreadable_image_is_skipped_with_warning(tmp_path):
+
+
+def test_unreadable_image_is_skipped_with_warning(tmp_path, caplog):
     root = _imagenet_tree(tmp_path / "imagenet", per_class=2)
     (root / "train" / "n01440764" / "broken.JPEG").write_bytes(b"not a jpeg at all")
-    with pytest.warns(UserWarning, match="skipped 1 unreadable image.*broken.JPEG"):
+    with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
         data = load_dataset(root, subset="imagenette", res=8, cache_dir=tmp_path / "c", log=SILENT)
+    (message,) = logged_warnings(caplog)
+    assert re.search("skipped 1 unreadable image.*broken.JPEG", message), message
     assert data.class_counts() == [2] * 10
 
 
@@ -297,8 +297,10 @@ def test_idx_folder(tmp_path, gz):
     _write_idx(folder / f"train-labels-idx1-ubyte{suffix}", labels, gz)
     data = load_dataset(folder, res=28, cache_dir=tmp_path / "c", log=SILENT)
     assert data.images.shape == (20, 3, 28, 28)
-    assert torch.equal(data.images[:, 1], torch.from_numpy(images))
-    assert data.labels.tolist() == labels.tolist()
+    # Grouped by class, each class in file order.
+    order = np.argsort(labels, kind="stable")
+    assert torch.equal(data.images[:, 1], torch.from_numpy(images[order]))
+    assert data.labels.tolist() == labels[order].tolist()
     assert data.class_names[0] == "0"
     with pytest.raises(LD3MError, match="no test IDX files"):
         load_dataset(folder, split="test", res=28, cache_dir=tmp_path / "c", log=SILENT)
@@ -318,7 +320,7 @@ def test_truncated_idx_is_an_error(tmp_path):
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
 def test_bundled_fashion_mnist_subset(tmp_path, monkeypatch):
-    monkeypatch.setattr(loading, "FASHION_MNIST_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", tmp_path / "not-installed")
     messages = []
     train = load_dataset("fashion-mnist", res=28, cache_dir=tmp_path / "c", log=messages.append)
     assert any("bundled subset" in m for m in messages)
@@ -329,7 +331,7 @@ def test_bundled_fashion_mnist_subset(tmp_path, monkeypatch):
     assert test.images.shape == (1000, 3, 32, 32) and test.class_counts() == [100] * 10
 
 
-@pytest.mark.skipif(not (loading.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
+@pytest.mark.skipif(not (sources.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_installed_fashion_mnist(tmp_path):
     messages = []
@@ -343,7 +345,7 @@ def test_installed_fashion_mnist(tmp_path):
 
 def test_cache_hit_equals_first_load_without_decoding(tmp_path, monkeypatch):
     root = _imagenet_tree(tmp_path / "imagenet", per_class=2)
-    counter = _CountingDecoder(monkeypatch)
+    counter = CountingDecoder(monkeypatch)
     cache = tmp_path / "cache"
     first = load_dataset(root, subset="imagenette", res=16, cache_dir=cache, log=SILENT)
     assert counter.calls == 20
@@ -351,8 +353,9 @@ def test_cache_hit_equals_first_load_without_decoding(tmp_path, monkeypatch):
     assert counter.calls == 20  # served from the cache
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert first.class_names == second.class_names
-    files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 1 and files[0].endswith(".npz")  # no temp file left behind
+    (entry,) = cache.iterdir()
+    # One entry: the rows, their index and the writers' lock; no partial or temporary file left.
+    assert sorted(p.name for p in entry.iterdir()) == [".lock", "images.u8", "index.json"]
     # A different key (res, max_per_class) or a changed folder decodes again.
     load_dataset(root, subset="imagenette", res=8, cache_dir=cache, log=SILENT)
     assert counter.calls == 40
@@ -363,15 +366,16 @@ def test_cache_hit_equals_first_load_without_decoding(tmp_path, monkeypatch):
     assert counter.calls == 71 and len(grown) == 21
 
 
-def test_corrupt_cache_file_is_rebuilt(tmp_path):
+def test_corrupt_cache_file_is_rebuilt(tmp_path, caplog):
     root = tmp_path / "f"
     _write_image(root / "a" / "1.png")
-    cache = tmp_path / "cache"
-    first = load_dataset(root, res=8, cache_dir=cache, log=SILENT)
-    (cache_file,) = cache.iterdir()
-    cache_file.write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="unreadable data cache"):
-        again = load_dataset(root, res=8, cache_dir=cache, log=SILENT)
+    cache_dir = tmp_path / "cache"
+    first = load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
+    (entry,) = cache_dir.iterdir()
+    (entry / "index.json").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
+        again = load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
+    assert any("unreadable data cache" in m for m in logged_warnings(caplog))
     assert torch.equal(first.images, again.images)
 
 

@@ -5,6 +5,14 @@ antialiasing), then take the centred `res x res` crop. Grayscale, palette, CMYK 
 alpha images become 3-channel RGB; 16-bit grayscale is scaled to 8 bits (Pillow's
 own conversion would clip it to white). 32-bit integer images are read when their
 values fit in 0..255; floating-point images have no agreed range and are refused.
+
+Decoding an image allocates its full-size pixels and then the resized copy; both sizes
+are known from the header, so an image whose decode would need more than
+`MAX_DECODE_BYTES` (a 1 x 20,000,000 PNG: under Pillow's bomb limit, but its shorter side
+scaled to `res` makes a resize of gigabytes) is refused before any pixel is decoded.
+
+This module imports torch only inside `resize_array_batch`: the decoding worker processes
+(`ld3m_fast.data.parallel`) import it and need only Pillow and numpy.
 """
 from __future__ import annotations
 
@@ -12,11 +20,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 # Pillow's own guard stays on; real ImageNet images are far below it.
+# Our own: the largest intermediate image one decode may allocate. Pillow's bomb limit admits
+# 179 M pixels (537 MB as RGB), so this refuses only shapes whose resize would blow up.
+MAX_DECODE_BYTES = 1 << 30
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pbm"})
 
@@ -64,28 +73,65 @@ def resize_center_crop(image: Image.Image, res: int) -> Image.Image:
     return image.crop(_centre_box(*image.size, res))
 
 
+def decode_allocation(width: int, height: int, res: int) -> int:
+    """Bytes of the largest image `decode_image_file` allocates for a `width x height` file:
+    the decoded pixels (at most 4 bytes each: RGBA, CMYK, 32-bit, 16-bit as float) or the
+    copy resized so that its shorter side is `res` (RGB)."""
+    resized_width, resized_height = _shorter_side_size(width, height, res)
+    return max(width * height * 4, resized_width * resized_height * 3)
+
+
 def decode_image_file(path: str | Path, res: int) -> np.ndarray:
     """Image file -> (3, res, res) uint8 array. Raises OSError/ValueError if unreadable."""
     with Image.open(path) as image:
         width, height = image.size
+        if min(width, height) < 1:
+            raise ValueError(f"image of {width}x{height} pixels")
         if image.format == "JPEG":
             # Let libjpeg decode at a reduced DCT scale (1/2, 1/4, 1/8) when the image is
             # much larger than needed; `draft` never goes below the requested size, so the
             # shorter side stays >= res and quality is unaffected at the output size.
             scale = res / min(width, height)
             image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        need = decode_allocation(*image.size, res)
+        if need > MAX_DECODE_BYTES:
+            raise ValueError(f"{width}x{height} pixels would need {need / 2**30:.1f} GiB to decode and "
+                             f"resize to {res}px (at most {MAX_DECODE_BYTES / 2**30:g} GiB per image)")
         image.load()
         cropped = resize_center_crop(image, res)
     return np.asarray(cropped, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
-def resize_array_batch(images: np.ndarray | torch.Tensor, res: int,
-                       chunk: int = 2048) -> torch.Tensor:
-    """In-memory images -> (N, 3, res, res) uint8 tensor with the same geometry as files.
+def describe_failure(error: BaseException) -> str:
+    """One line for why a file could not be decoded."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def decode_files(paths: list[str], res: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode `paths` in order: (rows (n_ok, 3, res, res) uint8, [(position, reason)] of the
+    files that failed). Never raises for a bad file: one unreadable image must not stop a
+    decode of a million (a worker process runs this; see `ld3m_fast.data.parallel`)."""
+    rows = np.empty((len(paths), 3, res, res), dtype=np.uint8)
+    kept, failures = 0, []
+    for position, path in enumerate(paths):
+        try:
+            rows[kept] = decode_image_file(path, res)
+            kept += 1
+        except Exception as error:  # noqa: BLE001 - Pillow raises many types for damaged files
+            failures.append((position, describe_failure(error)))
+    return rows[:kept], failures
+
+
+def resize_array_batch(images, res: int, chunk: int = 2048):
+    """In-memory images (numpy array or tensor) -> (N, 3, res, res) uint8 tensor with the
+    same geometry as files.
 
     images: (N, H, W) grayscale or (N, 3, H, W) / (N, H, W, 3) uint8. Grayscale is
     replicated to 3 channels. When H == W == res the pixels are returned unchanged.
     """
+    import torch
+    import torch.nn.functional as F
+
     batch = torch.as_tensor(np.asarray(images))
     if batch.dtype != torch.uint8:
         raise ValueError(f"expected uint8 images, got {batch.dtype}")

@@ -1,8 +1,9 @@
-"""The ImageNet 10-class subsets used in the dataset-distillation literature.
+"""The ImageNet subsets used in the dataset-distillation literature, and all of ImageNet-1k.
 
 Each subset is a list of ImageNet-1k class indices in *label order*: label k of the
-subset is ImageNet class `imagenet_indices[k]`. The lists are the ones of SPEC §2.1
-(ImageNette/ImageWoof from fast.ai, the others from the MTT/GLaD papers).
+subset is ImageNet class `imagenet_indices[k]`. The 10-class lists are the ones of SPEC §2.1
+(ImageNette/ImageWoof from fast.ai, the others from the MTT/GLaD papers); `imagenet-1k`
+is every class, in ImageNet index order (label k = ImageNet class k).
 
 The 1000 wnids in index order ship as `imagenet_wnids.txt` (see
 `LICENSE-imagenet-wnids.txt` for where they come from).
@@ -27,6 +28,7 @@ _SUBSET_INDICES: dict[str, tuple[int, ...]] = {
     "imagenet-c": (565, 94, 554, 535, 92, 392, 291, 136, 324, 11),
     "imagenet-d": (9, 258, 13, 262, 19, 339, 321, 24, 93, 322),
     "imagenet-e": (816, 96, 100, 145, 739, 713, 783, 76, 688, 326),
+    "imagenet-1k": tuple(range(1000)),
 }
 
 # Names used by earlier code (GLaD/LD3M: `imagenet-fruits`, `imagenet-cats`, ...).
@@ -41,6 +43,8 @@ _ALIASES: dict[str, str] = {
     "squawk": "imagesquawk",
     "yellow": "imageyellow",
     **{letter: f"imagenet-{letter}" for letter in "abcde"},
+    **{name: "imagenet-1k" for name in ("imagenet", "in1k", "in-1k", "imagenet1k", "imagenet-1000",
+                                        "ilsvrc2012", "ilsvrc-2012")},
     **{f"imagenet-{short}": canonical for short, canonical in
        (("fruits", "imagefruit"), ("cats", "imagemeow"), ("birds", "imagesquawk"),
         ("yellow", "imageyellow"), ("nette", "imagenette"), ("woof", "imagewoof"))},

@@ -42,6 +42,7 @@ import torch.nn as nn
 
 from .._host import draw_int, host_values
 from ..choices import ALGORITHMS, MTT_GRADIENTS
+from ..data.imageset import indices_by_class
 from ..errors import LD3MError
 from ..losses import (FlatNetwork, RealBlock, augment, class_groups, dc_class_term, default_real_batch,
                       dm_loss_from_blocks, draw_for_class, gradient_distance, micro_batches, mtt_loss_from_plan,
@@ -95,17 +96,29 @@ def class_noise(generator, labels: torch.Tensor, seed: int, stream: str, *, devi
 class RealData:
     """The real training images, indexed by class, sampled with an explicit generator.
 
-    images: (N, 3, res, res) uint8 (kept as uint8: 4x less memory than float),
-    labels: (N,) long in [0, num_classes).
+    images: (N, 3, res, res) uint8 (kept as uint8: 4x less memory than float), held as
+    given (a tensor memory-mapped from the data cache stays on disk).
+    labels: (N,) long in [0, num_classes); global class indices, so a process may hold
+    only its share of the classes (`load_dataset(..., classes=...)`): the others have no
+    images here.
+    rows: optional reader of the same rows by file reads (`ImageSet.rows`); `load` then
+    reads exactly the rows it returns and nothing stays mapped (`from_imageset` passes it).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, rows=None):
         if images.dtype != torch.uint8:
             raise ValueError(f"real images must be uint8, got {images.dtype}")
         self.images = images
+        self.rows = rows
         self.labels = labels.long()
         self.num_classes = int(num_classes)
-        self.class_indices = [torch.nonzero(self.labels == k).flatten() for k in range(self.num_classes)]
+        self.class_indices = indices_by_class(self.labels, self.num_classes)
+
+    @classmethod
+    def from_imageset(cls, data) -> "RealData":
+        """The real data of an `ImageSet` (all of it, or the share it holds), read through its
+        cache file when it has one."""
+        return cls(data.images, data.labels, data.num_classes, rows=data.rows)
 
     def sample(self, cls: int, count: int, generator: torch.Generator, device) -> torch.Tensor:
         """`count` random images of class `cls` (without replacement when possible),
@@ -122,7 +135,8 @@ class RealData:
 
     def load(self, index: torch.Tensor, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Images `index` (from `draw`) as network input (n, 3, res, res) on `device`."""
-        return from_uint8(self.images[index], dtype).to(device)
+        picked = self.rows[index] if self.rows is not None else self.images[index]
+        return from_uint8(picked, dtype).to(device)
 
 
 @dataclass

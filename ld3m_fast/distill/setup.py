@@ -196,7 +196,7 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     iteration.algorithm.to(device)
     if device.type == "cpu":
         prepare_native_kernels(log)
-    real = RealData(data.images, data.labels, data.num_classes)
+    real = RealData.from_imageset(data)
     test_set = load_inline_eval_data(config, res, log) if config.eval_every else None
     return Setup(config, prior, iteration, synthetic, real, list(data.class_names), device, test_set, plan)
 
