@@ -69,22 +69,22 @@ def _write(out: Path, stem: str, payload: dict, markdown: str) -> None:
 
 
 def table(args) -> int:
-    from dataclasses import replace
-
-    from ld3m_fast.planner.plan import format_bytes, parse_bytes, plan
-    from ld3m_fast.planner.simulate import IterationSpec
+    from ld3m_fast.distill.config import DistillConfig
+    from ld3m_fast.distill.planner.memory import format_bytes, parse_bytes
+    from ld3m_fast.distill.planner.plan import plan, planning_config
+    from ld3m_fast.distill.planner.simulate import Walk
 
     budget = parse_bytes(args.budget)
     rows = []
     for dtype in args.dtypes.split(","):
         for res in TABLE_RES:
             for ipc in TABLE_IPC:
-                base = IterationSpec(prior="cin256-v2", res=res, ipc=ipc, num_classes=TABLE_CLASSES,
-                                     steps=TABLE_STEPS, algorithm="dm", micro_batch=TABLE_MICRO_BATCH)
+                config = planning_config(DistillConfig(prior="cin256-v2", res=res, ipc=ipc, steps=TABLE_STEPS,
+                                                       algorithm="dm", dtype=dtype))
                 for world in TABLE_WORLD:
-                    spec = replace(base, world_size=world)
+                    spec = Walk.of(config, TABLE_CLASSES, world)
                     started = time.process_time()
-                    candidates, best = plan(spec, budget, chunks=[TABLE_CHUNK], dtypes=(dtype,),
+                    candidates, best = plan(spec, budget, chunks=[TABLE_CHUNK], micro_batches=[TABLE_MICRO_BATCH],
                                             decoder_chunks=[TABLE_DECODER_CHUNK], store_steps=[0], sac=[None])
                     (candidate,) = candidates  # fixed: one candidate per cell
                     e = candidate.estimate

@@ -83,7 +83,7 @@ def _full_size_pipeline():
     """(DiTPipeline, inputs) with random full-size weights; the global RNG is forked, not reseeded."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-    from ld3m_fast.planner.priors import DIT_SCHEDULER_CONFIG
+    from ld3m_fast.distill.planner.priors import DIT_SCHEDULER_CONFIG
     from ld3m_fast.priors.configs import DIT_XL_2_256_CONFIG, SD_KL_F8_VAE_CONFIG
 
     with torch.random.fork_rng():

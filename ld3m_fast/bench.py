@@ -19,7 +19,7 @@ c. measured on this machine: CPU seconds per DM iteration on the embedded prior,
    fused C++ ops, our student), at equal chunk and at equal memory budget; each scheme in
    its own process, one thread, interleaved rounds.
 
-Simulations walk the real iteration under fake tensors (`ld3m_fast.planner`), so parts
+Simulations walk the real iteration under fake tensors (`ld3m_fast.distill.planner`), so parts
 a and b say nothing about speed and part c says nothing about GPUs. Every row names
 what it is and where it was measured.
 """

@@ -26,7 +26,7 @@ Three ways to get gradients (same values, different cost), `grad_mode`:
   the null call's graphs one after the other (B images each, not 2B).
 
 Between recompute and one whole graph, "recompute" has two knobs the planner sets
-(`ld3m_fast.planner.plan`):
+(`ld3m_fast.distill.planner.plan`):
 - `store_steps=k`: the last k steps of the chain keep state from the render pass
   instead of being recomputed from scratch; `sac_min_flops` says what they keep:
   None = their whole graph (1 forward + 1 backward per step), N = only the outputs

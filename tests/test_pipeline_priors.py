@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from ld3m_fast.cli.main import main
 from ld3m_fast.errors import PriorError
-from ld3m_fast.planner.priors import build_planning_prior
+from ld3m_fast.distill.planner.priors import build_planning_prior
 from ld3m_fast.priors import load_prior
 from ld3m_fast.priors.pipeline import config_files, open_prior_source
 from ld3m_fast.priors.tiny import _tiny_autoencoder, _tiny_denoiser
@@ -315,7 +315,7 @@ def test_a_hub_id_is_never_downloaded(tmp_path, monkeypatch, capsys):
     assert "hf download facebook/DiT-XL-2-256 --local-dir DiT-XL-2-256" in message and "\n" not in message
     assert main(["prior", "import", "facebook/DiT-XL-2-256", "out"]) == 2
     assert main(["plan", "--prior", "facebook/DiT-XL-2-256", "--res", "256", "--ipc", "1", "--classes", "2",
-                 "--steps", "2", "--chunks", "1", "--dtypes", "fp32", "--budget", "4GiB"]) == 2
+                 "--steps", "2", "--chunk", "1", "--memory-budget", "4GiB"]) == 2
     for line in capsys.readouterr().err.strip().splitlines():
         assert "download the pipeline folder first" in line, line
     # A relative path under an existing folder is a path, not a hub id.

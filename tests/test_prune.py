@@ -330,7 +330,7 @@ def test_prune_cli_writes_losses_a_run_records_and_a_resume_keeps(workspace, tmp
 
 @pytest.mark.parametrize("extra, message", [
     (("--prune-percent", "20", "--prune-order", "random"), "keeps 0 of the 4 images of class"),
-    (("--prune-percent", "101"), "from 1 to 100"),
+    (("--prune-percent", "101"), "--prune-percent must be <= 100"),
     (("--prune-percent", "50", "--prune-scorer", "nope.pth"), "--prune-scorer nope.pth does not exist"),
     (("--prune-percent", "50", "--prune-losses", "nope.safetensors"), "--prune-losses nope.safetensors does not exist"),
     (("--prune-order", "middle"), "unknown --prune-order 'middle'"),

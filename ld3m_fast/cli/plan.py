@@ -57,6 +57,20 @@ def run_classes(args, config) -> int:
                     "without reading it")
 
 
+def _settings(args):
+    """The run's settings; a preset without --prior plans its prior's architecture (cin256-v2,
+    dit-xl-2-256), which needs no weights."""
+    from ..presets import get_preset
+    from .settings import given_settings
+
+    given = given_settings(args)
+    if given.get("preset") and given.get("prior") is None:
+        architecture = get_preset(given["preset"]).prior_name
+        if architecture:
+            return config_from_args(args, preset_needs=(), prior=architecture)
+    return config_from_args(args, preset_needs=("prior",))
+
+
 def run(args) -> int:
     from .._files import check_writable_file, write_text_atomic
     from ..distill.planner.memory import format_bytes, memory_budget
@@ -67,7 +81,7 @@ def run(args) -> int:
         raise LD3MError(f"--world-size must be >= 1, got {args.world_size}")
     if args.json:
         check_writable_file(args.json, "--json")
-    config = planning_config(config_from_args(args, preset_needs=("prior",)), log=print)
+    config = planning_config(_settings(args), log=print)
     classes = run_classes(args, config)
     budget = memory_budget(config.memory_budget, config.memory_reserve, config.device)
     walk = base_walk(config, classes, args.world_size)

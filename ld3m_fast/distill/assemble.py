@@ -189,6 +189,17 @@ def assemble_iteration(config: DistillConfig, prior, *, num_classes: int, trajec
                      build_dsa(config))
 
 
+def apply_knobs(iteration: Iteration, config: DistillConfig) -> None:
+    """Give a running iteration the chunk knobs of `config` (a plan made after an out-of-memory
+    error): a new generator over the same prior; the algorithm keeps its state (MTT's student lr
+    is in the optimiser) and takes the new student micro-batch."""
+    from .algorithms import check_micro_batch
+
+    iteration.config = config
+    iteration.generator = build_generator(config, iteration.generator.prior, iteration.res)
+    iteration.algorithm.micro_batch = check_micro_batch(iteration.network, config.micro_batch)
+
+
 def build_context(iteration: Iteration, real, *, seed: int | None, device=None, comm=None,
                   rows: slice | None = None, total_images: int | None = None, iteration_number: int = 0):
     """The step context of `iteration`: its real data, augmentation, streams and process share."""
@@ -276,6 +287,6 @@ def _plain(value):
     return str(value)
 
 
-__all__ = ["Iteration", "assemble_iteration", "buffer_expectation", "build_context", "build_dsa",
+__all__ = ["Iteration", "apply_knobs", "assemble_iteration", "buffer_expectation", "build_context", "build_dsa",
            "build_generator", "build_network_spec", "build_optimizer", "chunk_knobs", "denoiser_multiple",
            "describe_step", "digest", "generator_options", "resolve_resolution"]

@@ -72,8 +72,10 @@ class DistillConfig:
     data: str = setting("fashion-mnist", "data folder (ImageNet tree, ImageFolder, CIFAR-10, "
                         "Fashion-MNIST IDX) or 'fashion-mnist'", walked=False)
     subset: str | None = setting(None, "ImageNet subset name or alias (imagenette, woof, fruits, ...)", walked=False)
-    prior: str | None = setting(None, "prior folder (written by `ld3m-fast convert` or save_prior); "
-                                "default: the embedded Fashion-MNIST prior")
+    prior: str | None = setting(None, "prior: an ld3m-fast prior folder (`ld3m-fast convert`, `prior import`, "
+                                "save_prior), a diffusers pipeline folder, or a prior file naming one; `plan` "
+                                "also takes cin256-v2, dit-xl-2-256 (architectures); default: the embedded "
+                                "Fashion-MNIST prior")
     max_per_class: int | None = setting(None, "use at most N real images per class", minimum=1, walked=False)
     # -- pruning the real data, as the authors' follow-up releases it (ld3m_fast/prune.py, docs/pruning.md)
     prune_percent: int = setting(100, "keep int(P * n / 100) real images of each class of n, ranked by "

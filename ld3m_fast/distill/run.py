@@ -287,9 +287,15 @@ class Distiller:
         labels = syn.labels if self.context.rows is None else syn.labels[self.context.rows]
         noise = class_noise(setup.generator, labels.cpu(), self.config.seed, f"iteration:{k}:noise",
                             device=setup.device)
-        with setup.iteration.autocast(setup.device.type):
-            loss, images = distill_iteration(setup.generator, syn, setup.algorithm, self.context,
-                                             self.optimizer, noise, check=self._check_finite)
+        while True:
+            try:
+                with setup.iteration.autocast(setup.device.type):
+                    loss, images = distill_iteration(setup.generator, syn, setup.algorithm, self.context,
+                                                     self.optimizer, noise, check=self._check_finite)
+                break
+            except torch.OutOfMemoryError as error:
+                # The same iteration again, in smaller pieces (its noise and streams are stateless).
+                self._replan_after_oom(error)
         # A finite loss can still send a non-finite gradient through the chain: then the
         # parameters are no longer finite and this iteration must not be checkpointed.
         if not all(bool(torch.isfinite(p).all()) for group in self.optimizer.param_groups
@@ -304,6 +310,36 @@ class Distiller:
         for i, p in enumerate(setup.algorithm.parameters()):
             record["student_lr" if i == 0 else f"algorithm_param_{i}"] = float(p.detach())
         return record
+
+    def _replan_after_oom(self, error: BaseException) -> None:
+        """Drop the failed iteration's partial state, plan again for the memory known to be there
+        now (and below what the failed plan was predicted to need), and say so; one line and the
+        checkpoint intact when nothing fits, or when other processes wait in a collective."""
+        import gc
+
+        from .planner.plan import replan_after_oom
+
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.setup.device.type == "cuda":
+            torch.cuda.empty_cache()
+        k = self.iteration + 1
+        kept = ("no checkpoint was written yet" if self.last_checkpoint is None else
+                f"the checkpoint of iteration {self.last_checkpoint} in {self.run_dir / CHECKPOINT} is intact")
+        first = (str(error).strip().splitlines() or ["out of memory"])[0][:200]
+        if self.comm.world_size > 1:  # the other processes wait in a collective: no agreed re-plan
+            raise LD3MError(f"out of memory at iteration {k} ({first}); stopped, {kept}. Resume with a lower "
+                            f"--memory-budget and --chunk auto: {resume_command(self.run_dir)}")
+        plan = replan_after_oom(self.setup, error_line=first, kept=kept,
+                                resume=resume_command(self.run_dir), iteration=k)
+        self.setup.plan = plan
+        self.log(f"out of memory at iteration {k} ({first}); planned again for "
+                 f"{plan['usable_bytes'] / 2**30:.2f} GiB: {plan['flags']} ({plan['mode']}, planned peak "
+                 f"{plan['planned_peak_bytes'] / 2**30:.2f} GiB); redoing iteration {k}")
+        if self.comm.is_main:
+            with self.writing(self.run_dir / "metrics.jsonl"):
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"iteration": k, "replanned_after": first, "plan": plan}) + "\n")
 
     def _check_finite(self, loss, image_grad) -> None:
         """Stop before anything is pushed back when the loss or dL/dimages is NaN/inf (on any

@@ -17,7 +17,6 @@ inside the generator reaches `res` (`ld3m_fast.generator.render_size`). With
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 
@@ -171,10 +170,7 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     config.validate()
     # Under torchrun each rank runs on its own device (cuda:LOCAL_RANK with NCCL).
     device = distributed.current().device(resolve_device(config.device))
-    prior_path = Path(config.prior)
-    if not prior_path.exists():
-        raise LD3MError(f"prior folder {prior_path} does not exist; pass --prior PATH")
-    prior = load_prior(prior_path).to(device)
+    prior = load_prior(config.prior).to(device)  # a missing folder or a hub id: one line
     if config.released_compat:  # a T the released sampler fails at: refused before the data load
         released_timesteps(len(prior.alphas_cumprod), config.steps)
     res = resolve_resolution(prior, config.res, released=config.released_compat)

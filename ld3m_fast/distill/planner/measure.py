@@ -182,3 +182,44 @@ def measure(fn, *, existing: tuple[torch.Tensor, ...] = (), with_phases: bool = 
         fn(tracker.phase) if with_phases else fn()
     return Measurement(tracker.peak, tracker.current, tracker.flops, dict(tracker.flops_by_op),
                        dict(tracker.phase_peaks))
+
+
+
+def allocator_peak(build, run) -> tuple[int, int, object]:
+    """(peak bytes, bytes allocated when `run` began, what `build` returned): the CPU allocator's
+    own accounting, an independent check of the tracker above.
+
+    `build()` makes everything the run needs (weights, inputs) and `run(built)` runs it, both under
+    `torch.profiler` with `profile_memory=True`: every allocation and free the c10 allocator reports
+    carries its running total of allocated bytes, counted from the start of the profile (building
+    inside it counts the weights). The peak is the largest total reported while `run` ran.
+    """
+    import time
+
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        built = build()
+        started = time.time_ns()  # the profiler stamps its events with the wall clock, in ns
+        run(built)
+        ended = time.time_ns()
+    events = []
+
+    def walk(node):
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    events.sort()
+    # The allocator's counter is process-wide and keeps what earlier profiles left: count from this
+    # profile's start (a fresh process per measurement is cleaner still: frees of blocks made under an
+    # earlier profile are subtracted here).
+    offset = events[0][1] - events[0][2] if events else 0
+    totals = [(stamp, total - offset) for stamp, total, _ in events]
+    before = max([total for stamp, total in totals if stamp < started][-1:] or [0])
+    during = [total for stamp, total in totals if started <= stamp <= ended]
+    return max(during + [before]), before, built

@@ -445,3 +445,47 @@ def choose_knobs(config: DistillConfig, num_classes: int, budget, *, world_size:
             f"{format_bytes(best.estimate.peak_bytes)} of {budget.describe()}, "
             f"{best.estimate.tflops:.1f} TFLOP per iteration)")
     return knobs, best
+
+
+# After an out-of-memory error a plan must need less than the failed one was predicted to need.
+OOM_SHRINK = 0.85
+
+
+def replan_after_oom(setup, *, error_line: str, kept: str, resume: str, iteration: int) -> dict:
+    """New chunk knobs for a run whose iteration ran out of memory, applied to `setup.iteration`:
+    the cheapest plan for the memory free now (CUDA: free on the device plus what the caching
+    allocator holds) and at most `OOM_SHRINK` of the failed plan's predicted peak; every knob is
+    the planner's then, a fixed one too. Returns the plan's record; one line (an `LD3MError`)
+    when nothing fits."""
+    from dataclasses import replace
+
+    import torch
+
+    from ..assemble import apply_knobs
+    from .memory import MemoryBudget, device_free_memory, reserve_bytes
+
+    free = {knob: None for knob in KNOBS}
+    planned = planning_config(replace(setup.config, **free))
+    generator, algorithm = setup.iteration.generator, setup.iteration.algorithm
+    running = dict(chunk=generator.chunk_size, decoder_chunk=generator.decoder_chunk,
+                   store_steps=generator.store_steps or None,
+                   sac_min_flops=generator.sac_min_flops if generator.store_steps else None,
+                   micro_batch=getattr(algorithm, "micro_batch", None))
+    world = 1
+    failed = setup.plan.get("planned_peak_bytes") or estimate(
+        Walk.of(replace(planned, **running), setup.iteration.num_classes, world)).peak_bytes
+    usable = OOM_SHRINK * failed
+    if setup.device.type == "cuda":
+        now = device_free_memory(setup.device)[0] + torch.cuda.memory_reserved(setup.device)
+        usable = min(usable, now - reserve_bytes(now, setup.config.memory_reserve))
+    budget = MemoryBudget(int(usable), 0, "after an out-of-memory error")
+    try:
+        knobs, best = choose_knobs(planned, setup.iteration.num_classes, budget, progress=False)
+    except LD3MError:
+        raise LD3MError(f"out of memory at iteration {iteration} ({error_line}) and no plan fits the "
+                        f"{format_bytes(usable)} left; stopped, {kept}. Lower --ipc, --batch-real or "
+                        f"--micro-batch, or use a larger device, then resume with: {resume}") from None
+    apply_knobs(setup.iteration, replace(planned, **knobs))
+    return {"knobs": knobs, "flags": knob_flags(best.walk), "mode": best.mode,
+            "planned_peak_bytes": int(best.estimate.peak_bytes), "tflops": best.estimate.tflops,
+            "usable_bytes": int(usable), "failed_plan_peak_bytes": int(failed)}

@@ -371,19 +371,19 @@ def code_version() -> str:
 def prior_fingerprint(prior: str) -> str:
     """A named prior is its name (its config is in the sources); a folder, its configuration
     files (names and contents; weights are not read, as planning does not read them)."""
+    from ...errors import LD3MError
+    from ...priors.pipeline import config_files
     from .priors import FULL_SIZE_PRIORS
 
-    if prior in FULL_SIZE_PRIORS or not Path(prior).is_dir():
+    if prior in FULL_SIZE_PRIORS or not Path(prior).exists():
         return prior
-    root = Path(prior)
     digest = hashlib.sha256()
-    try:
-        for config in sorted(root.rglob("*")):
-            if config.is_file() and config.suffix in (".json", ".yaml", ".yml", ".toml", ".txt"):
-                digest.update(config.relative_to(root).as_posix().encode() + b"\0" + config.read_bytes() + b"\0")
-    except OSError:
-        return f"unreadable folder {root.resolve()}"  # loading it says what is wrong
-    return "folder:" + digest.hexdigest()[:16]
+    try:  # a prior folder, a diffusers pipeline folder or a prior file (with its pipeline)
+        for config in config_files(prior):
+            digest.update(config.as_posix().encode() + b"\0" + config.read_bytes() + b"\0")
+    except (OSError, LD3MError):
+        return f"unreadable prior {Path(prior).resolve()}"  # loading it says what is wrong
+    return "prior:" + digest.hexdigest()[:16]
 
 
 def cache_dir() -> Path | None:
