@@ -89,6 +89,13 @@ class Single:
         """The element-wise maximum of small integers over the ranks (flags, signal numbers)."""
         return tuple(int(v) for v in values)
 
+    def chain_sum(self, parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Every rank's `parts` (tensors shaped like `like`) added in one order: rank 0's in
+        order, then rank 1's onto that running sum, and so on (the order in which one process
+        adds all of them); the total on every rank. An all-reduce would add the ranks' partial
+        sums instead, which rounds differently."""
+        return _add_in_order(parts, None, like)
+
     def barrier(self) -> None:
         pass
 
@@ -178,6 +185,18 @@ class Group(Single):
         self.all_reduce_(flags, "max")
         return tuple(int(v) for v in flags.tolist())
 
+    def chain_sum(self, parts, like):
+        with self._collective("the ordered sum of a gradient"):
+            running = None
+            if self.rank > 0:
+                running = torch.empty_like(like, memory_format=torch.contiguous_format)
+                self._dist.recv(running, src=self.rank - 1)
+            total = _add_in_order(parts, running, like).contiguous()
+            if self.rank < self.world_size - 1:
+                self._dist.send(total, dst=self.rank + 1)
+            self._dist.broadcast(total, src=self.world_size - 1)
+        return total
+
     def barrier(self):
         with self._collective("a barrier"):
             if self.backend == "nccl":
@@ -241,6 +260,14 @@ def _reason(error: BaseException) -> str:
     text = (str(error).strip().splitlines() or ["no reason given"])[0]
     text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
     return text.split(". ")[0][:200]
+
+
+def _add_in_order(parts, start, like) -> torch.Tensor:
+    """((start + parts[0]) + parts[1]) + ...; zeros like `like` when there is nothing to add."""
+    from .losses import add_in_order
+
+    total = add_in_order(parts, start)
+    return torch.zeros_like(like) if total is None else total
 
 
 class _SumAcrossRanks(torch.autograd.Function):
