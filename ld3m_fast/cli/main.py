@@ -61,15 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # reuse freed large blocks: no page-fault churn (see ld3m_fast/_memory.py)
     from .. import distributed
 
+    distributed.name_program(f"ld3m-fast {args.command}")
     try:
         return int(args._run(args) or 0)
     except LD3MError as error:
         if distributed.reports(error):
-            print(f"ld3m-fast {args.command}: error: {error}", file=sys.stderr, flush=True)
+            distributed.report(str(error))
         return getattr(error, "exit_code", 2)
     except KeyboardInterrupt:
-        print(f"ld3m-fast {args.command}: interrupted; files already written are complete "
-              "(every write is atomic)", file=sys.stderr)
+        distributed.report("interrupted; files already written are complete (every write is atomic)")
         return 130
     finally:
         distributed.shutdown()
