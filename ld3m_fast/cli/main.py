@@ -7,6 +7,8 @@ saying how to resume; anything else is a bug and keeps its traceback.
 Under torchrun (`python -m ld3m_fast`, `ld3m_fast/__main__.py`) every rank runs this; an
 error raised alike on every rank is printed by rank 0 only, a failed collective by each
 rank that sees it (`ld3m_fast.distributed.reports`), and the process group is left at exit.
+The line goes through `distributed.report`: said once per command (the heartbeat's thread
+may end the process with its own line first) and copied into torchrun's error file.
 """
 from __future__ import annotations
 

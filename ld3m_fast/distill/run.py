@@ -17,7 +17,8 @@ holds the whole Z, c and optimiser state and renders its own classes (`distill_i
 rank 0 alone holds the run-folder lock and writes (checkpoints after a barrier, metrics,
 images, TensorBoard, the export). A stop (Ctrl-C, SIGTERM) is agreed by all ranks after each
 iteration, so all stop after the same one; a rank that dies makes the others stop at
-their next collective with one line (`RankFailure`). docs/distributed.md.
+their next collective, and one that freezes makes them stop at the heartbeat's timeout, each
+with one line that names the intact checkpoint (`stopped_by`). docs/distributed.md.
 
 Run folder (RUN_DIR):
     config.json              the resolved configuration (`ld3m_fast.distill.config`)
