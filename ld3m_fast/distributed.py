@@ -14,15 +14,28 @@ state; it renders and differentiates only its own classes' images, so the gradie
 of the other ranks' images are exact zeros, and the all-reduce (sum) before the identical
 optimiser step adds x + 0 = x: every rank stays identical, and equal to one process.
 
-A collective that fails because another process died or timed out raises `RankFailure`
-(one line, on every rank that sees it). The timeout of every collective is
-`LD3M_FAST_DIST_TIMEOUT` seconds (default 1800): a dead peer is noticed at once through
-its closed connections; the timeout only bounds a peer that hangs alive.
+Processes never wait forever. A collective that fails because another process died raises
+`RankFailure` (one line, on every rank that sees it). A process that is alive but frozen
+(stopped, swapped out, its machine unreachable) fails nothing: it is found by a heartbeat.
+Every process of a group set up here beats every `heartbeat_period()` seconds over a gloo
+group of its own (a monitored barrier, which names on rank 0 the ranks that did not answer,
+then an all-reduce that says whether a process is leaving); a beat that gets no answer
+within `LD3M_FAST_DIST_TIMEOUT` seconds (default 60) ends the process with one line, from
+the heartbeat's thread even while the main thread waits inside a collective:
+`on_unheard` lets the caller word that line (the distillation loop names its intact
+checkpoint). Joining the group is bounded by the same timeout; once joined, the collectives
+themselves may wait up to `COLLECTIVE_TIMEOUT` (a rank may wait for rank 0's inline
+evaluation or the slowest rank's evaluation jobs: long, but alive, as the heartbeat says).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
+import json
 import os
+import sys
+import threading
+import time
 from contextlib import contextmanager
 
 import torch
@@ -30,7 +43,11 @@ import torch
 from .errors import LD3MError
 
 TIMEOUT_ENV = "LD3M_FAST_DIST_TIMEOUT"
-DEFAULT_TIMEOUT_SECONDS = 1800.0
+DEFAULT_TIMEOUT_SECONDS = 60.0
+# Once every process has joined, what a collective may wait for a live peer (the heartbeat
+# ends the wait for a frozen or dead one): a backstop for a bug that leaves every process
+# waiting on another, and NCCL's watchdog limit.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=24)
 
 
 class RankFailure(LD3MError):
@@ -89,6 +106,13 @@ class Single:
         """The element-wise maximum of small integers over the ranks (flags, signal numbers)."""
         return tuple(int(v) for v in values)
 
+    def chain_sum(self, parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """Every rank's `parts` (tensors shaped like `like`) added in one order: rank 0's in
+        order, then rank 1's onto that running sum, and so on (the order in which one process
+        adds all of them); the total on every rank. An all-reduce would add the ranks' partial
+        sums instead, which rounds differently."""
+        return _add_in_order(parts, None, like)
+
     def barrier(self) -> None:
         pass
 
@@ -118,6 +142,11 @@ class Single:
         """Forward: `x` (identical on every rank); backward: the ranks' gradients summed."""
         return x
 
+    @contextmanager
+    def on_unheard(self, describe):
+        """While inside, the line a process found silent by the heartbeat ends with (`Group`)."""
+        yield
+
     def close(self) -> None:
         pass
 
@@ -139,6 +168,31 @@ class Group(Single):
         self.backend = str(dist.get_backend())
         self._device = device
         self._owned = owned
+        self._heartbeat = None
+        self._unheard = []  # callers' wording of the line the heartbeat prints (`on_unheard`)
+
+    def start_heartbeat(self, seconds: float) -> None:
+        """Beat with every other process (a collective: every rank calls it once, after joining)."""
+        group = self._dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=seconds))
+        self._heartbeat = _Heartbeat(self, group, seconds)
+        self._heartbeat.start()
+
+    @contextmanager
+    def on_unheard(self, describe):
+        """While inside: a frozen, unreachable or dead process found by the heartbeat ends this
+        one with the line `describe(reason)` (a RankFailure's message; exit code 2)."""
+        self._unheard.append(describe)
+        try:
+            yield
+        finally:
+            self._unheard.remove(describe)
+
+    def _stop_unheard(self, reason: str) -> None:
+        """The heartbeat's end of the run: one line (unless the main thread said one), exit 2."""
+        what = f"rank {self.rank} of {self.world_size}: {reason}"
+        message = self._unheard[-1](what) if self._unheard else f"{what}; stopped"
+        if report(message):
+            os._exit(2)  # the main thread may be waiting inside a collective that never ends
 
     def device(self, requested: torch.device) -> torch.device:
         return self._device
@@ -177,6 +231,18 @@ class Group(Single):
         flags = self._tensor([float(v) for v in values])
         self.all_reduce_(flags, "max")
         return tuple(int(v) for v in flags.tolist())
+
+    def chain_sum(self, parts, like):
+        with self._collective("the ordered sum of a gradient"):
+            running = None
+            if self.rank > 0:
+                running = torch.empty_like(like, memory_format=torch.contiguous_format)
+                self._dist.recv(running, src=self.rank - 1)
+            total = _add_in_order(parts, running, like).contiguous()
+            if self.rank < self.world_size - 1:
+                self._dist.send(total, dst=self.rank + 1)
+            self._dist.broadcast(total, src=self.world_size - 1)
+        return total
 
     def barrier(self):
         with self._collective("a barrier"):
@@ -227,6 +293,9 @@ class Group(Single):
         return _Replicated.apply(x, self)
 
     def close(self):
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self._owned and self._dist.is_initialized():
             self._dist.destroy_process_group()
 
@@ -241,6 +310,104 @@ def _reason(error: BaseException) -> str:
     text = (str(error).strip().splitlines() or ["no reason given"])[0]
     text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
     return text.split(". ")[0][:200]
+
+
+def _add_in_order(parts, start, like) -> torch.Tensor:
+    """((start + parts[0]) + parts[1]) + ...; zeros like `like` when there is nothing to add."""
+    from .losses import add_in_order
+
+    total = add_in_order(parts, start)
+    return torch.zeros_like(like) if total is None else total
+
+
+class _Heartbeat(threading.Thread):
+    """Every `period` seconds: a monitored barrier over the heartbeat's own gloo group (rank 0
+    learns which ranks did not answer), then an all-reduce of "leaving" flags. A process that
+    leaves (`stop`) says so in its next beat and every process stops beating after it: the
+    others' beats would otherwise find nobody. A beat that fails while nobody is leaving ends
+    the process (`Group._stop_unheard`)."""
+
+    def __init__(self, group: Group, beat_group, seconds: float):
+        super().__init__(name="ld3m-fast heartbeat", daemon=True)
+        self.group, self.beat_group, self.seconds = group, beat_group, seconds
+        self.period = heartbeat_period(seconds)
+        self.leaving = threading.Event()
+
+    def run(self):
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=self.seconds)
+        while True:
+            leaving = self.leaving.is_set()
+            flags = torch.tensor([float(leaving)])
+            try:
+                dist.monitored_barrier(group=self.beat_group, timeout=timeout, wait_all_ranks=True)
+                dist.all_reduce(flags, group=self.beat_group)
+            except Exception as error:  # noqa: BLE001 (gloo's errors: a timeout, a closed connection)
+                if not self.leaving.is_set():
+                    self.group._stop_unheard(_unheard_reason(error, self.seconds))
+                return
+            if leaving or flags.item() > 0:
+                return
+            self.leaving.wait(self.period)
+
+    def stop(self) -> None:
+        """Say goodbye in one last beat (bounded: a frozen peer makes it time out)."""
+        self.leaving.set()
+        self.join(self.seconds + self.period)
+
+
+def heartbeat_period(seconds: float) -> float:
+    """Seconds between two beats: often enough to notice a silent peer within `seconds`."""
+    return min(2.0, seconds / 5)
+
+
+def _unheard_reason(error: BaseException, seconds: float) -> str:
+    """Why the heartbeat failed, in words, naming the silent rank where gloo's monitored barrier
+    names it (on rank 0; the other ranks hear only rank 0)."""
+    import re
+
+    text = str(error)
+    ranks = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
+    if ranks:
+        silent = f"rank {ranks.group(1).strip()} did not answer the heartbeat within {seconds:g} s"
+    elif "waiting for send/recv from rank 0" in text:
+        silent = f"rank 0 did not answer the heartbeat within {seconds:g} s"
+    else:
+        silent = f"the heartbeat failed ({_reason(error)})"
+    return f"{silent}: another process of the run has stopped or cannot be reached (killed, frozen, or on a lost machine)"
+
+
+_REPORT_LOCK = threading.Lock()
+_REPORT = {"program": "ld3m-fast", "said": False}
+
+
+def name_program(name: str) -> None:
+    """Start a command: the name its error line starts with (`ld3m-fast distill`); nothing said yet."""
+    with _REPORT_LOCK:
+        _REPORT.update(program=name, said=False)
+
+
+def report(message: str) -> bool:
+    """Print `PROGRAM: error: message` on stderr, once per command: the main thread's error and
+    the heartbeat's may race, and only the first is said. Under torchrun the line also goes into
+    the worker's error file, so torchrun's closing report repeats it. Returns whether this call
+    printed."""
+    with _REPORT_LOCK:
+        if _REPORT["said"]:
+            return False
+        _REPORT["said"] = True
+        line = f"{_REPORT['program']}: error: {message}"
+    print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and not os.path.exists(error_file):
+        try:
+            with open(error_file, "w") as f:  # the layout torch's own `record` writes; the "callstack" is our line
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                      "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            pass  # torchrun's report then says less; our line is already printed
+    return True
 
 
 class _SumAcrossRanks(torch.autograd.Function):
@@ -348,13 +515,18 @@ def from_environment(device: str | torch.device = "cpu") -> Single:
         backend = "gloo"
     else:
         raise LD3MError(f"--device {device} cannot run under torchrun; use cpu (gloo) or cuda (NCCL)")
-    try:
+    seconds = timeout().total_seconds()
+    try:  # joining waits at most the timeout for the other processes
         dist.init_process_group(backend=backend, timeout=timeout(),
                                 **({"device_id": device} if backend == "nccl" else {}))
+        dist.group.WORLD.set_timeout(max(COLLECTIVE_TIMEOUT, timeout()))
+        group = Group(device, owned=True)
+        group.start_heartbeat(seconds)
     except (RuntimeError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [""])[0][:300]
         raise LD3MError(f"cannot join the process group ({backend}): {reason}") from None
-    _CURRENT = Group(device, owned=True)
+    _CURRENT = group
+    atexit.register(shutdown)  # leave the group (and stop the heartbeat) before the interpreter goes
     return _CURRENT
 
 
@@ -372,5 +544,6 @@ def reports(error: BaseException) -> bool:
     return current().is_main or isinstance(error, RankFailure)
 
 
-__all__ = ["Group", "RankFailure", "Single", "class_share", "current", "from_environment", "largest_share",
-           "launched_by_torchrun", "processes_per_node", "reports", "shutdown", "timeout"]
+__all__ = ["COLLECTIVE_TIMEOUT", "Group", "RankFailure", "Single", "class_share", "current", "from_environment",
+           "heartbeat_period", "largest_share", "launched_by_torchrun", "name_program", "processes_per_node", "report",
+           "reports", "shutdown", "timeout"]

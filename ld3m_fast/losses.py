@@ -68,10 +68,15 @@ def _to(index: torch.Tensor, device) -> torch.Tensor:
 
 
 def augment(dsa, images: torch.Tensor, draw) -> torch.Tensor:
-    """`dsa.apply(images, draw)`, or `images` itself without augmentation."""
+    """`dsa.apply(images, draw)` in the contiguous layout, or `images` itself without augmentation.
+
+    The layout matters for exactness: crop returns a channels-last tensor, the other groups keep
+    their input's, and `torch.cat` of mixed layouts gives a contiguous one, so a batch of several
+    classes would otherwise reach the network in a layout that depends on which other classes it
+    holds (a convolution gives other bits in another layout), i.e. on the number of processes."""
     if dsa is None or draw is None:
         return images
-    return dsa.apply(images, draw)
+    return dsa.apply(images, draw).contiguous()
 
 
 def draw_for_class(dsa, dsa_generator, real_count: int, syn_count: int, device):
@@ -171,6 +176,12 @@ def dm_distance(real_means: torch.Tensor, syn_means: torch.Tensor) -> torch.Tens
     return (real_means - syn_means).pow(2).sum()
 
 
+def dm_class_distances(real_means: torch.Tensor, syn_means: torch.Tensor) -> torch.Tensor:
+    """(K,) ||real_mean_k - syn_mean_k||^2 per class: `dm_distance` before the sum over classes
+    (its gradient has the same bits: the sums' backward only spreads ones)."""
+    return (real_means - syn_means).pow(2).sum(dim=1)
+
+
 class RealBlock(NamedTuple):
     """One class's real images, loaded when the network reaches them: `count` rows, `load()`
     returns them as a (count, C, H, W) float tensor."""
@@ -221,20 +232,21 @@ def real_class_means(network, blocks, draws, *, dsa=None, batch: int | None = No
 
 
 def dm_loss_from_blocks(network, syn_images, groups, real_blocks, draws, *, dsa=None,
-                        micro_batch: int | None = None, real_batch: int | None = None) -> torch.Tensor:
+                        micro_batch: int | None = None, real_batch: int | None = None,
+                        per_class: bool = False) -> torch.Tensor:
     """DM on prepared per-class inputs (the piece `dm_loss` and the DM object share).
 
     groups: [(class, index into syn_images)]; real_blocks[k]: class k's real images (a
     tensor or a `RealBlock`); draws[k]: its DSA draw (or None). Real embeddings: no graph,
     all classes streamed together in forwards of `real_batch` images (`real_class_means`);
     synthetic embeddings: one differentiable forward for all classes (or micro-batches,
-    see `class_mean_embeddings`).
+    see `class_mean_embeddings`). Returns the 0-d loss, or with `per_class` its (K,) terms.
     """
     real_means = real_class_means(network, real_blocks, draws, dsa=dsa, batch=real_batch)
     syn = torch.cat([augment(dsa, syn_images[_to(index, syn_images.device)], draw)
                      for (_, index), draw in zip(groups, draws)])
     syn_means = class_mean_embeddings(network, syn, [index.numel() for _, index in groups], micro_batch)
-    return dm_distance(real_means, syn_means)
+    return (dm_class_distances if per_class else dm_distance)(real_means, syn_means)
 
 
 def default_real_batch(images: torch.Tensor, micro_batch: int | None = None) -> int:
@@ -434,21 +446,49 @@ def _step_parts(step):
     return index, draw, (batch[0] if batch else index.numel())
 
 
+def student_gradient_parts(student, theta, x_aug, targets, micro_batch: int | None = None, *,
+                           create_graph: bool = False, count: int | None = None) -> list[torch.Tensor]:
+    """[dCE/dtheta of each micro-batch of `x_aug`] at `theta` (P,), each divided by `count`
+    (default: x_aug's batch size; a process holding part of a batch divides by the whole
+    batch's). Their sum, in this order, is the batch mean's gradient (`student_gradient`)."""
+    count = x_aug.shape[0] if count is None else int(count)
+    parts = []
+    for part in micro_batches(x_aug.shape[0], micro_batch) if x_aug.shape[0] else ():
+        loss = F.cross_entropy(student(theta, x_aug[part]), targets[part], reduction="sum") / count
+        parts.append(torch.autograd.grad(loss, theta, create_graph=create_graph)[0])
+    return parts
+
+
+def add_in_order(parts: list[torch.Tensor], start: torch.Tensor | None = None) -> torch.Tensor | None:
+    """((start + parts[0]) + parts[1]) + ...: one fixed order of addition (None: nothing to add)."""
+    total = start
+    for part in parts:
+        total = part if total is None else total + part
+    return total
+
+
 def student_gradient(student, theta, x_aug, targets, micro_batch: int | None = None, *,
                      create_graph: bool = False, count: int | None = None) -> torch.Tensor:
-    """g = dCE/dtheta at `theta` (P,) of the batch mean, summed over micro-batches.
+    """g = dCE/dtheta at `theta` (P,) of the batch mean, summed over micro-batches in order.
 
     count: the batch size the mean divides by (default: x_aug's; a process holding part of
     a batch divides by the whole batch's, and the parts are summed across processes)."""
-    count = x_aug.shape[0] if count is None else int(count)
-    if x_aug.shape[0] == 0:  # none of this step's images on this process
+    total = add_in_order(student_gradient_parts(student, theta, x_aug, targets, micro_batch,
+                                                create_graph=create_graph, count=count))
+    if total is None:  # none of this step's images on this process
         return theta * 0.0 if create_graph else torch.zeros_like(theta)
-    total = None
-    for part in micro_batches(x_aug.shape[0], micro_batch):
-        loss = F.cross_entropy(student(theta, x_aug[part]), targets[part], reduction="sum") / count
-        (g,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
-        total = g if total is None else total + g
     return total
+
+
+def _sum_in_order(comm, parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The step's gradient from this process's micro-batch parts: every process's parts added in
+    one order, process by process (`comm.chain_sum`), which is the order one process adds the
+    same micro-batches in; with one process, their plain sum."""
+    if comm is None:
+        from .distributed import Single
+
+        comm = Single()
+    return comm.chain_sum(parts, like)
 
 
 class _TruncatedMTT(torch.autograd.Function):
@@ -459,8 +499,10 @@ class _TruncatedMTT(torch.autograd.Function):
     backward (pass 2): walks the trajectory again (same arithmetic, so the same theta_i)
     and takes d(g_i . v)/d images step by step, v = -2 alpha r / D: one step's graph alive
     at a time, so memory does not grow with the number of steps; dL/dalpha = -2 G.r / D.
-    Split across processes (`comm`), every g_i is the all-reduced sum of the processes'
-    parts (in both passes), so every process walks the same theta_i.
+    Split across processes (`comm`), every g_i is the sum of all processes' micro-batch
+    parts added in rank order (in both passes), so every process walks the same theta_i:
+    when the micro-batches never straddle two processes (`--micro-batch` dividing IPC, no
+    `--batch-syn`), the same bits as one process adding the same micro-batches.
     """
 
     @staticmethod
@@ -476,8 +518,8 @@ class _TruncatedMTT(torch.autograd.Function):
                 theta = theta.detach().requires_grad_(True)
                 with torch.no_grad():
                     x_aug = augment(dsa, images[index], draw) if index.numel() else images[index]
-                g = _all_reduce(comm, student_gradient(student, theta, x_aug, labels[index], micro_batch,
-                                                       count=count))
+                parts = student_gradient_parts(student, theta, x_aug, labels[index], micro_batch, count=count)
+                g = _sum_in_order(comm, parts, theta)
                 grad_sum += g
                 theta = theta.detach() - alpha_value * g
         loss, v, dloss_dalpha = mtt_truncated_terms(start, grad_sum, target, alpha_value)
@@ -495,34 +537,27 @@ class _TruncatedMTT(torch.autograd.Function):
             for step in ctx.plan:
                 index, draw, count = _step_parts(step)
                 theta = theta.detach().requires_grad_(True)
-                if index.numel() == 0:  # none of this step's images here: only the trajectory
-                    g_value = _all_reduce(ctx.comm, torch.zeros_like(theta))
-                    theta = theta.detach() - ctx.alpha * g_value
-                    continue
-                x = images[index].detach().requires_grad_(True)
-                x_aug = augment(ctx.dsa, x, draw)
-                aug_grad = torch.zeros_like(x_aug)
-                targets = labels[index]
-                g_value = None
-                for part in micro_batches(x_aug.shape[0], ctx.micro_batch):
-                    x_part = x_aug[part].detach().requires_grad_(True)
-                    loss_part = F.cross_entropy(ctx.student(theta, x_part), targets[part],
-                                                reduction="sum") / count
-                    (g_part,) = torch.autograd.grad(loss_part, theta, create_graph=True)
-                    (aug_grad[part],) = torch.autograd.grad(g_part, x_part, grad_outputs=v)
-                    g_value = g_part.detach() if g_value is None else g_value + g_part.detach()
-                if x_aug.requires_grad:
-                    (step_grad,) = torch.autograd.grad(x_aug, x, grad_outputs=aug_grad)
-                else:
-                    step_grad = aug_grad
-                image_grad.index_add_(0, index, step_grad)
-                theta = theta.detach() - ctx.alpha * _all_reduce(ctx.comm, g_value)
+                parts = []
+                if index.numel():  # else none of this step's images here: only the trajectory
+                    x = images[index].detach().requires_grad_(True)
+                    x_aug = augment(ctx.dsa, x, draw)
+                    aug_grad = torch.zeros_like(x_aug)
+                    targets = labels[index]
+                    for part in micro_batches(x_aug.shape[0], ctx.micro_batch):
+                        x_part = x_aug[part].detach().requires_grad_(True)
+                        loss_part = F.cross_entropy(ctx.student(theta, x_part), targets[part],
+                                                    reduction="sum") / count
+                        (g_part,) = torch.autograd.grad(loss_part, theta, create_graph=True)
+                        (aug_grad[part],) = torch.autograd.grad(g_part, x_part, grad_outputs=v)
+                        parts.append(g_part.detach())
+                    if x_aug.requires_grad:
+                        (step_grad,) = torch.autograd.grad(x_aug, x, grad_outputs=aug_grad)
+                    else:
+                        step_grad = aug_grad
+                    image_grad.index_add_(0, index, step_grad)
+                theta = theta.detach() - ctx.alpha * _sum_in_order(ctx.comm, parts, theta)
         lr_grad = (dloss_dalpha * grad_loss).to(ctx.alpha.dtype).reshape(ctx.alpha.shape)
         return image_grad * grad_loss, lr_grad, None, None, None, None, None, None, None, None
-
-
-def _all_reduce(comm, g: torch.Tensor) -> torch.Tensor:
-    return g if comm is None else comm.all_reduce_(g)
 
 
 def mtt_loss_from_plan(student, images, labels, alpha, start, target, plan, *, dsa=None,
@@ -592,6 +627,6 @@ def mtt_loss(syn_images: torch.Tensor, syn_labels: torch.Tensor, network, start:
 
 
 __all__ = ["FlatNetwork", "MTT_GRADIENTS", "REAL_FORWARD_BYTES", "RealBlock", "class_gradient", "class_groups",
-           "class_mean_embeddings", "dc_class_term", "dc_loss", "dm_distance", "dm_loss",
+           "class_mean_embeddings", "dc_class_term", "dc_loss", "dm_class_distances", "dm_distance", "dm_loss",
            "dm_loss_from_blocks", "gradient_distance", "micro_batches", "mtt_loss", "mtt_loss_from_plan",
-           "mtt_plan", "real_class_means", "student_gradient"]
+           "mtt_plan", "real_class_means", "student_gradient", "student_gradient_parts"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import LD3MError
@@ -503,6 +504,25 @@ def _with_baselines(args, config, sets, train, full_real, res, num_classes, comm
     return all_sets, teacher, notes
 
 
+@contextmanager
+def _stopped_by_another_rank(comm, results: list[dict], planned: int):
+    """Another rank that dies (a failed collective) or goes silent (the heartbeat) stops this one
+    with a line that says which of its jobs finished; no eval.json is written then (under
+    torchrun it is written once, whole, after every rank's jobs)."""
+    from .. import distributed
+
+    def stopped_by(what: str) -> str:
+        done = ", ".join(f"{r['set']}/{r['arch']}/seed {r['seed']} ({100 * r['accuracy']:.2f}%)" for r in results)
+        return (f"{what}; stopped. No eval.json was written; this rank finished {len(results)} of its {planned} "
+                f"jobs" + (f": {done}" if done else ""))
+
+    try:
+        with comm.on_unheard(stopped_by):
+            yield
+    except distributed.RankFailure as error:
+        raise distributed.RankFailure(stopped_by(str(error))) from None
+
+
 def run(args) -> int:
     import torch
 
@@ -577,20 +597,23 @@ def run(args) -> int:
 
     shown = {jobs[i]: estimate["estimates"][jobs[i]] for i in mine}
     progress = Progress(shown, bar=main and not args.no_progress and sys.stderr.isatty(), epochs=config.epochs)
-    try:
-        for i in mine:
-            job = jobs[i]
-            result = ev.run_job(job, by_name[job.set], test.images, test.labels, num_classes=num_classes,
-                                config=config, seed=args.seed, device=device, teacher=teacher,
-                                on_epoch=progress.start(job, config.epochs) if main else None)
-            results.append(result)
-            if main:
-                progress.finished(job, result)
-                ev.write_report(report(), out, plot=False)  # a cut-off run keeps what it finished
-    finally:
-        progress.close()
+    with _stopped_by_another_rank(comm, results, len(mine)):
+        try:
+            for i in mine:
+                job = jobs[i]
+                result = ev.run_job(job, by_name[job.set], test.images, test.labels, num_classes=num_classes,
+                                    config=config, seed=args.seed, device=device, teacher=teacher,
+                                    on_epoch=progress.start(job, config.epochs) if main else None)
+                results.append(result)
+                if main:
+                    progress.finished(job, result)
+                    if comm.world_size == 1:  # a cut-off run keeps what it finished
+                        ev.write_report(report(), out, plot=False)
+        finally:
+            progress.close()
+        if comm.world_size > 1:  # eval.json is written once, whole, from every rank's results
+            gathered = comm.gather_to_main(results)
     if comm.world_size > 1:
-        gathered = comm.gather_to_main(results)
         if not main:
             return 0
         order = {j.key: i for i, j in enumerate(jobs)}

@@ -7,6 +7,8 @@ saying how to resume; anything else is a bug and keeps its traceback.
 Under torchrun (`python -m ld3m_fast`, `ld3m_fast/__main__.py`) every rank runs this; an
 error raised alike on every rank is printed by rank 0 only, a failed collective by each
 rank that sees it (`ld3m_fast.distributed.reports`), and the process group is left at exit.
+The line goes through `distributed.report`: said once per command (the heartbeat's thread
+may end the process with its own line first) and copied into torchrun's error file.
 """
 from __future__ import annotations
 
@@ -62,15 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # reuse freed large blocks: no page-fault churn (see ld3m_fast/_memory.py)
     from .. import distributed
 
+    distributed.name_program(f"ld3m-fast {args.command}")
     try:
         return int(args._run(args) or 0)
     except LD3MError as error:
         if distributed.reports(error):
-            print(f"ld3m-fast {args.command}: error: {error}", file=sys.stderr, flush=True)
+            distributed.report(str(error))
         return getattr(error, "exit_code", 2)
     except KeyboardInterrupt:
-        print(f"ld3m-fast {args.command}: interrupted; files already written are complete "
-              "(every write is atomic)", file=sys.stderr)
+        distributed.report("interrupted; files already written are complete (every write is atomic)")
         return 130
     finally:
         distributed.shutdown()

@@ -323,10 +323,20 @@ class DM(Algorithm):
         net.requires_grad_(False)  # frozen: only the images receive gradients
         groups, real_blocks, draws = _draw_classes(self.batch_real, labels, ctx, images.dtype)
         x = images.detach().requires_grad_(True)
-        loss = dm_loss_from_blocks(net, x, groups, real_blocks, draws, dsa=ctx.dsa, micro_batch=self.micro_batch,
-                                   real_batch=default_real_batch(x, self.micro_batch))
-        (grad,) = torch.autograd.grad(loss, x)
-        return ctx.comm.all_reduce_(loss.detach().clone()), grad  # the classes of every rank
+        terms = dm_loss_from_blocks(net, x, groups, real_blocks, draws, dsa=ctx.dsa, micro_batch=self.micro_batch,
+                                    real_batch=default_real_batch(x, self.micro_batch), per_class=True)
+        (grad,) = torch.autograd.grad(terms.sum(), x)
+        return _class_total(terms.detach(), [cls for cls, _ in groups], ctx), grad
+
+
+def _class_total(terms: torch.Tensor, classes: list[int], ctx: StepContext) -> torch.Tensor:
+    """The loss of every rank's classes from this rank's per-class `terms` (K_here,): placed in a
+    vector over all classes (zeros for the other ranks' classes), summed over the ranks (exact:
+    each entry has one non-zero term) and then over the classes in one fixed order, so the
+    logged loss has the same bits on any number of processes (0-d)."""
+    every = terms.new_zeros(ctx.real.num_classes)
+    every[torch.tensor(classes, device=terms.device)] = terms
+    return ctx.comm.all_reduce_(every).sum()
 
 
 def _student(spec: NetworkSpec, ctx: StepContext, dtype: torch.dtype) -> nn.Module:
@@ -399,8 +409,9 @@ class DC(Algorithm):
         net = _student(self.network, ctx, images.dtype)
         params = [p for p in net.parameters() if p.requires_grad]
         grad = torch.zeros_like(images)
-        total = images.new_zeros(())
-        for cls, index in class_groups(labels):
+        groups = class_groups(labels)
+        terms = []
+        for cls, index in groups:
             real = ctx.real.load(ctx.real.draw(cls, self.batch_real, ctx.stream("real", cls)), ctx.device,
                                  _work_dtype(images.dtype))
             draw = draw_for_class(ctx.dsa, _dsa_stream(ctx, cls), real.shape[0], index.numel(), real.device)
@@ -408,8 +419,8 @@ class DC(Algorithm):
             term = dc_class_term(net, params, augment(ctx.dsa, real, draw), augment(ctx.dsa, x, draw), cls,
                                  self.micro_batch)
             (grad[index],) = torch.autograd.grad(term, x)
-            total = total + term.detach()
-        return ctx.comm.all_reduce_(total), grad  # the classes of every rank
+            terms.append(term.detach())
+        return _class_total(torch.stack(terms), [cls for cls, _ in groups], ctx), grad
 
 
 # --------------------------------------------------------------------------- MTT

@@ -17,7 +17,8 @@ holds the whole Z, c and optimiser state and renders its own classes (`distill_i
 rank 0 alone holds the run-folder lock and writes (checkpoints after a barrier, metrics,
 images, TensorBoard, the export). A stop (Ctrl-C, SIGTERM) is agreed by all ranks after each
 iteration, so all stop after the same one; a rank that dies makes the others stop at
-their next collective with one line (`RankFailure`). docs/distributed.md.
+their next collective, and one that freezes makes them stop at the heartbeat's timeout, each
+with one line that names the intact checkpoint (`stopped_by`). docs/distributed.md.
 
 Run folder (RUN_DIR):
     config.json              the resolved configuration (`ld3m_fast.distill.config`)
@@ -31,8 +32,8 @@ Run folder (RUN_DIR):
 
 Never losing work: a checkpoint is written every `save_seconds` of work (and every
 `save_every` iterations when set), and SIGINT / SIGTERM finish the current iteration,
-write one and print the command that resumes. A second Ctrl-C stops at once (the last
-checkpoint stays intact).
+write one and print the command that resumes. A second Ctrl-C stops at once and prints the
+command that resumes from the last checkpoint, which stays intact.
 """
 from __future__ import annotations
 
@@ -437,16 +438,41 @@ class Distiller:
         mine = f"{self.setup.device} classes {self.classes.start}-{self.classes.stop - 1}"
         return ", ".join(f"rank {r}: {text}" for r, text in enumerate(self.comm.all_gather_object(mine)))
 
+    def intact(self) -> str:
+        """What is safe on disk, for a line that says why the run stopped."""
+        if self.last_checkpoint is None:
+            return "No checkpoint was written yet"
+        return f"The checkpoint of iteration {self.last_checkpoint} in {self.run_dir / CHECKPOINT} is intact"
+
+    def stopped_by(self, what: str) -> str:
+        """The line for a run stopped by another process (`what`: which rank saw what)."""
+        where = (f"at iteration {self.iteration + 1}" if self.iteration < self.config.iterations
+                 else "after the last iteration")
+        return f"{what} {where}; stopped. {self.intact()}; resume with: {resume_command(self.run_dir)}"
+
     @contextmanager
     def _rank_failures(self):
-        """A failed collective (another rank died) becomes one line that says what is safe."""
+        """Another rank that dies (a failed collective) or goes silent (the heartbeat, which ends
+        this process from its own thread) becomes one line that says what is safe."""
+        try:
+            with self.comm.on_unheard(self.stopped_by):
+                yield
+        except distributed.RankFailure as error:
+            raise distributed.RankFailure(self.stopped_by(str(error))) from None
+
+    @contextmanager
+    def stopped_at_once(self):
+        """A Ctrl-C that stops at once (the second one, or one after the loop) still says which
+        checkpoint is intact and how to resume, in one line (exit code 130)."""
         try:
             yield
-        except distributed.RankFailure as error:
-            kept = ("No checkpoint was written yet" if self.last_checkpoint is None else
-                    f"The checkpoint of iteration {self.last_checkpoint} in {self.run_dir / CHECKPOINT} is intact")
-            raise distributed.RankFailure(f"{error} at iteration {self.iteration + 1}; stopped. {kept}; resume "
-                                          f"with: {resume_command(self.run_dir)}") from None
+        except KeyboardInterrupt:
+            total = self.config.iterations
+            when = (f"after {self.iteration} of {total} iterations: stopped at once" if self.iteration < total
+                    else f"after all {total} iterations: stopped at once, during the export")
+            again = " again" if self._stop_signal else ""
+            raise Interrupted(f"SIGINT{again} {when}. {self.intact()}. Resume with: {resume_command(self.run_dir)}",
+                              signal.SIGINT) from None
 
     @contextmanager
     def _stop_requests(self):
@@ -684,8 +710,10 @@ def _apply_overrides(recorded: DistillConfig, overrides: dict, *, log) -> Distil
 
 
 def _finish(distiller: Distiller, on_iteration) -> Distiller:
-    distiller.run(on_iteration=on_iteration)
-    distiller.export()
+    with distiller.stopped_at_once():
+        distiller.run(on_iteration=on_iteration)
+        with distiller._rank_failures():
+            distiller.export()
     run_dir = distiller.run_dir
     distiller.log(f"done: {distiller.iteration} iterations in {run_dir}\n"
                   f"  images:        {run_dir / 'final' / 'images.png'}\n"
