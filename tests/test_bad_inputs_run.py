@@ -37,7 +37,7 @@ FLAG_CASES = [
     ("grad mode", lambda ws, out, t: distill_flags(ws, out, "--grad-mode", "fast"), ["unknown --grad-mode"]),
     ("chunk word", lambda ws, out, t: distill_flags(ws, out, "--chunk", "many"), ["'auto'"]),
     ("chunk zero", lambda ws, out, t: distill_flags(ws, out, "--chunk", 0), ["--chunk must be >= 1 or auto"]),
-    ("dtype", lambda ws, out, t: distill_flags(ws, out, "--dtype", "fp16"), ["unknown --dtype 'fp16'"]),
+    ("dtype", lambda ws, out, t: distill_flags(ws, out, "--dtype", "fp8"), ["unknown --dtype 'fp8'"]),
     ("eta negative", lambda ws, out, t: distill_flags(ws, out, "--eta", -0.5), ["--eta must be >= 0"]),
     ("lr word", lambda ws, out, t: distill_flags(ws, out, "--lr-latent", "big"), ["expected a number"]),
     ("lr nan", lambda ws, out, t: distill_flags(ws, out, "--lr-latent", "nan"), ["finite number"]),
