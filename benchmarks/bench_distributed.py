@@ -1,7 +1,7 @@
 """Distributed distillation (docs/distributed.md): measured speed-up on CPU, simulated per-GPU table.
 
     python benchmarks/bench_distributed.py [--rounds 5] [--iterations 6] [--out DIR] [-- DISTILL FLAGS]
-    python benchmarks/bench_distributed.py --table [--budget 80GiB] [--out DIR]
+    python benchmarks/bench_distributed.py --table [--budget 79GiB] [--presets NAME,...] [--out DIR]
 
 Default (measured, on this machine): DM at IPC 10 on the embedded default (`ld3m-fast distill`'s
 default prior and data), as 2 processes x 1 thread (`torchrun --nproc-per-node 2`, gloo) against
@@ -11,13 +11,12 @@ metrics.jsonl (rank 0's `seconds`: the iteration including the gradient all-redu
 start-up, checkpoints and logging), the first iteration left out as warm-up. Reports median and
 min-max per side and the ratio of medians; writes bench_distributed.{json,md} in --out.
 
---table (simulated, no GPU involved): `ld3m-fast plan --world-size N` for ImageNet-1K (1000
-classes) at IPC 10 and 50 on 8 and 64 GPUs at 128² and 256² (cin256-v2 with random weights,
-T=20, DM, guidance 3, student micro-batches of 10), at fixed candidates so each cell costs one
-planner candidate: recompute (no stored steps), chain chunk 10, decoder chunk 2, fp32 (--dtypes
-adds bf16). Per GPU: classes, peak memory (against --budget) and TFLOP per iteration. The
-cells of one (res, IPC) share their simulations (the planner extrapolates in classes), so the
-1-GPU row comes for free. Writes planner_table.{json,md} in --out.
+--table (simulated, no GPU involved): `ld3m-fast plan --preset NAME --world-size N` for the
+ImageNet-1K presets (`ld3m-fast presets`: DM, 1000 classes, cin256-v2 and DiT-XL/2-256 at 128² and
+256², IPC 1, 10, 50; their priors' architectures) on 8 and 64 GPUs: the planner's choice for one
+GPU's share within --budget less the default reserve (1 GiB + 5%), its peak and TFLOP per
+iteration. A preset's cells share their walks (the planner extrapolates in classes). Writes
+planner_table.{json,md} in --out.
 """
 from __future__ import annotations
 
@@ -39,13 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "distributed"
 TABLE_CLASSES = 1000
-TABLE_RES = (128, 256)
-TABLE_IPC = (10, 50)
-TABLE_WORLD = (1, 8, 64)
-TABLE_STEPS = 20
-TABLE_CHUNK = 10
-TABLE_DECODER_CHUNK = 2
-TABLE_MICRO_BATCH = 10
+TABLE_WORLD = (8, 64)
 SIMULATED = "simulated (fake tensors, CPU dispatch path); no GPU ran this"
 
 
@@ -69,51 +62,48 @@ def _write(out: Path, stem: str, payload: dict, markdown: str) -> None:
 
 
 def table(args) -> int:
+    """`ld3m-fast plan --preset NAME --world-size N` for every ImageNet-1K preset: the planner's
+    choice for one GPU's share, under the default reserve of --budget."""
     from ld3m_fast.distill.config import DistillConfig
-    from ld3m_fast.distill.planner.memory import format_bytes, parse_bytes
-    from ld3m_fast.distill.planner.plan import plan, planning_config
-    from ld3m_fast.distill.planner.simulate import Walk
+    from ld3m_fast.distill.planner.memory import format_bytes, memory_budget
+    from ld3m_fast.distill.planner.plan import base_walk, knob_flags, plan, planning_config, search_space
+    from ld3m_fast.presets import PRESETS, with_preset
 
-    budget = parse_bytes(args.budget)
+    budget = memory_budget(args.budget, None)
+    names = [n for n in PRESETS if "-in1k-" in n and (not args.presets or n in args.presets.split(","))]
     rows = []
-    for dtype in args.dtypes.split(","):
-        for res in TABLE_RES:
-            for ipc in TABLE_IPC:
-                config = planning_config(DistillConfig(prior="cin256-v2", res=res, ipc=ipc, steps=TABLE_STEPS,
-                                                       algorithm="dm", dtype=dtype))
-                for world in TABLE_WORLD:
-                    spec = Walk.of(config, TABLE_CLASSES, world)
-                    started = time.process_time()
-                    candidates, best = plan(spec, budget, chunks=[TABLE_CHUNK], micro_batches=[TABLE_MICRO_BATCH],
-                                            decoder_chunks=[TABLE_DECODER_CHUNK], store_steps=[0], sac=[None])
-                    (candidate,) = candidates  # fixed: one candidate per cell
-                    e = candidate.estimate
-                    rows.append({"res": res, "ipc": ipc, "classes": TABLE_CLASSES, "world_size": world,
-                                 "classes_per_gpu": spec.local_classes, "images_per_gpu": spec.images,
-                                 "mode": candidate.mode, "chunk": TABLE_CHUNK,
-                                 "decoder_chunk": TABLE_DECODER_CHUNK, "dtype": dtype,
-                                 "micro_batch": TABLE_MICRO_BATCH, "steps": TABLE_STEPS,
-                                 "peak_bytes": int(e.peak_bytes), "peak_gib": e.peak_bytes / 2**30,
-                                 "tflops_per_iteration": e.tflops, "fits": candidate.fits,
-                                 "budget_bytes": budget,
-                                 "phase_peaks_gib": {k: v / 2**30 for k, v in e.phase_peaks.items()},
-                                 "method": e.method, "device": SIMULATED,
-                                 "cpu_seconds": time.process_time() - started})
-                    print(f"  {res}² IPC {ipc}, {world} GPU(s), {dtype}: {spec.local_classes} classes per GPU, "
-                          f"peak {format_bytes(e.peak_bytes)}, {e.tflops:.1f} TFLOP/iteration "
-                          f"({rows[-1]['cpu_seconds']:.0f} s CPU)", flush=True)
-    lines = [f"Per GPU, simulated (`ld3m-fast plan --world-size N`; fake tensors on the CPU dispatch path, "
-             f"no GPU ran this): ImageNet-1K ({TABLE_CLASSES} classes), cin256-v2 prior with random weights, "
-             f"T={TABLE_STEPS}, DM, guidance 3, student micro-batches of {TABLE_MICRO_BATCH}; fixed candidate: "
-             f"recompute (no stored steps), chain chunk {TABLE_CHUNK}, decoder chunk {TABLE_DECODER_CHUNK}; "
-             f"budget {format_bytes(budget)} per GPU. Classes per GPU = the busiest rank's (ceil(1000/N)). "
-             "Peak: one iteration's, the whole Z and c (+ momentum, + gradient) held on every GPU; "
-             "TFLOP: one iteration of the busiest GPU.", "",
-             "| res | IPC | dtype | GPUs | classes/GPU | peak per GPU | fits | TFLOP/iteration per GPU |",
-             "|---:|---:|---|---:|---:|---:|---|---:|"]
+    for name in names:
+        preset = PRESETS[name]
+        settings = with_preset({"preset": name, "prior": preset.prior_name}, needs=())
+        config = planning_config(DistillConfig.from_dict({**DistillConfig().to_dict(), **settings}))
+        for world in TABLE_WORLD:
+            started = time.process_time()
+            walk = base_walk(config, TABLE_CLASSES, world)
+            _, best = plan(walk, budget.usable, **search_space(config))
+            row = {"preset": name, "prior": config.prior, "res": config.res, "ipc": config.ipc,
+                   "steps": config.steps, "classes": TABLE_CLASSES, "world_size": world,
+                   "classes_per_gpu": walk.local_classes, "images_per_gpu": walk.images,
+                   "budget_bytes": budget.budget, "usable_bytes": budget.usable, "fits": best is not None,
+                   "device": SIMULATED, "cpu_seconds": round(time.process_time() - started, 1)}
+            if best is not None:
+                e = best.estimate
+                row.update(mode=best.mode, flags=knob_flags(best.walk), peak_bytes=int(e.peak_bytes),
+                           peak_gib=e.peak_bytes / 2**30, tflops_per_iteration=e.tflops, method=e.method)
+            rows.append(row)
+            print(f"  {name}, {world} GPU(s): {walk.local_classes} classes per GPU, "
+                  + (f"{row['flags']}, peak {format_bytes(row['peak_bytes'])}, {row['tflops_per_iteration']:.0f} "
+                     f"TFLOP/iteration" if best else "nothing fits") + f" ({row['cpu_seconds']:.0f} s CPU)", flush=True)
+    lines = [f"Per GPU, simulated (`ld3m-fast plan --preset NAME --world-size N`; fake tensors on the CPU dispatch "
+             f"path, no GPU ran this): the ImageNet-1K presets ({TABLE_CLASSES} classes, DM), their priors' "
+             f"architectures with random weights, fp32; the planner's choice for {budget.describe()} per GPU. "
+             "Classes per GPU = the busiest rank's (ceil(1000/N)). Peak: one iteration's, the whole Z and c "
+             "(+ momentum, + gradient) held on every GPU; TFLOP: one iteration of the busiest GPU.", "",
+             "| preset | GPUs | classes/GPU | planner's choice | peak per GPU | TFLOP/iteration per GPU |",
+             "|---|---:|---:|---|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['res']}² | {r['ipc']} | {r['dtype']} | {r['world_size']} | {r['classes_per_gpu']} | "
-                     f"{r['peak_gib']:.2f} GiB | {'yes' if r['fits'] else 'no'} | {r['tflops_per_iteration']:.0f} |")
+        cells = (f"{r['mode']}: `{r['flags']}` | {r['peak_gib']:.2f} GiB | {r['tflops_per_iteration']:.0f}"
+                 if r["fits"] else "nothing fits | - | -")
+        lines.append(f"| {r['preset']} | {r['world_size']} | {r['classes_per_gpu']} | {cells} |")
     _write(Path(args.out), "planner_table", {"meta": _meta(), "rows": rows}, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
@@ -201,8 +191,10 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=6,
                         help="measured: iterations per run, the first left out (default 6)")
     parser.add_argument("--ipc", type=int, default=10)
-    parser.add_argument("--budget", default="80GiB", help="--table: memory budget per GPU (default 80GiB)")
-    parser.add_argument("--dtypes", default="fp32", help="--table: comma-separated, fp32 and/or bf16")
+    parser.add_argument("--budget", default="79GiB", help="--table: device memory per GPU before the reserve "
+                                                          "(default 79GiB: an 80 GB card's free memory at start)")
+    parser.add_argument("--presets", default="", help="--table: comma-separated preset names (default: every "
+                                                      "ImageNet-1K preset)")
     args = parser.parse_args(argv)
     return table(args) if args.table else speedup(args, extra)
 

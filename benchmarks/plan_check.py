@@ -29,6 +29,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +51,15 @@ ROWS = {
 }
 
 
-def row_walk(prior: str, name: str, overrides: dict | None = None):
-    """The walk of row `name` on `prior` (with `overrides` of BASE, for the tests' small sizes)."""
+def row_walk(prior: str, name: str, overrides: dict | None = None, classes: int | None = None):
+    """The walk of row `name` on `prior` (with `overrides` of BASE and another class count, for the
+    tests' small sizes and benchmarks/full_size_iteration.py)."""
     from ld3m_fast.distill.config import DistillConfig
     from ld3m_fast.distill.planner.plan import planning_config, sac_levels
     from ld3m_fast.distill.planner.simulate import Walk
 
-    _, settings, classes = ROWS[name]
+    _, settings, row_classes = ROWS[name]
+    classes = row_classes if classes is None else classes
     values = {**BASE, **(overrides or {}), **settings}
     if values.get("sac_min_flops") == "middle":  # the middle one of the planner's selective levels
         walk = Walk.of(planning_config(DistillConfig(prior=prior, **{**values, "sac_min_flops": None})), classes)
@@ -65,7 +68,8 @@ def row_walk(prior: str, name: str, overrides: dict | None = None):
     return Walk.of(planning_config(DistillConfig(prior=prior, **values)), classes)
 
 
-def measure_row(prior: str, name: str, overrides: dict | None = None, threads: int = 0) -> dict:
+def measure_row(prior: str, name: str, overrides: dict | None = None, threads: int = 0,
+                classes: int | None = None) -> dict:
     """One row in this process: the planner's prediction, then one real iteration under the profiler."""
     import torch
 
@@ -76,7 +80,7 @@ def measure_row(prior: str, name: str, overrides: dict | None = None, threads: i
 
     if threads:
         torch.set_num_threads(threads)
-    walk = row_walk(prior, name, overrides)
+    walk = row_walk(prior, name, overrides, classes)
     started = time.process_time()
     predicted = estimate(walk)
     planned_s = time.process_time() - started
@@ -86,11 +90,19 @@ def measure_row(prior: str, name: str, overrides: dict | None = None, threads: i
         return build_walked(walk, prior=build_planning_prior(walk.config.prior),
                             generator=torch.Generator().manual_seed(0))
 
-    timing = {}
+    timing = {"phases": {}}
+
+    @contextmanager
+    def phase(name):  # CPU seconds per phase of the iteration (render, distill, backward)
+        begun = time.process_time()
+        try:
+            yield
+        finally:
+            timing["phases"][name] = timing["phases"].get(name, 0.0) + time.process_time() - begun
 
     def run(built):
         begun = time.process_time()
-        built.run()
+        built.run(phase)
         timing["cpu_s"] = time.process_time() - begun
 
     measured, resident, _ = allocator_peak(build, run)
@@ -105,6 +117,7 @@ def measure_row(prior: str, name: str, overrides: dict | None = None, threads: i
                                "allocated bytes, from before the prior was built",
             "measured_over_predicted": round(measured / predicted.peak_bytes, 4),
             "iteration_cpu_s": round(timing["cpu_s"], 1), "planning_cpu_s": round(planned_s, 1),
+            "phase_cpu_s": {k: round(v, 1) for k, v in timing["phases"].items()},
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "threads": torch.get_num_threads()}
 

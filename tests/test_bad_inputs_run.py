@@ -79,7 +79,7 @@ FLAG_CASES = [
     ("store steps without recompute", flags("--grad-mode", "autograd", "--store-steps", 1), ["need --grad-mode"]),
     ("sac min flops negative", flags("--sac-min-flops", -1), ["--sac-min-flops must be >= 0"]),
     ("sac min flops nan", flags("--sac-min-flops", "nan"), ["finite number"]),
-    ("dtype", flags("--dtype", "fp16"), ["unknown --dtype 'fp16'"]),
+    ("dtype", flags("--dtype", "fp8"), ["unknown --dtype 'fp8'"]),
     ("eta negative", flags("--eta", -0.5), ["--eta must be >= 0"]),
     ("eta 100", flags("--eta", 100), ["--eta must be <= 1, got 100"]),
     ("eta just above 1", flags("--eta", 1.01), ["--eta must be <= 1"]),

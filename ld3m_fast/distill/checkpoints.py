@@ -10,7 +10,8 @@ full disk) leaves both as they were; a kill between the renames leaves the previ
 A checkpoint holds the tensors Z, c, labels, algorithm.<i> (MTT's student lr) and
 optimizer.<index>.<key> (SGD's momentum buffers), and the metadata format, iteration, run_id,
 world_size, random_streams ("stateless": the iteration is the whole random state),
-optimizer_groups, optimizer_state_keys and config (the run's whole config, as JSON).
+optimizer_groups, optimizer_state_keys and config; under fp16 also grad_scaler.scale,
+grad_scaler.growth_tracker and grad_scaler.skipped_steps (the run's whole config, as JSON).
 
 Resuming (`choose_checkpoint`) takes the newest checkpoint that can be used. Refused outright
 (one line naming the field): a checkpoint of another run (run id), and a config.json whose
@@ -97,9 +98,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+INTEGER_TENSORS = ("labels", "grad_scaler.growth_tracker", "grad_scaler.skipped_steps")
+
+
 def expected_dtype(key: str) -> torch.dtype:
-    """Labels are int64; Z, c, the algorithm's parameters and the optimiser's state are float32."""
-    return torch.int64 if key == "labels" else torch.float32
+    """Labels and the fp16 scaler's counters are int64; Z, c, the algorithm's parameters, the
+    optimiser's state and the scaler's scale are float32."""
+    return torch.int64 if key in INTEGER_TENSORS else torch.float32
 
 
 def tensor_problem(key: str, tensor: torch.Tensor) -> str | None:

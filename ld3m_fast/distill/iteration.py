@@ -62,9 +62,13 @@ def render_groups(generator, algorithm, labels: torch.Tensor, context) -> list[s
 
 
 def distill_iteration(generator, synthetic, algorithm, context, optimizer, noise, *,
-                      phase=_no_phase, check=None):
-    """Run one iteration; returns (loss tensor (0-d), rendered images (detached))."""
+                      phase=_no_phase, check=None, scaler=None):
+    """Run one iteration; returns (loss tensor (0-d), rendered images (detached)).
+
+    scaler: a `torch.amp.GradScaler` (fp16): the image gradient is scaled before it is pushed
+    back, and the step unscales the gradients and skips itself when they overflowed."""
     optimizer.zero_grad(set_to_none=True)
+    scale = (lambda grad: grad) if scaler is None else scaler.scale
     rows = context.rows
     Z, c, labels = synthetic.Z, synthetic.c, synthetic.labels
     if rows is not None:
@@ -80,20 +84,36 @@ def distill_iteration(generator, synthetic, algorithm, context, optimizer, noise
         if check is not None:
             check(loss, image_grad)
         with phase("backward"):
-            images.backward(image_grad)
+            images.backward(scale(image_grad))
     else:
         loss, images, image_grad = _by_class_groups(generator, algorithm, context, Z, c, labels, noise,
-                                                    groups, phase)
+                                                    groups, phase, scale)
         if check is not None:
             check(loss, image_grad)
     with phase("backward"):
         context.comm.sum_grads_([synthetic.Z, synthetic.c])
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            _scaled_step(scaler, optimizer, (synthetic.Z, synthetic.c))
         algorithm.after_step()
     return torch.as_tensor(loss), images.detach()
 
 
-def _by_class_groups(generator, algorithm, context, Z, c, labels, noise, groups, phase):
+def _scaled_step(scaler, optimizer, pushed_back) -> None:
+    """The gradient scaler's step: Z's and c's gradients came through the scaled backward; the
+    algorithm's own (MTT's dL/dalpha) were computed unscaled, so they are scaled alike first."""
+    factor = scaler.get_scale()
+    scaled = {id(p) for p in pushed_back}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and id(p) not in scaled:
+                p.grad.mul_(factor)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def _by_class_groups(generator, algorithm, context, Z, c, labels, noise, groups, phase, scale):
     """Render, distill and back-propagate one class group at a time; returns (the loss summed over
     the groups and the processes, the images, dL/dimages). The groups' losses are reduced over
     the processes once, at the end (ranks may hold different numbers of groups)."""
@@ -107,7 +127,7 @@ def _by_class_groups(generator, algorithm, context, Z, c, labels, noise, groups,
                 group_labels = labels[group]
             group_loss, image_grad = algorithm.image_gradient(group_images.detach(), group_labels, local)
         with phase("backward"):
-            group_images.backward(image_grad)
+            group_images.backward(scale(image_grad))
         loss = loss + group_loss.detach()
         images.append(group_images.detach())
         image_grads.append(image_grad)

@@ -62,6 +62,10 @@ from .config import RESUMABLE, DistillConfig, load_config, resolve_defaults
 from .export import export_final, render_final, save_image_grid, to_uint8_images
 from .setup import Setup, build_setup
 
+# The fp16 gradient scaler's first scale. PyTorch's default 2**16 suits losses of order 1; an image
+# gradient pushed back through a decoder and a chain of denoiser steps overflows fp16 at it for the
+# first several iterations (all skipped); the scaler still doubles it every 2000 clean steps.
+FP16_INIT_SCALE = 2.0 ** 10
 
 class Interrupted(LD3MError):
     """The run stopped on SIGINT/SIGTERM after saving a checkpoint (exit code 128 + signal)."""
@@ -119,6 +123,10 @@ class Distiller:
         self._stop_signal = None
         self._writer = None
         self._last_images = None
+        # fp16: a gradient scaler on the image gradient (skipped steps are counted in the metrics).
+        self.scaler = (torch.amp.GradScaler(setup.device.type, init_scale=FP16_INIT_SCALE)
+                       if config.dtype == "fp16" else None)
+        self.skipped_steps = 0
 
     @property
     def lr_latent(self) -> float:
@@ -144,6 +152,11 @@ class Distiller:
             state_keys[str(index)] = sorted(state)
             for key, value in state.items():
                 tensors[f"optimizer.{index}.{key}"] = value
+        if self.scaler is not None:  # its scale and growth tracker: a resume steps as the run would have
+            state = self.scaler.state_dict()
+            tensors["grad_scaler.scale"] = torch.tensor(float(state.get("scale", self.scaler.get_scale())))
+            tensors["grad_scaler.growth_tracker"] = torch.tensor(int(state.get("_growth_tracker", 0)))
+            tensors["grad_scaler.skipped_steps"] = torch.tensor(self.skipped_steps)
         metadata = {"format": FORMAT, "iteration": str(self.iteration), "run_id": self.run_id,
                     "random_streams": "stateless", "world_size": str(self.comm.world_size),
                     "optimizer_groups": json.dumps(optimizer_state["param_groups"]),
@@ -199,6 +212,11 @@ class Distiller:
         # The learning rates may change on resume (the advice after a NaN stop).
         self.optimizer.param_groups[0]["lr"] = self.lr_latent
         self.optimizer.param_groups[1]["lr"] = self.lr_class
+        if self.scaler is not None and "grad_scaler.scale" in tensors:
+            self.scaler.load_state_dict({**self.scaler.state_dict(),
+                                         "scale": float(tensors["grad_scaler.scale"]),
+                                         "_growth_tracker": int(tensors["grad_scaler.growth_tracker"])})
+            self.skipped_steps = int(tensors["grad_scaler.skipped_steps"])
 
     @contextmanager
     def writing(self, what):
@@ -261,11 +279,13 @@ class Distiller:
         labels = syn.labels if self.context.rows is None else syn.labels[self.context.rows]
         noise = class_noise(setup.generator, labels.cpu(), self.config.seed, f"iteration:{k}:noise",
                             device=setup.device)
+        scale_before = None if self.scaler is None else self.scaler.get_scale()
         while True:
             try:
                 with setup.iteration.autocast(setup.device.type):
                     loss, images = distill_iteration(setup.generator, syn, setup.algorithm, self.context,
-                                                     self.optimizer, noise, check=self._check_finite)
+                                                     self.optimizer, noise, check=self._check_finite,
+                                                     scaler=self.scaler)
                 break
             except (torch.OutOfMemoryError, RuntimeError) as error:
                 if not out_of_memory(error):
@@ -287,6 +307,10 @@ class Distiller:
                   "grad_norm_Z": float(syn.Z.grad.norm()) if syn.Z.grad is not None else 0.0,
                   "grad_norm_c": float(syn.c.grad.norm()) if syn.c.grad is not None else 0.0,
                   "seconds": time.perf_counter() - started}
+        if self.scaler is not None:  # the scaler lowers its scale exactly when it skips a step
+            skipped = self.scaler.get_scale() < scale_before
+            self.skipped_steps += int(skipped)
+            record.update(loss_scale=self.scaler.get_scale(), skipped_step=skipped, skipped_steps=self.skipped_steps)
         for i, p in enumerate(setup.algorithm.parameters()):
             record["student_lr" if i == 0 else f"algorithm_param_{i}"] = float(p.detach())
         return record

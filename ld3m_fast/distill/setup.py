@@ -222,8 +222,11 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
         released_timesteps(len(prior.alphas_cumprod), config.steps)
     res = resolve_resolution(prior, config.res, released=config.released_compat)
     check_iteration_memory(config, prior, res, device)
-    data = load_dataset(config.data, split="train", subset=config.subset, res=res,
-                        cache_dir=config.cache_dir, max_per_class=config.max_per_class, log=log)
+    comm = distributed.current()
+    source = dict(split="train", subset=config.subset, res=res, cache_dir=config.cache_dir,
+                  max_per_class=config.max_per_class)
+    # Memory-mapped from the data cache: nothing is read until a row is sampled.
+    data = load_dataset(config.data, **source, log=log, progress=config.progress and comm.is_main)
     data = prune_for_run(data, config, log=log)  # --prune-percent (100: unchanged); fills prune_scorer_hash
     require_per_class(data, config.ipc)
     rows = prior_class_rows(prior, config.subset, data.num_classes)
@@ -240,9 +243,21 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     iteration.algorithm.to(device)
     if device.type == "cpu":
         prepare_native_kernels(log)
-    real = RealData.from_imageset(data)
+    real = RealData.from_imageset(_own_classes(data, config, source, comm))
     test_set = load_inline_eval_data(config, res, log) if config.eval_every else None
     return Setup(config, prior, iteration, synthetic, real, list(data.class_names), device, test_set, plan)
+
+
+def _own_classes(data, config: DistillConfig, source: dict, comm):
+    """The real images this process samples from: under torchrun only its own classes are opened
+    (`load_dataset(classes=...)`: every other class's rows are never mapped); the synthetic set's
+    initialisation reads `ipc` images of every class from the whole set, so it does not depend on
+    the number of processes. A pruned set is already the kept rows, in memory."""
+    from ..data import load_dataset
+
+    if comm.world_size == 1 or config.prune_percent < 100:
+        return data
+    return load_dataset(config.data, **source, classes=comm.class_share, log=lambda *_: None)
 
 
 def load_inline_eval_data(config: DistillConfig, res: int, log):

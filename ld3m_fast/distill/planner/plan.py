@@ -7,7 +7,9 @@ step), or its last k steps stored from the render pass, either whole graphs (1 +
 selective activation checkpointing that keeps only the outputs of ops doing at least N FLOPs
 per output element. Every candidate's peak and FLOPs come from a simulated iteration of the
 real code path (`ld3m_fast.distill.planner.simulate`); `plan` returns the cheapest that fits.
-Every other setting (T, the algorithm, the dtype, eta, --released-compat, ...) is the run's.
+Every other setting (T, the algorithm, the dtype, eta, --released-compat, ...) is the run's; a
+bf16 or fp16 run is walked under that autocast (fp16's gradient scaler adds no tensor of note) and
+priced by its FLOPs like fp32.
 
 The search uses four facts of this pipeline instead of simulating every combination:
 - FLOPs depend on the mode (and a little on the student's micro-batch) and not on chunk or
