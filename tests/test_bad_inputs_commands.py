@@ -77,7 +77,7 @@ PLAN_CASES = [
     ("plan guidance nan", plan("--guidance", "nan"), ["finite number"]),
     ("plan sac min flops nan", plan("--sac-min-flops", "nan"), ["finite number"]),
     ("plan eta 100", plan("--eta", 100), ["--eta must be <= 1"]),
-    ("plan dtype", plan("--dtype", "fp16"), ["unknown --dtype 'fp16'"]),
+    ("plan dtype", plan("--dtype", "fp8"), ["unknown --dtype 'fp8'"]),
     ("plan classes 0", plan("--classes", 0), ["argument --classes", "expected an integer >= 1"]),
     ("plan world size 0", plan("--world-size", 0), ["argument --world-size", "expected an integer >= 1"]),
     ("plan world size above the classes", plan("--world-size", 3), ["3"]),
