@@ -111,6 +111,21 @@ def default_threads() -> int:
     return max(1, min(cores, int(idle + 0.2)))
 
 
+def check_threads(threads: int, flag: str = "--threads") -> int:
+    """`threads`, refused in one line (an `LD3MError`) when below 1 or above the cores this
+    process may use: more OpenMP threads than cores only wait for each other (10,000 of them
+    made a 2-core machine unusable for minutes and ended in a segfault)."""
+    from .errors import LD3MError
+
+    if threads < 1:
+        raise LD3MError(f"{flag} must be >= 1, got {threads}")
+    cores = usable_cores()
+    if threads > cores:
+        raise LD3MError(f"{flag} {threads} is more than the {cores} core(s) this process may use (its CPU "
+                        f"affinity and cgroup quota); give --threads {cores} or fewer")
+    return threads
+
+
 def apply_threads(threads: int | None) -> None:
     """Set torch's intra-op thread count (None: leave torch's choice)."""
     if threads is None:

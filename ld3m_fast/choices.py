@@ -11,6 +11,7 @@ MTT_GRADIENTS = ("truncated", "full")
 GRAD_MODES = ("autograd", "released", "recompute")
 SKIPS = ("x0", "mean", "none")          # "none" on the command line is skip=None in the generator
 SPACINGS = ("exact", "released")
+NORMS = ("instance", "batch", "layer", "none")  # the networks' normalisation (ld3m_fast.networks)
 # Autocast dtypes by name (Z, c and the latent chain stay fp32 under every one of them); fp16 runs
 # with a gradient scaler (for cards without bf16: V100, RTX 20xx).
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -23,4 +24,4 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-__all__ = ["ALGORITHMS", "DTYPES", "GRAD_MODES", "MTT_GRADIENTS", "SKIPS", "SPACINGS", "torch_dtype"]
+__all__ = ["ALGORITHMS", "DTYPES", "GRAD_MODES", "MTT_GRADIENTS", "NORMS", "SKIPS", "SPACINGS", "torch_dtype"]

@@ -194,9 +194,13 @@ def load_compvis_state_dict(path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PriorError(f"checkpoint {path} does not exist or is not a file")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise PriorError(f"cannot read {path} as a safetensors checkpoint ({error})") from None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -376,11 +380,11 @@ def build_modules(converted: ConvertedPrior) -> tuple[nn.Module, nn.Module]:
 
 
 def _check_out_dir(out_dir: Path, force: bool):
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PriorError(f"output {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise PriorError(f"output folder {out_dir} exists and is not empty; "
-                         "pass --force to replace it")
+    """Before the checkpoint is read: OUT_DIR can be written (and is empty, or --force)."""
+    from ._files import check_writable_folder
+
+    check_writable_folder(out_dir, "output folder", if_not_empty=None if force else "pass --force to replace it",
+                          error=PriorError)
 
 
 def convert_cin256_v2(ckpt_path, out_dir, *, force: bool = False,

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import LD3MError
+from .errors import LD3MError, one_line
 
 TIMEOUT_ENV = "LD3M_FAST_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_SECONDS = 60.0
@@ -397,7 +397,7 @@ def report(message: str) -> bool:
         if _REPORT["said"]:
             return False
         _REPORT["said"] = True
-        line = f"{_REPORT['program']}: error: {message}"
+        line = f"{_REPORT['program']}: error: {one_line(message)}"  # a path's newline stays an escape
     print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file and not os.path.exists(error_file):

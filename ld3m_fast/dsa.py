@@ -93,6 +93,12 @@ def parse_strategy(strategy: str | None) -> tuple[str, ...]:
     return tuple(groups)
 
 
+def check_strategy(strategy: str) -> str:
+    """`strategy` itself when `parse_strategy` reads it (a flag's type); ValueError otherwise."""
+    parse_strategy(strategy)
+    return strategy
+
+
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=generator, device=generator.device) * (high - low) + low
 

@@ -12,3 +12,9 @@ class LD3MError(Exception):
 
 class PriorError(LD3MError):
     """A prior folder or checkpoint that cannot be loaded as asked."""
+
+
+def one_line(text: str) -> str:
+    """`text` on one line: newlines, tabs and other control characters (a path may hold any of
+    them) written as escapes, the way `repr` writes them; everything else unchanged."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))

@@ -48,10 +48,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ld3m_fast.choices import NORMS
 from ld3m_fast.errors import LD3MError
 
 ARCHITECTURES = ("convnet", "resnet18", "vgg11", "alexnet", "vit")
-NORMS = ("instance", "batch", "layer", "none")
 # The released definitions: AlexNet has no normalisation, the ViT has its LayerNorms
 # commented out; the others use instance norm.
 DEFAULT_NORMS = {"convnet": "instance", "resnet18": "instance", "vgg11": "instance",

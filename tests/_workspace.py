@@ -76,3 +76,11 @@ def assert_one_line_error(code, err, *fragments, exit_code=2):
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def files_under(root) -> dict:
+    """Every file under `root` (a run folder's lock aside) with its bytes: what a refused command
+    must leave as it was."""
+    from pathlib import Path
+
+    return {p: p.read_bytes() for p in Path(root).rglob("*") if p.is_file() and p.name != ".lock"}

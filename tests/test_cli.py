@@ -121,9 +121,10 @@ def test_end_to_end_buffer_distill_eval_then_bad_buffer_and_corrupt_resume(ws, t
     assert_user_error(result, "width (buffer 8, student 16)")
     assert not (tmp_path / "run2").exists()
 
-    # A damaged checkpoint is a clear error on resume.
-    checkpoint = run / "checkpoint.safetensors"
-    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    # Damaged checkpoints (the newest and the one before it) are a clear error on resume.
+    for name in ("checkpoint.safetensors", "checkpoint.previous.safetensors"):
+        checkpoint = run / name
+        checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     assert_user_error(cli("distill", "--resume", run, "--iterations", "3", "--no-progress"), "corrupt")
 
 

@@ -383,7 +383,7 @@ def test_cli_ddranking_beside_the_default(data, tmp_path, capsys):
     (("--teacher", "train"), "add --labels soft"),
     (("--no-dsa", "--augment", "cutmix"), "contradict each other"),
     (("--no-random-real", "--baselines", "random"), "contradict each other"),
-    (("--max-test-per-class", "0"), "--max-test-per-class must be >= 1"),
+    (("--max-test-per-class", "0"), "expected an integer >= 1"),
     (("--teacher-epochs", "0"), "expected an integer >= 1"),
     (("--report", "max"), "invalid choice"),
 ])
@@ -398,7 +398,7 @@ def test_cli_checks_the_output_folder_before_work(data, tmp_path, capsys):
     one = write_set(tmp_path / "one.safetensors", 1)
     (tmp_path / "file").write_text("x")
     code, _, err = run_cli([*cli(data, one, "--out", tmp_path / "file")], capsys)
-    assert_one_line_error(code, err, "is a file, not a folder")
+    assert_one_line_error(code, err, "exists and is not a folder")
 
 
 def test_cli_evaluates_a_thousand_classes_on_part_of_the_test_split(tmp_path, capsys):

@@ -215,7 +215,7 @@ def test_import_checks_its_output_before_reading_anything(pipelines, tmp_path, m
     for out, fragment in cases:
         assert main(["prior", "import", str(pipelines["dit-kl"]), str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("ld3m-fast prior: error: ") and fragment in err[0], err
+        assert len(err) == 1 and err[0].startswith("ld3m-fast prior import: error: ") and fragment in err[0], err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and not (pipelines["dit-kl"] / "copy").exists()
 
 

@@ -2,36 +2,40 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
+from .._files import check_writable_folder, quoted_path
+from ..bounds import COUNT, POSITIVE, SEED, number
+from ..choices import NORMS
 from ..errors import LD3MError
 from .distill import add_threads_argument, apply_threads
+from .settings import argument_type
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..dsa import check_strategy
+
     parser.add_argument("--data", default="fashion-mnist", help="data folder or 'fashion-mnist' (default)")
     parser.add_argument("--subset", default=None, help="ImageNet subset name or alias")
-    parser.add_argument("--res", type=int, required=True, help="image side; must equal the student's --res")
+    parser.add_argument("--res", type=COUNT, required=True, help="image side; must equal the student's --res")
     parser.add_argument("--out", required=True, help="buffer folder to write (expert_XXXX.safetensors)")
-    parser.add_argument("--experts", type=int, default=10, help="number of experts (default 10)")
-    parser.add_argument("--max-start-epoch", type=int, default=2, help="MTT max start epoch (default 2)")
-    parser.add_argument("--expert-epochs", type=int, default=2, help="MTT expert epochs M (default 2)")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--experts", type=COUNT, default=10, help="number of experts (default 10)")
+    parser.add_argument("--max-start-epoch", type=COUNT, default=2, help="MTT max start epoch (default 2)")
+    parser.add_argument("--expert-epochs", type=COUNT, default=2, help="MTT expert epochs M (default 2)")
+    parser.add_argument("--epochs", type=COUNT, default=None,
                         help="training epochs per expert (default: max-start-epoch + expert-epochs, "
                              "the last epoch MTT reads)")
     parser.add_argument("--keep-all-epochs", action="store_true",
                         help="store every epoch, not only those MTT reads")
-    parser.add_argument("--lr", type=float, default=0.01, help="SGD lr, no momentum (default 0.01)")
-    parser.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
-    parser.add_argument("--width", type=int, default=128, help="ConvNet width (default 128)")
-    parser.add_argument("--depth", type=int, default=None, help="ConvNet depth (default from --res)")
-    parser.add_argument("--norm", default="instance", help="ConvNet norm (default instance)")
-    parser.add_argument("--dsa", default="color_crop_cutout_flip_scale_rotate",
+    parser.add_argument("--lr", type=POSITIVE, default=0.01, help="SGD lr, no momentum (default 0.01)")
+    parser.add_argument("--batch", type=COUNT, default=256, help="batch size (default 256)")
+    parser.add_argument("--width", type=COUNT, default=128, help="ConvNet width (default 128)")
+    parser.add_argument("--depth", type=COUNT, default=None, help="ConvNet depth (default from --res)")
+    parser.add_argument("--norm", choices=NORMS, default="instance", help="ConvNet norm (default instance)")
+    parser.add_argument("--dsa", type=argument_type(check_strategy), default="color_crop_cutout_flip_scale_rotate",
                         help="DSA strategy or 'none'")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--max-per-class", type=int, default=None)
+    parser.add_argument("--max-per-class", type=COUNT, default=None)
     add_pruning_arguments(parser)
     add_threads_argument(parser)
 
@@ -41,7 +45,7 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     readme.md:37: --percent=60 --order=asc); the same flags as `distill` (docs/pruning.md)."""
     from ..prune import PRUNE_ORDERS
 
-    parser.add_argument("--prune-percent", type=int, default=100,
+    parser.add_argument("--prune-percent", type=number(int, minimum=1, maximum=100), default=100,
                         help="keep int(P * n / 100) real images of each class, by --prune-scorer's loss "
                              "(1-100; default 100 = no pruning)")
     parser.add_argument("--prune-order", choices=PRUNE_ORDERS, default="asc",
@@ -61,17 +65,14 @@ def run(args) -> int:
     from ..prune import PruneSettings, prune_dataset
 
     apply_threads(args)
-    for name in ("experts", "max_start_epoch", "expert_epochs", "batch"):
-        if getattr(args, name) < 1:
-            raise LD3MError(f"--{name.replace('_', '-')} must be >= 1")
     keep = args.max_start_epoch + args.expert_epochs
     epochs = keep if args.epochs is None else args.epochs
     if epochs < keep:
         raise LD3MError(f"--epochs {epochs} is fewer than the {keep} epochs MTT reads "
                         "(max-start-epoch + expert-epochs)")
-    out = Path(args.out)
+    out = check_writable_folder(args.out, "--out")
     if out.exists() and any(out.glob("expert_*.safetensors")):
-        raise LD3MError(f"{out} already holds a buffer; choose another --out")
+        raise LD3MError(f"--out {quoted_path(out)} already holds a buffer; choose another --out")
     pruning = PruneSettings(args.prune_percent, args.prune_order, args.prune_scorer, args.prune_losses, args.seed)
     pruning.check()
     device = resolve_device(args.device)

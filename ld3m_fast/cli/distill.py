@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import LD3MError
+from ..bounds import COUNT
 from .settings import add_setting_arguments, config_from_args, given_settings
 
 
@@ -34,18 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: the cores idle at start, see ld3m_fast._threads)")
+    parser.add_argument("--threads", type=COUNT, default=None,
+                        help="CPU threads for torch, at most the cores this process may use (default: the "
+                             "cores idle at start, see ld3m_fast._threads)")
 
 
 def apply_threads(args) -> None:
-    """Set torch's CPU thread count from --threads, or the default policy."""
-    from .._threads import apply_threads as apply, default_threads
+    """Set torch's CPU thread count from --threads (refused above the usable cores), or the
+    default policy."""
+    from .._threads import apply_threads as apply, check_threads, default_threads
     from ..distributed import processes_per_node
 
     threads = getattr(args, "threads", None)
-    if threads is not None and threads < 1:
-        raise LD3MError(f"--threads must be >= 1, got {threads}")
+    if threads is not None:
+        check_threads(threads)
     apply(threads if threads is not None else max(1, default_threads() // processes_per_node()))
 
 

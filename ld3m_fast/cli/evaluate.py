@@ -28,35 +28,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .._files import check_writable_folder, quoted_path, reported_write
+from ..bounds import COUNT, POSITIVE, SEED
 from ..errors import LD3MError
 from .distill import add_threads_argument, apply_threads
 
 # A non-interactive run prints a progress line at most this often.
 PROGRESS_LINE_SECONDS = 30.0
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (argparse type: anything else is a one-line usage error)."""
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An integer >= 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def baseline_list(text: str) -> tuple[str, ...]:
@@ -87,10 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", default=None, metavar="PATH|train",
                         help="the soft-label teacher: an ld3m-fast network file, a torchvision ResNet-18 state "
                              "dict, or 'train' (a ConvNet trained on the real train split, cached; default)")
-    parser.add_argument("--teacher-epochs", type=positive_int, default=REAL_NETWORK_EPOCHS,
+    parser.add_argument("--teacher-epochs", type=COUNT, default=REAL_NETWORK_EPOCHS,
                         help="epochs of a network trained on the real data (the 'train' teacher and the "
                              f"coresets' feature network; default {REAL_NETWORK_EPOCHS})")
-    parser.add_argument("--temperature", type=positive_float, default=None,
+    parser.add_argument("--temperature", type=POSITIVE, default=None,
                         help="soft-label KL temperature (default 1.0, DD-Ranking's configurations)")
     parser.add_argument("--report", choices=("final", "best"), default=None,
                         help="final: the accuracy after the last epoch (ours, default); best: the best test "
@@ -104,13 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="baselines of the same IPC per class: random real subsets, herding and k-center "
                              "coresets in a real-trained ConvNet's feature space (default: random)")
     parser.add_argument("--archs", default=None, help="comma-separated pool (overrides the protocol's)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (overrides the protocol's)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per architecture (overrides the protocol's)")
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--epochs", type=COUNT, default=None, help="training epochs (overrides the protocol's)")
+    parser.add_argument("--seeds", type=COUNT, default=None, help="seeds per architecture (overrides the protocol's)")
+    parser.add_argument("--lr", type=POSITIVE, default=None,
                         help="learning rate (overrides the protocol's; VGG-11 keeps 1/10 of it)")
-    parser.add_argument("--batch", type=int, default=None, help="training batch size (default 256)")
+    parser.add_argument("--batch", type=COUNT, default=None, help="training batch size (default 256)")
     parser.add_argument("--max-test-per-class", "--test-per-class", "--max-per-class", dest="test_per_class",
-                        type=int, default=None,
+                        type=COUNT, default=None,
                         help="test on at most N images per class: a quick check, labelled as such in the report "
                              "(paper: the whole test split, quick: 100)")
     parser.add_argument("--no-dsa", action="store_true", help="train without augmentation (= --augment none)")
@@ -118,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="real data for the test split and the baselines (default: the runs' --data; "
                              "needed for sets that are not ld3m-fast runs)")
     parser.add_argument("--subset", default=None, help="ImageNet subset of --data (default: the runs')")
-    parser.add_argument("--res", type=int, default=None,
+    parser.add_argument("--res", type=COUNT, default=None,
                         help="resolution of the test split; every set must have it (default: the runs', "
                              "else the first set's)")
     parser.add_argument("--cache-dir", default=None, help="decoded-data cache folder (default: the runs')")
@@ -136,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true",
                         help="progress lines every 30 s instead of a progress bar")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=SEED, default=0,
                         help="base seed of every job's stream and of the random-real draw (default 0)")
     add_threads_argument(parser)
 
@@ -276,13 +254,6 @@ def _protocol(args, first_run: dict):
     from ..distill import evaluation as ev
     from ..networks import parse_arch
 
-    for flag in ("epochs", "seeds", "batch", "test_per_class"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            name = "max-test-per-class" if flag == "test_per_class" else flag
-            raise LD3MError(f"--{name} must be >= 1, got {value}")
-    if args.lr is not None and not (args.lr > 0 and args.lr != float("inf")):
-        raise LD3MError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.no_dsa and args.augment not in (None, "none"):
         raise LD3MError(f"--no-dsa and --augment {args.augment} contradict each other: give one")
     baselines = args.baselines
@@ -311,19 +282,6 @@ def _protocol(args, first_run: dict):
         if first_run.get(key) is not None:
             setattr(config, key, first_run[key])
     return config
-
-
-def check_output_folder(out: Path) -> None:
-    """One line, before any work, when `out` cannot become a writable folder (nothing is created)."""
-    import os
-
-    if out.exists() and not out.is_dir():
-        raise LD3MError(f"--out {out} is a file, not a folder")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise LD3MError(f"--out {out}: {existing} is not a writable folder")
 
 
 def check_teacher_path(text: str | None) -> None:
@@ -468,8 +426,7 @@ def _output_folder(args, sets) -> Path:
         else:
             raise LD3MError("pass --out FOLDER to say where eval.json goes (it defaults to the run folder "
                             "only when exactly one run is evaluated)")
-    check_output_folder(out)
-    return out
+    return check_writable_folder(out, "--out")
 
 
 def _with_baselines(args, config, sets, train, full_real, res, num_classes, comm, device, *, subset, cache_dir):
@@ -542,7 +499,7 @@ def run(args) -> int:
     full_real = parse_full_real(args.full_real, config.archs)
 
     # The test split (and the train split for the baselines) at the sets' resolution.
-    res = args.res or next((s.res for s in sets if s.kind == "distilled"), sets[0].res)
+    res = args.res if args.res is not None else next((s.res for s in sets if s.kind == "distilled"), sets[0].res)
     data, subset, cache_dir = _data_settings(args, run_configs)
     quiet = lambda *a: None  # noqa: E731
     test = load_dataset(data, split="test", subset=subset, res=res, cache_dir=cache_dir,
@@ -608,7 +565,8 @@ def run(args) -> int:
                 if main:
                     progress.finished(job, result)
                     if comm.world_size == 1:  # a cut-off run keeps what it finished
-                        ev.write_report(report(), out, plot=False)
+                        with reported_write(f"the report in --out {quoted_path(out)}"):
+                            ev.write_report(report(), out, plot=False)
         finally:
             progress.close()
         if comm.world_size > 1:  # eval.json is written once, whole, from every rank's results
@@ -620,7 +578,8 @@ def run(args) -> int:
         results[:] = sorted((r for part in gathered for r in part),
                             key=lambda r: order[(r["set"], r["arch"], r["seed"], r["labels"], r["lr"])])
     final = report()
-    written = ev.write_report(final, out, plot=len(sets) > 1)
+    with reported_write(f"the report in --out {quoted_path(out)}", "every job finished; free space and evaluate again"):
+        written = ev.write_report(final, out, plot=len(sets) > 1)
     print(ev.format_markdown(final))
     print(f"wrote {', '.join(str(p) for p in written)} ({ev.format_duration(time.perf_counter() - started)}; "
           f"estimated {ev.format_duration(total)})")

@@ -1,8 +1,9 @@
 """`ld3m-fast <command>`: subcommands behind one console-script entry point.
 
 User errors (`LD3MError`, and malformed flags) print one line on stderr and exit
-with code 2; a run stopped by SIGINT/SIGTERM exits with 128 + the signal number after
-saying how to resume; anything else is a bug and keeps its traceback.
+with code 2, as does a full disk or a read-only filesystem met where no command said more;
+a run stopped by SIGINT/SIGTERM exits with 128 + the signal number after saying how to
+resume; anything else is a bug and keeps its traceback.
 
 Under torchrun (`python -m ld3m_fast`, `ld3m_fast/__main__.py`) every rank runs this; an
 error raised alike on every rank is printed by rank 0 only, a failed collective by each
@@ -13,11 +14,12 @@ may end the process with its own line first) and copied into torchrun's error fi
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
 from .._threads import set_wait_policy
-from ..errors import LD3MError
+from ..errors import LD3MError, one_line
 
 set_wait_policy()  # before anything imports torch (and its OpenMP runtime)
 
@@ -36,11 +38,15 @@ COMMANDS = {
 }
 
 
+# What the machine, not the program, ran out of: a full disk, a quota, a read-only filesystem.
+RESOURCE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a malformed command line is one line on stderr and exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,13 +70,22 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # reuse freed large blocks: no page-fault churn (see ld3m_fast/_memory.py)
     from .. import distributed
 
-    distributed.name_program(f"ld3m-fast {args.command}")
+    action = getattr(args, "prior_command", None)  # `ld3m-fast prior train: error: ...`, as argparse names it
+    distributed.name_program(" ".join(filter(None, ("ld3m-fast", args.command, action))))
     try:
         return int(args._run(args) or 0)
     except LD3MError as error:
         if distributed.reports(error):
             distributed.report(str(error))
         return getattr(error, "exit_code", 2)
+    except OSError as error:
+        if error.errno not in RESOURCE_ERRORS:
+            raise
+        # A full disk or a read-only filesystem where no caller said more: still one line (every
+        # write is atomic, so what was written before is whole).
+        where = f" {error.filename!r}" if error.filename else ""
+        distributed.report(f"cannot write{where} ({error.strerror or error}); free space or choose a writable place")
+        return 2
     except KeyboardInterrupt:
         distributed.report("interrupted; files already written are complete (every write is atomic)")
         return 130

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 
+from ..bounds import COUNT
 from ..errors import LD3MError
 from .settings import add_setting_arguments, config_from_args
 
@@ -33,9 +34,9 @@ def add_arguments(parser):
     from ..distill.config import WALKED
 
     add_setting_arguments(parser, names=set(WALKED) | set(PLAN_SETTINGS))
-    parser.add_argument("--classes", type=int, default=None,
+    parser.add_argument("--classes", type=COUNT, default=None,
                         help="classes of the run (default: the --subset's count, or Fashion-MNIST's 10)")
-    parser.add_argument("--world-size", type=int, default=1,
+    parser.add_argument("--world-size", type=COUNT, default=1,
                         help="processes (GPUs) of the run: plan one rank's share of the classes (default 1)")
     parser.add_argument("--json", default=None, help="also write setting, candidates, choice and the released "
                                                      "scheme as one JSON object here")
@@ -44,8 +45,6 @@ def add_arguments(parser):
 def run_classes(args, config) -> int:
     """--classes, or the count the run's data will have when it is known without reading it."""
     if args.classes is not None:
-        if args.classes < 1:
-            raise LD3MError(f"--classes must be >= 1, got {args.classes}")
         return args.classes
     if config.subset is not None:
         from ..data.subsets import resolve_subset
@@ -71,17 +70,28 @@ def _settings(args):
     return config_from_args(args, preset_needs=("prior",))
 
 
+def check_steps(config) -> None:
+    """T below the prior's training timesteps (`check_chain_steps`), before anything is simulated."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..distill.planner.priors import build_planning_prior
+    from ..distill.setup import check_chain_steps
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        prior = build_planning_prior(config.prior)
+    check_chain_steps(config.steps, len(prior.alphas_cumprod))
+
+
 def run(args) -> int:
     from .._files import check_writable_file, write_text_atomic
     from ..distill.planner.memory import format_bytes, memory_budget
     from ..distill.planner.plan import (base_walk, format_table, knob_flags, plan, planning_config,
                                         released_reference, search_space)
 
-    if args.world_size < 1:
-        raise LD3MError(f"--world-size must be >= 1, got {args.world_size}")
     if args.json:
         check_writable_file(args.json, "--json")
     config = planning_config(_settings(args), log=print)
+    check_steps(config)
     classes = run_classes(args, config)
     budget = memory_budget(config.memory_budget, config.memory_reserve, config.device)
     walk = base_walk(config, classes, args.world_size)

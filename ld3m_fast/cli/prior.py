@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import fields
 from pathlib import Path
 
-from .._files import write_json_atomic
+from .._files import check_writable_file, check_writable_folder, quoted_path, reported_write, write_json_atomic
 from .._host import cpu_model
+from .._threads import check_threads
+from ..bounds import COUNT, number
 from ..errors import LD3MError
+from ..priors.tiny import TINY_SCHEDULER_CONFIG
+
+# The sample grid's plain DDIM indexes the training schedule: T below its length.
+SAMPLE_STEPS_MAXIMUM = TINY_SCHEDULER_CONFIG["num_train_timesteps"] - 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,37 +32,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = actions.add_parser("train", help="train the tiny default prior on Fashion-MNIST",
                                description=__doc__,
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from ..priors.train import PriorTrainingConfig
-
-    defaults = PriorTrainingConfig()
     train.add_argument("--out", required=True, type=Path, help="prior folder to write")
     train.add_argument("--data", default="fashion-mnist",
                        help="'fashion-mnist' (full set when installed, else the bundled subset), "
                             "or a folder that `load_dataset` reads (10 classes)")
-    train.add_argument("--max-per-class", type=int, default=None,
+    train.add_argument("--max-per-class", type=COUNT, default=None,
                        help="use only the first N training images of each class")
-    train.add_argument("--ae-steps", type=int, default=defaults.ae_steps)
-    train.add_argument("--ae-batch-size", type=int, default=defaults.ae_batch_size)
-    train.add_argument("--ae-lr", type=float, default=defaults.ae_lr)
-    train.add_argument("--kl-weight", type=float, default=defaults.kl_weight)
-    train.add_argument("--unet-steps", type=int, default=defaults.unet_steps)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                       help="denoiser batch size")
-    train.add_argument("--lr", type=float, default=defaults.lr, help="denoiser peak learning rate")
-    train.add_argument("--class-dropout", type=float, default=defaults.class_dropout,
-                       help="probability of training on the null class (classifier-free guidance)")
-    train.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
-    train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--log-every", type=int, default=defaults.log_every)
-    train.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads (default: torch's choice; 1 is faster on a busy "
-                            "machine)")
-    train.add_argument("--eval-images", type=int, default=1000,
+    add_training_arguments(train)
+    train.add_argument("--threads", type=COUNT, default=None,
+                       help="torch CPU threads, at most the cores this process may use (default: torch's "
+                            "choice; 1 is faster on a busy machine)")
+    train.add_argument("--eval-images", type=number(int, minimum=0), default=1000,
                        help="test images for the reconstruction error (0 = skip)")
     train.add_argument("--samples", type=Path, default=None,
                        help="write a class-conditional sample grid PNG here (plain DDIM)")
-    train.add_argument("--sample-steps", type=int, default=50)
-    train.add_argument("--guidance", type=float, default=3.0)
+    train.add_argument("--sample-steps", type=number(int, minimum=1, maximum=SAMPLE_STEPS_MAXIMUM), default=50,
+                       help="DDIM steps of the sample grid (below the prior's "
+                            f"{SAMPLE_STEPS_MAXIMUM + 1} training timesteps)")
+    train.add_argument("--guidance", type=number(float), default=3.0, help="guidance scale of the sample grid")
     train.add_argument("--report", type=Path, default=None, help="write a JSON report here")
     from ..priors.pipeline import PRIOR_FILE_KEYS
     from ..priors.pipeline import __doc__ as pipeline_doc
@@ -69,6 +63,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="a diffusers pipeline folder (model_index.json), or a prior file (JSON) naming one")
     imports.add_argument("out", metavar="OUT", type=Path, help="prior folder to write")
     imports.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per bounded `PriorTrainingConfig` field: its help, default and bounds come from the field."""
+    from ..priors.train import PriorTrainingConfig
+
+    defaults = PriorTrainingConfig()
+    for item in fields(PriorTrainingConfig):
+        if item.metadata.get("help"):
+            bounds = item.metadata["bounds"]
+            kind = type(getattr(defaults, item.name))
+            parser.add_argument("--" + item.name.replace("_", "-"), default=getattr(defaults, item.name),
+                                type=number(kind, minimum=bounds.minimum, maximum=bounds.maximum,
+                                            above=bounds.above, below=bounds.below), help=item.metadata["help"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,15 +109,15 @@ def _train(args: argparse.Namespace) -> int:
                                 reconstruction_error, save_labelled_grid, train_prior)
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise LD3MError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-    config = PriorTrainingConfig(
-        ae_steps=args.ae_steps, ae_batch_size=args.ae_batch_size, ae_lr=args.ae_lr,
-        kl_weight=args.kl_weight, unet_steps=args.unet_steps, batch_size=args.batch_size,
-        lr=args.lr, class_dropout=args.class_dropout, ema_decay=args.ema_decay, seed=args.seed,
-        log_every=args.log_every)
+        torch.set_num_threads(check_threads(args.threads))
+    config = PriorTrainingConfig(**{item.name: getattr(args, item.name) for item in fields(PriorTrainingConfig)
+                                    if item.metadata.get("help")})
     config.check()  # before the data is read
+    # Every output, before hours of training.
+    check_writable_folder(args.out, "--out")
+    for path, flag in ((args.samples, "--samples"), (args.report, "--report")):
+        if path is not None:
+            check_writable_file(path, flag)
     train_set = load_dataset(args.data, split="train", res=IMAGE_SIZE,
                              max_per_class=args.max_per_class)
     if train_set.num_classes < 2:
@@ -134,17 +142,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.samples is not None:
         images = class_sample_grid(prior, per_class=10, steps=args.sample_steps,
                                    guidance=args.guidance, seed=args.seed)
-        save_labelled_grid(images, prior.num_classes, prior.class_names
-                           or [str(k) for k in range(prior.num_classes)], args.samples)
+        with reported_write(f"--samples {quoted_path(args.samples)}", f"the prior is written to {quoted_path(args.out)}"):
+            save_labelled_grid(images, prior.num_classes, prior.class_names
+                               or [str(k) for k in range(prior.num_classes)], args.samples)
         print(f"wrote class-conditional samples to {args.samples}")
     if args.report is not None:
-        _write_json(args.report, report)
+        with reported_write(f"--report {quoted_path(args.report)}", f"the prior is written to {quoted_path(args.out)}"):
+            write_json_atomic(args.report, report)
         print(f"wrote training report to {args.report}")
     print(f"prior written to {args.out}")
     return 0
-
-
-
-
-def _write_json(path: Path, data: dict) -> None:
-    write_json_atomic(path, data)

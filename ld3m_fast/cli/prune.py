@@ -10,9 +10,10 @@ beside the data cache, so a run with the same data and scorer does not score aga
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from .._files import check_writable_file, quoted_path, reported_write
+from ..bounds import COUNT, SEED
 from ..errors import LD3MError
 from .distill import add_threads_argument, apply_threads
 
@@ -27,26 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from the release, recorded in the file)")
     parser.add_argument("--out", required=True, help="the losses file to write (.safetensors)")
     parser.add_argument("--subset", default=None, help="ImageNet subset name or alias")
-    parser.add_argument("--res", type=int, required=True, help="image side, as the run's --res")
-    parser.add_argument("--max-per-class", type=int, default=None,
+    parser.add_argument("--res", type=COUNT, required=True, help="image side, as the run's --res")
+    parser.add_argument("--max-per-class", type=COUNT, default=None,
                         help="at most N images per class, as the run's --max-per-class (the embedded default: 500)")
     parser.add_argument("--cache-dir", default=None, help="decoded-data cache folder (the losses are cached beside it)")
-    parser.add_argument("--scorer-epochs", type=int, default=REAL_NETWORK_EPOCHS,
+    parser.add_argument("--scorer-epochs", type=COUNT, default=REAL_NETWORK_EPOCHS,
                         help=f"epochs of the 'train' scorer (default {REAL_NETWORK_EPOCHS})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the 'train' scorer (default 0, as runs use)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the 'train' scorer (default 0, as runs use)")
     parser.add_argument("--device", default="cpu")
     add_threads_argument(parser)
-
-
-def check_output_file(out: Path) -> None:
-    """One line, before any work, when `out` cannot be written as a new .safetensors file."""
-    if out.suffix != ".safetensors":
-        raise LD3MError(f"--out {out}: give a .safetensors file name")
-    if out.exists():
-        raise LD3MError(f"--out {out} already exists; choose another name or remove it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise LD3MError(f"--out {out}: {parent} is not a writable folder")
 
 
 def run(args) -> int:
@@ -55,12 +45,7 @@ def run(args) -> int:
     from ..prune import TrainedScorerSettings, build_scorer, losses_for, write_losses
 
     apply_threads(args)
-    out = Path(args.out)
-    check_output_file(out)
-    if args.scorer_epochs < 1:
-        raise LD3MError(f"--scorer-epochs must be >= 1, got {args.scorer_epochs}")
-    if args.max_per_class is not None and args.max_per_class < 1:
-        raise LD3MError(f"--max-per-class must be >= 1, got {args.max_per_class}")
+    out = check_writable_file(args.out, "--out", exists_ok=False, suffix=".safetensors")
     if args.scorer != "train" and not Path(args.scorer).is_file():
         raise LD3MError(f"--scorer {args.scorer} does not exist: give a torchvision ResNet-18 state dict or 'train'")
     device = resolve_device(args.device)
@@ -70,7 +55,8 @@ def run(args) -> int:
                           cache_dir=args.cache_dir,
                           trained=TrainedScorerSettings(epochs=args.scorer_epochs, seed=args.seed))
     losses, meta = losses_for(data, scorer, cache_dir=args.cache_dir, device=device, log=print)
-    write_losses(out, losses, data.labels, {**meta, "data_description": data.description})
+    with reported_write(f"--out {quoted_path(out)}"):
+        write_losses(out, losses, data.labels, {**meta, "data_description": data.description})
     if meta.get("deviation"):
         print(f"note: {meta['deviation']}")
     print(f"wrote the losses of {len(data)} images ({data.description}; scorer: {meta.get('scorer')}) to {out}; "

@@ -35,13 +35,16 @@ def _parser_for(hint):
     return parse
 
 
-def _wrap(parse):
+def argument_type(parse):
+    """`parse` as an argparse type whose ValueError message is the one-line usage error
+    (argparse itself would only say 'invalid value')."""
     def wrapped(text: str):
         try:
             return parse(text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 
+    wrapped.__name__ = getattr(parse, "__name__", "value")
     return wrapped
 
 
@@ -65,7 +68,7 @@ def add_setting_arguments(parser: argparse.ArgumentParser, names=None) -> None:
             continue
         if default is not None:
             text += f" (default: {default})"
-        parse = _wrap(meta["parse"]) if meta["parse"] else _parser_for(hints[field.name])
+        parse = argument_type(meta["parse"]) if meta["parse"] else _parser_for(hints[field.name])
         parser.add_argument(flag_name(field), dest=field.name, type=parse, default=None, help=text)
     parser.add_argument("--config", type=str, default=None, help="TOML file of settings (flags win)")
 
@@ -121,5 +124,5 @@ def config_from_args(args, *, preset_needs=None, **overrides):
     return DistillConfig.from_dict({**DistillConfig().to_dict(), **settings}, where=where)
 
 
-__all__ = ["add_setting_arguments", "config_from_args", "explicit_settings", "flag_name", "given_settings",
+__all__ = ["add_setting_arguments", "argument_type", "config_from_args", "explicit_settings", "flag_name", "given_settings",
            "read_config_file"]

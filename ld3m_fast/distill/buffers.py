@@ -167,6 +167,9 @@ def _read_trajectory(path: Path) -> ExpertTrajectory:
     if epochs.dim() != 2 or epochs.shape[1] != total:
         raise LD3MError(f"expert trajectory {path} is damaged: {tuple(epochs.shape)} does not hold "
                         f"{total} parameters per epoch")
+    if not epochs.is_floating_point() or not bool(torch.isfinite(epochs).all()):
+        raise LD3MError(f"expert trajectory {path} is damaged: its parameters hold NaN or inf (or are not "
+                        "floating point); build the buffer again with `ld3m-fast buffer`")
     return ExpertTrajectory(epochs.float(), list(metadata["names"]), shapes, metadata, source=str(path))
 
 

@@ -29,26 +29,29 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..choices import ALGORITHMS, DTYPES, GRAD_MODES, MTT_GRADIENTS, SKIPS
+from ..bounds import SEED_MAXIMUM, Bounds
+from ..choices import ALGORITHMS, DTYPES, GRAD_MODES, MTT_GRADIENTS, NORMS, SKIPS
 from ..errors import LD3MError
 
 ATTENTION_CHECKPOINTING = ("auto", "on", "off")
 
 
 def setting(default, help: str, *, choices: tuple | None = None, minimum: float | None = None,
-            maximum: float | None = None, resumable: bool = False, walked: bool = True,
-            in_file: bool = True, parse=None, flag: str | None = None):
+            maximum: float | None = None, above: float | None = None, below: float | None = None,
+            resumable: bool = False, walked: bool = True, in_file: bool = True, parse=None,
+            flag: str | None = None):
     """A `DistillConfig` field with everything the CLI, config files, validation and the planner need.
 
-    choices: allowed values; minimum, maximum: bounds for numbers (None allowed where the type
-    is optional); resumable: may change on `--resume`; walked: decides what one iteration
+    choices: allowed values; minimum, maximum (inclusive), above, below (exclusive): bounds for
+    numbers (`ld3m_fast.bounds`; None allowed where the type is optional, floats are always
+    finite); resumable: may change on `--resume`; walked: decides what one iteration
     computes and holds in memory (the planner walks it; False for output, logging, learning
     rates and the like, which a plan does not depend on); in_file: accepted as a `--config`
     key; parse: text -> value for the flag (default: from the type); flag: the flag's name
     when it is not derived from the field (booleans).
     """
     return field(default=default, metadata={
-        "help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "resumable": resumable,
+        "help": help, "choices": choices, "bounds": Bounds(minimum, maximum, above, below), "resumable": resumable,
         "walked": walked, "in_file": in_file, "parse": parse, "flag": flag})
 
 
@@ -60,6 +63,13 @@ def parse_chunk(text: str):
         return int(text)
     except ValueError:
         raise ValueError(f"expected a number of images or 'auto', got {text!r}") from None
+
+
+def parse_dsa(text: str) -> str:
+    """A DSA strategy the augmentation reads ('color_crop', 'none'; the --dsa flag)."""
+    from ..dsa import check_strategy
+
+    return check_strategy(text)
 
 
 @dataclass
@@ -101,7 +111,8 @@ class DistillConfig:
     steps: int = setting(10, "DDIM steps T of the LD3M chain", minimum=1)
     guidance: float = setting(3.0, "classifier-free guidance scale")
     skip: str = setting("x0", "LD3M skip: x0 (released code), mean (paper Eq. 7), none", choices=SKIPS)
-    eta: float = setting(0.0, "DDIM eta (0 = deterministic chain)", minimum=0)
+    eta: float = setting(0.0, "DDIM eta, 0..1 (0 = deterministic chain, 1 = DDPM's variance; above 1 the "
+                         "step's sigma would exceed what the DDIM step can take)", minimum=0, maximum=1)
     released_compat: bool = setting(False, "reproduce the released LD3M code where ld3m-fast differs: its "
                                     "timestep list (more than T steps when T does not divide 1000), its clamp of "
                                     "decoded images, its half-size truncated-MTT image gradient "
@@ -150,13 +161,13 @@ class DistillConfig:
                                      walked=False)
     lr_latent: float | None = setting(None, "SGD lr for the latents Z (default per algorithm: DM 1, DC 0.1, "
                                       "MTT 500, the released 1000 on its half-size image gradient (1000 "
-                                      "with --released-compat); DM 0.1 on the embedded default prior)", minimum=0,
+                                      "with --released-compat); DM 0.1 on the embedded default prior)", above=0,
                                       resumable=True, walked=False)
     lr_class: float | None = setting(None, "SGD lr for the class embeddings c (default as --lr-latent)",
-                                     minimum=0, resumable=True, walked=False)
+                                     above=0, resumable=True, walked=False)
     lr_student: float = setting(1e-6, "SGD lr for MTT's learnable student lr", minimum=0, walked=False)
-    momentum: float = setting(0.5, "SGD momentum for Z, c and the student lr", minimum=0)
-    seed: int = setting(0, "seed of every random stream of the run", walked=False)
+    momentum: float = setting(0.5, "SGD momentum for Z, c and the student lr", minimum=0, below=1)
+    seed: int = setting(0, "seed of every random stream of the run", minimum=0, maximum=SEED_MAXIMUM, walked=False)
     # -- the algorithms
     buffer: str | None = setting(None, "expert buffer folder (MTT)", walked=False)
     mtt_gradient: str = setting("truncated", "truncated (constant memory) | full (exact unroll)",
@@ -164,16 +175,16 @@ class DistillConfig:
     syn_steps: int = setting(10, "MTT student steps per iteration", minimum=1)
     expert_epochs: int = setting(2, "MTT target epoch offset M", minimum=1)
     max_start_epoch: int = setting(2, "MTT start epoch s is drawn from [0, max_start_epoch)", minimum=1)
-    student_lr: float = setting(0.01, "MTT initial student lr", minimum=0, walked=False)
+    student_lr: float = setting(0.01, "MTT initial student lr", above=0, walked=False)
     batch_real: int | None = setting(None, "real images per class per iteration (DM, DC; default 256, "
                                      "64 on the embedded default)", minimum=1)
     batch_syn: int | None = setting(None, "synthetic images per MTT student step (default: all)", minimum=1)
     micro_batch: int | None = setting(None, "student micro-batch for DM, DC and MTT (exact with "
                                       "per-sample norm; bounds memory)", minimum=1)
-    dsa: str = setting("color_crop_cutout_flip_scale_rotate", "DSA strategy, or 'none'")
+    dsa: str = setting("color_crop_cutout_flip_scale_rotate", "DSA strategy, or 'none'", parse=parse_dsa)
     width: int = setting(128, "ConvNet width", minimum=1)
     depth: int | None = setting(None, "ConvNet depth (default from --res)", minimum=1)
-    norm: str = setting("instance", "ConvNet norm", choices=("instance", "batch", "layer", "none"))
+    norm: str = setting("instance", "ConvNet norm", choices=NORMS)
     # -- output
     out: str | None = setting(None, "run folder to create (default: runs/distill-<date>-<time>)", walked=False)
     save_every: int | None = setting(None, "also checkpoint every N iterations", minimum=1, resumable=True, walked=False)
@@ -233,12 +244,8 @@ class DistillConfig:
             flag = "--" + f.name.replace("_", "-")
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise LD3MError(f"unknown {flag} {value!r}; choose {', '.join(map(str, meta['choices']))}")
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            if meta["minimum"] is not None and not value >= meta["minimum"]:
-                raise LD3MError(f"{flag} must be >= {meta['minimum']:g}, got {value}")
-            if meta["maximum"] is not None and not value <= meta["maximum"]:
-                raise LD3MError(f"{flag} must be <= {meta['maximum']:g}, got {value}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                meta["bounds"].check(flag, value)
         if isinstance(self.chunk, str) and self.chunk != "auto" or isinstance(self.chunk, int) and self.chunk < 1:
             raise LD3MError(f"--chunk must be >= 1 or auto, got {self.chunk!r}")
 
@@ -260,6 +267,10 @@ class DistillConfig:
             raise ValueError("unresolved defaults: call resolve_defaults(config) first")
         if self.algorithm == "mtt" and not self.buffer:
             raise LD3MError("--algorithm mtt needs --buffer PATH (build one with `ld3m-fast buffer`)")
+        if self.threads is not None:
+            from .._threads import check_threads
+
+            check_threads(self.threads)
 
     @property
     def attention_checkpointed(self) -> bool:
@@ -345,14 +356,17 @@ def resolve_method_defaults(config: DistillConfig, *, log=print) -> DistillConfi
 
 def resolve_defaults(config: DistillConfig, *, log=print) -> DistillConfig:
     """`resolve_method_defaults`, then the run folder and the thread count: unset, it records
-    torch's current count (the CLI sets its automatic choice before; Python callers keep theirs)."""
+    torch's current count, at most the cores the process may use (the CLI sets its automatic
+    choice before; Python callers keep theirs)."""
     values = resolve_method_defaults(config, log=log).to_dict()
     if not values["out"]:
         values["out"] = str(Path("runs") / time.strftime("distill-%Y%m%d-%H%M%S"))
     if values["threads"] is None:
         import torch
 
-        values["threads"] = torch.get_num_threads()
+        from .._threads import usable_cores
+
+        values["threads"] = min(torch.get_num_threads(), usable_cores())
     return DistillConfig(**values)
 
 

@@ -1,6 +1,6 @@
 """What a run hands over: image grids, the final synthetic set, and reading it back.
 
-final/ (written atomically, file by file):
+final/ (written atomically, as a whole: a temporary folder, then a rename):
     images.safetensors     the rendered images (network input) + labels + the export noise
     images.png             a grid, one row per class
     synthetic.safetensors  the latents Z, class embeddings c and labels (`SyntheticSet.save`)
@@ -20,8 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open
 
-from .._files import atomic_write
-from .._files import save_tensors_atomic
+from .._files import atomic_folder, atomic_write, save_tensors_atomic
 from ..errors import LD3MError
 from ..normalization import denormalize_unit
 from .algorithms import class_noise, class_rows
@@ -82,6 +81,12 @@ def export_final(setup, run_dir, *, seed: int, iteration: int, config: dict, ren
     rendered: `render_final`'s result when the caller rendered already (distributed runs)."""
     final = Path(run_dir) / "final"
     images, labels, noise = render_final(setup, seed) if rendered is None else rendered
+    with atomic_folder(final) as folder:  # a failed export (a full disk) leaves the old final/ or none
+        _write_final(folder, setup, images, labels, noise, iteration=iteration, config=config)
+    return final
+
+
+def _write_final(final: Path, setup, images, labels, noise, *, iteration: int, config: dict) -> None:
     tensors = {"images": images, "labels": labels, "noise_start": noise.start}
     if noise.steps is not None:
         tensors["noise_steps"] = noise.steps
@@ -91,7 +96,6 @@ def export_final(setup, run_dir, *, seed: int, iteration: int, config: dict, ren
     save_tensors_atomic(tensors, final / "images.safetensors", meta)
     save_image_grid(images, final / "images.png", setup.synthetic.ipc)
     setup.synthetic.save(final / "synthetic.safetensors", metadata={"iteration": iteration, "config": config})
-    return final
 
 
 def load_final(run_dir):

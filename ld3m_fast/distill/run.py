@@ -26,8 +26,10 @@ Run folder (RUN_DIR):
     metrics.jsonl            one JSON object per iteration (and per inline evaluation)
     tb/                      TensorBoard scalars
     images/iter_XXXXXX.png   image grids (rows = classes) every `image_every` iterations
-    checkpoint.safetensors   Z, c, labels, optimiser state, student lr, iteration and the run id
-                             (the random streams are stateless); atomic
+    checkpoint.safetensors   Z, c, labels, optimiser state, student lr, iteration, the run id and
+                             the run's config (the random streams are stateless); atomic
+    checkpoint.previous.safetensors   the checkpoint before it (`checkpoints`: a resume takes the
+                             newest that can be used)
     final/                   the export (`ld3m_fast.distill.export`)
 
 Never losing work: a checkpoint is written every `save_seconds` of work (and every
@@ -39,7 +41,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import signal
 import threading
 import time
@@ -47,27 +48,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
 
 from .. import distributed
-from .._files import save_tensors_atomic, write_text_atomic
+from .._files import check_writable_folder, shell_quote, write_text_atomic
 from .._threads import apply_threads
 from ..errors import LD3MError
 from . import runfolder
 from .algorithms import class_noise, class_rows
 from .assemble import build_context, build_optimizer
+from .checkpoints import (CHECKPOINT, FORMAT, PREVIOUS, Checkpoint, check_fits, choose_checkpoint,
+                          last_finite_checkpoint, write_checkpoint)
 from .config import RESUMABLE, DistillConfig, load_config, resolve_defaults
 from .export import export_final, render_final, save_image_grid, to_uint8_images
 from .setup import Setup, build_setup
 
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_FORMAT = "ld3m-fast-checkpoint"
 # The fp16 gradient scaler's first scale. PyTorch's default 2**16 suits losses of order 1; an image
 # gradient pushed back through a decoder and a chain of denoiser steps overflows fp16 at it for the
 # first several iterations (all skipped); the scaler still doubles it every 2000 clean steps.
 FP16_INIT_SCALE = 2.0 ** 10
-
 
 class Interrupted(LD3MError):
     """The run stopped on SIGINT/SIGTERM after saving a checkpoint (exit code 128 + signal)."""
@@ -82,15 +80,21 @@ def resume_command(run_dir) -> str:
     any other count resumes it too)."""
     comm = distributed.current()
     if comm.world_size == 1:
-        return f"ld3m-fast distill --resume {shlex.quote(str(run_dir))}"
+        return f"ld3m-fast distill --resume {shell_quote(run_dir)}"
     nodes = comm.world_size // max(comm.local_world_size, 1)
     launch = (f"torchrun --nproc-per-node {comm.local_world_size}" if nodes <= 1 else
               f"torchrun --nnodes {nodes} --nproc-per-node {comm.local_world_size} <rendezvous flags>")
-    return f"{launch} -m ld3m_fast distill --resume {shlex.quote(str(run_dir))}"
+    return f"{launch} -m ld3m_fast distill --resume {shell_quote(run_dir)}"
 
 
 def _quiet(*args, **kwargs) -> None:
     pass
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError ('DefaultCPUAllocator: can't
+    allocate memory'), which torch does not raise as one."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 class Distiller:
@@ -153,7 +157,7 @@ class Distiller:
             tensors["grad_scaler.scale"] = torch.tensor(float(state.get("scale", self.scaler.get_scale())))
             tensors["grad_scaler.growth_tracker"] = torch.tensor(int(state.get("_growth_tracker", 0)))
             tensors["grad_scaler.skipped_steps"] = torch.tensor(self.skipped_steps)
-        metadata = {"format": CHECKPOINT_FORMAT, "iteration": str(self.iteration), "run_id": self.run_id,
+        metadata = {"format": FORMAT, "iteration": str(self.iteration), "run_id": self.run_id,
                     "random_streams": "stateless", "world_size": str(self.comm.world_size),
                     "optimizer_groups": json.dumps(optimizer_state["param_groups"]),
                     "optimizer_state_keys": json.dumps(state_keys),
@@ -162,67 +166,36 @@ class Distiller:
 
     def save_checkpoint(self) -> Path:
         """Every rank calls it: after a barrier (every rank finished this iteration), rank 0
-        writes the one checkpoint (every rank holds the same state); a failed write is the same
-        error on every rank."""
+        writes the one checkpoint (every rank holds the same state; the newest so far is kept as
+        the previous one, `checkpoints`); a failed write is the same error on every rank."""
         path = self.run_dir / CHECKPOINT
         self.comm.barrier()
 
         def write():
             tensors, metadata = self.state_tensors()
             with self.writing(path):
-                save_tensors_atomic(tensors, path, metadata)
+                write_checkpoint(self.run_dir, tensors, metadata)
 
         self.comm.on_main(write)
         self.last_checkpoint = self.iteration
         self._last_save_time = time.monotonic()
         return path
 
-    def load_checkpoint(self) -> None:
-        """Restore the state written by `save_checkpoint` (rank 0 reads it and sends it to the
-        other ranks, whatever the world size that wrote it); anything off is an LD3MError."""
-        tensors, iteration, groups, state_keys = self.comm.on_main(self._read_checkpoint)
-        try:
-            self._restore(tensors, groups, state_keys)
-        except (KeyError, ValueError, RuntimeError) as error:
-            raise LD3MError(f"checkpoint {self.run_dir / CHECKPOINT} is corrupt or does not fit this run "
-                            f"({error})") from None
-        self.iteration = iteration
-        self.last_checkpoint = iteration
-
-    def _read_checkpoint(self):
-        path = self.run_dir / CHECKPOINT
-        if not path.is_file():
-            raise LD3MError(f"{self.run_dir} has no {CHECKPOINT} to resume from")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            tensors = load_file(str(path))
-            if metadata.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError("not an ld3m-fast checkpoint")
-            iteration = int(metadata["iteration"])
-            groups = json.loads(metadata["optimizer_groups"])
-            state_keys = json.loads(metadata["optimizer_state_keys"])
-        except (SafetensorError, OSError, ValueError, KeyError) as error:
-            raise LD3MError(f"checkpoint {path} is corrupt or unreadable ({error}); "
-                            "delete the run folder and start again") from None
-        if metadata.get("run_id") != self.run_id:
-            raise LD3MError(f"checkpoint {path} belongs to another run (run id "
-                            f"{metadata.get('run_id', 'missing')}, this run is {self.run_id}); "
-                            "put back this run's own checkpoint or start a new run")
-        self._check_shapes(path, tensors)
-        # Generator states of checkpoints written before the streams became stateless: unused.
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
-        return tensors, iteration, groups, state_keys
-
-    def _check_shapes(self, path, tensors) -> None:
+    def load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Restore the state of a checkpoint `checkpoints.choose_checkpoint` chose (and rank 0
+        read and sent to every rank, whatever the world size that wrote it); a tensor whose shape
+        does not fit this run is an LD3MError naming it."""
         syn = self.setup.synthetic
         expected = {"Z": syn.Z.shape, "c": syn.c.shape, "labels": syn.labels.shape,
                     **{f"algorithm.{i}": p.shape for i, p in enumerate(self.setup.algorithm.parameters())}}
-        for key, shape in expected.items():
-            if key not in tensors or tensors[key].shape != shape:
-                found = tuple(tensors[key].shape) if key in tensors else "missing"
-                raise LD3MError(f"checkpoint {path} does not fit this run: {key} is {found}, "
-                                f"expected {tuple(shape)}")
+        check_fits(checkpoint, expected, self.optimizer)
+        try:
+            self._restore(checkpoint.tensors, checkpoint.groups, checkpoint.state_keys)
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise LD3MError(f"checkpoint {checkpoint.path} is corrupt or does not fit this run "
+                            f"({error})") from None
+        self.iteration = checkpoint.iteration
+        self.last_checkpoint = checkpoint.iteration
 
     def _restore(self, tensors, groups, state_keys) -> None:
         syn = self.setup.synthetic
@@ -314,14 +287,20 @@ class Distiller:
                                                      self.optimizer, noise, check=self._check_finite,
                                                      scaler=self.scaler)
                 break
-            except torch.OutOfMemoryError as error:
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not out_of_memory(error):
+                    raise
                 # The same iteration again, in smaller pieces (its noise and streams are stateless).
                 self._replan_after_oom(error)
         # A finite loss can still send a non-finite gradient through the chain: then the
-        # parameters are no longer finite and this iteration must not be checkpointed.
+        # parameters (or the momentum) are no longer finite and this iteration must not be
+        # checkpointed: every checkpoint written is finite.
         if not all(bool(torch.isfinite(p).all()) for group in self.optimizer.param_groups
                    for p in group["params"]):
             self._stop("the latents became non-finite")
+        if not all(bool(torch.isfinite(v).all()) for state in self.optimizer.state.values()
+                   for v in state.values() if torch.is_tensor(v) and v.is_floating_point()):
+            self._stop("the optimiser's momentum became non-finite")
         self.iteration += 1
         self._last_images = images
         record = {"iteration": self.iteration, "loss": float(loss),
@@ -378,11 +357,20 @@ class Distiller:
             self._stop("the image gradient became non-finite")
 
     def _stop(self, what: str):
-        advice = f"{resume_command(self.run_dir)} --lr-latent {self.lr_latent / 10:g} --lr-class {self.lr_class / 10:g}"
-        raise LD3MError(
-            f"{what} at iteration {self.iteration + 1}; stopped. The last good checkpoint "
-            f"(iteration {self.last_checkpoint}) is in {self.run_dir / CHECKPOINT}; continue it with lower "
-            f"learning rates: {advice}")
+        """Stop on a non-finite value with advice that works when followed: the checkpoint a resume
+        takes (the newest finite one, read back from disk) and ten times lower learning rates."""
+        rates = f"--lr-latent {self.lr_latent / 10:g} --lr-class {self.lr_class / 10:g}"
+        advice = f"continue it with lower learning rates: {resume_command(self.run_dir)} {rates}"
+        kept, problems = last_finite_checkpoint(self.run_dir) if self.comm.is_main else (None, ["not read"])
+        if kept is not None and not problems:
+            where = f"The last good checkpoint (iteration {kept.iteration}) is in {kept.path}; {advice}"
+        elif kept is not None:
+            where = (f"The newest checkpoint is not finite either ({'; '.join(problems)}); the last finite "
+                     f"one, which a resume takes, is {kept.path} (iteration {kept.iteration}); {advice}")
+        else:
+            where = (f"No finite checkpoint is left ({'; '.join(problems) or 'none was written'}); start a new "
+                     f"run with lower learning rates ({rates})")
+        raise LD3MError(f"{what} at iteration {self.iteration + 1}; stopped. {where}")
 
     # -- the loop
 
@@ -608,7 +596,7 @@ def start_run(config: DistillConfig, *, log=print, on_iteration=None) -> "Distil
     config = DistillConfig.from_dict(comm.broadcast_object(config.to_dict()))
     config.validate()
     run_dir = Path(config.out)
-    comm.on_main(lambda: _refuse_used_folder(run_dir))
+    comm.on_main(lambda: _refuse_used_folder(check_writable_folder(run_dir, "--out")))
     apply_threads(config.threads)
     setup = build_setup(config, log=log)
     folder = {}
@@ -649,7 +637,7 @@ def _undo_start(run_dir: Path, created: bool) -> None:
     if created:
         shutil.rmtree(run_dir, ignore_errors=True)
         return
-    for name in (runfolder.IDENTITY, "config.json", CHECKPOINT, runfolder.LOCK):
+    for name in (runfolder.IDENTITY, "config.json", CHECKPOINT, PREVIOUS, runfolder.LOCK):
         (run_dir / name).unlink(missing_ok=True)
     runfolder.remove_leftovers(run_dir)
 
@@ -670,12 +658,15 @@ def resume_run(run_dir, overrides: dict | None = None, *, log=print, on_iteratio
             recorded = load_config(run_dir)
             config = _apply_overrides(recorded, overrides, log=log)
             config.validate()
-            return recorded.to_dict(), config.to_dict(), runfolder.read_identity(run_dir)
+            run_id = runfolder.read_identity(run_dir)
+            checkpoint = choose_checkpoint(run_dir, run_id=run_id, recorded=recorded, log=log)
+            _refuse_going_back(checkpoint, config)
+            return recorded.to_dict(), config.to_dict(), run_id, checkpoint
         except BaseException:
             folder.pop("lock").release()
             raise
 
-    recorded, values, run_id = comm.on_main(open_run)
+    recorded, values, run_id, checkpoint = comm.on_main(open_run)
     lock = folder.get("lock")
     try:
         config = DistillConfig.from_dict(values)
@@ -689,7 +680,7 @@ def resume_run(run_dir, overrides: dict | None = None, *, log=print, on_iteratio
 
         comm.on_main(tidy)
         distiller = Distiller(setup, run_dir, run_id=run_id, log=log, comm=comm)
-        distiller.load_checkpoint()
+        distiller.load_checkpoint(checkpoint)
 
         def update_folder():
             if values != recorded:
@@ -703,6 +694,15 @@ def resume_run(run_dir, overrides: dict | None = None, *, log=print, on_iteratio
     finally:
         if lock is not None:
             lock.release()
+
+
+def _refuse_going_back(checkpoint: Checkpoint, config: DistillConfig) -> None:
+    """A resume never ends before the iterations the run has done (--iterations 0 on a finished
+    run would otherwise record a run of 0 iterations beside a final/ of all of them)."""
+    if config.iterations < checkpoint.iteration:
+        raise LD3MError(f"--iterations {config.iterations} is below the {checkpoint.iteration} iterations the run "
+                        f"has done ({checkpoint.path}); a run cannot go back: give --iterations "
+                        f"{checkpoint.iteration} or more, or start a new run")
 
 
 def _recorded_device(run_dir: Path) -> str:
@@ -747,4 +747,4 @@ def _finish(distiller: Distiller, on_iteration) -> Distiller:
     return distiller
 
 
-__all__ = ["CHECKPOINT", "Distiller", "Interrupted", "resume_command", "resume_run", "start_run"]
+__all__ = ["CHECKPOINT", "PREVIOUS", "Distiller", "Interrupted", "resume_command", "resume_run", "start_run"]

@@ -6,8 +6,8 @@
 - **Identity.** `RUN/run.json` holds a random run id made when the run starts. Every
   checkpoint carries it, so a checkpoint copied in from another run (another seed,
   same shapes) is refused instead of silently continuing the wrong run.
-- **Leftovers.** Atomic writes go through temporary files (`ld3m_fast._files`); one a
-  kill cut short is removed when the run is resumed.
+- **Leftovers.** Atomic writes go through temporary files and folders (`ld3m_fast._files`);
+  one a kill cut short is removed when the run is resumed.
 """
 from __future__ import annotations
 
@@ -104,10 +104,17 @@ def read_identity(run_dir) -> str:
 
 
 def remove_leftovers(run_dir) -> list[Path]:
-    """Delete temporary files of atomic writes a kill interrupted; returns what was removed."""
+    """Delete the temporary files and folders (an export's) of atomic writes a kill interrupted;
+    returns what was removed."""
+    import shutil
+
     removed = []
-    for path in Path(run_dir).rglob(f"{TEMP_PREFIX}*"):
-        if path.is_file():
+    for path in sorted(Path(run_dir).rglob(f"{TEMP_PREFIX}*")):
+        if any(TEMP_PREFIX in part for part in path.relative_to(run_dir).parts[:-1]):
+            continue  # inside a temporary folder removed whole
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink(missing_ok=True)
-            removed.append(path)
+        removed.append(path)
     return removed

@@ -138,6 +138,51 @@ def compile_prior(prior, backend: str) -> None:
     prior.autoencoder.model.decoder.compile(backend=backend)
 
 
+def check_chain_steps(steps: int, train_timesteps: int) -> None:
+    """T below the prior's training timesteps: the chain's timesteps 1 + k * (N // T) index the
+    noise schedule of N entries (T >= N ran 1001 steps all at t = 1, or indexed past its end)."""
+    if steps >= train_timesteps:
+        raise LD3MError(f"--steps {steps} is not below the prior's {train_timesteps} training timesteps (the "
+                        f"chain's timesteps 1 + k * ({train_timesteps} // T) index its noise schedule); use "
+                        f"--steps {train_timesteps - 1} or fewer")
+
+
+def iteration_lower_bound(config: DistillConfig, prior, res: int) -> dict[str, int]:
+    """What one class's synthetic images certainly hold at once in an iteration, in bytes, by
+    part: the chain's latents (every step's, for the recompute backward), the rendered images at
+    `res` and their gradient, and the distillation ConvNet's first layer over one micro-batch
+    (the convolution's output and the in-place ReLU's, kept for the backward, and the gradient
+    that flows back through them: three full-size activations). The real batch, the denoiser's
+    and the decoder's activations come on top: a lower bound, known before any data is read."""
+    from ..choices import torch_dtype
+    from ..generator import render_size
+
+    ipc = config.ipc
+    channels, side, _ = prior.latent_shape(render_size(prior, res, released=config.released_compat))
+    element = torch.tensor([], dtype=torch_dtype(config.dtype)).element_size()
+    micro = min(v for v in (config.micro_batch, config.batch_syn, ipc) if v)
+    return {"latents": (config.steps + 1) * ipc * channels * side * side * 4,
+            "images": 2 * ipc * 3 * res * res * 4,
+            "network": 3 * micro * config.width * res * res * element}
+
+
+def check_iteration_memory(config: DistillConfig, prior, res: int, device: torch.device) -> None:
+    """Refuse, before any data is read or any folder made, a setting whose iteration cannot fit
+    the memory budget (`run_budget`) by `iteration_lower_bound` alone (one line)."""
+    from .planner.memory import format_bytes
+
+    parts = iteration_lower_bound(config, prior, res)
+    needed = sum(parts.values())
+    budget = run_budget(config, device)
+    if needed > budget.usable:
+        images = f"{config.ipc} synthetic image{'s' if config.ipc > 1 else ''}"
+        raise LD3MError(f"one class's {images} at {res}² cannot fit: they alone need at least {format_bytes(needed)} "
+                        f"per iteration (the images and their gradient {format_bytes(parts['images'])}, the ConvNet's "
+                        f"first layer (width {config.width}) through its backward {format_bytes(parts['network'])}, "
+                        f"the chain's latents {format_bytes(parts['latents'])}), more than {budget.describe()}; "
+                        "lower --res, --ipc or --width, set --micro-batch, or raise --memory-budget")
+
+
 def load_trajectories(config: DistillConfig, res: int, num_classes: int):
     """MTT's expert trajectories, checked against the student the config builds (None otherwise)."""
     if config.algorithm != "mtt":
@@ -171,9 +216,12 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     # Under torchrun each rank runs on its own device (cuda:LOCAL_RANK with NCCL).
     device = distributed.current().device(resolve_device(config.device))
     prior = load_prior(config.prior).to(device)  # a missing folder or a hub id: one line
-    if config.released_compat:  # a T the released sampler fails at: refused before the data load
+    # The prior's limits, before the data load: T, a T the released sampler fails at, res, memory.
+    check_chain_steps(config.steps, len(prior.alphas_cumprod))
+    if config.released_compat:
         released_timesteps(len(prior.alphas_cumprod), config.steps)
     res = resolve_resolution(prior, config.res, released=config.released_compat)
+    check_iteration_memory(config, prior, res, device)
     comm = distributed.current()
     source = dict(split="train", subset=config.subset, res=res, cache_dir=config.cache_dir,
                   max_per_class=config.max_per_class)
@@ -223,5 +271,6 @@ def load_inline_eval_data(config: DistillConfig, res: int, log):
                         cache_dir=config.cache_dir, log=log)
 
 
-__all__ = ["Setup", "build_setup", "planned_config", "prior_class_rows", "resolve_device", "run_budget",
+__all__ = ["Setup", "build_setup", "check_chain_steps", "check_iteration_memory", "iteration_lower_bound",
+           "planned_config", "prior_class_rows", "resolve_device", "run_budget",
            "use_memory_efficient_attention"]

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._files import _umask
+from .._files import atomic_folder
 from ..errors import PriorError
 from .adapters import (AdaLNDenoiser, AutoencoderAdapter, ClassEmbeddingDenoiser,
                        CrossAttentionDenoiser, DenoiserAdapter, KLAutoencoder, VQAutoencoder)
@@ -72,17 +69,6 @@ def wrap_autoencoder(model: nn.Module, scaling_factor: float | None = None) -> A
     return AUTOENCODERS[name](model, scaling_factor)
 
 
-def _replace_dir(tmp: Path, out_dir: Path):
-    """Move a finished temporary folder into place; an old folder is removed only afterwards."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old-" + tmp.name)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_prior_parts(out_dir, *, denoiser: nn.Module, autoencoder: nn.Module,
                      class_table: torch.Tensor | None, scheduler_config: dict,
                      conditioning: str, num_classes: int, image_size: int,
@@ -111,23 +97,17 @@ def save_prior_parts(out_dir, *, denoiser: nn.Module, autoencoder: nn.Module,
         "class_names": list(class_names) if class_names else None,
         "description": description,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+    from diffusers import DDIMScheduler
+
+    with atomic_folder(out_dir) as tmp:
         denoiser.save_pretrained(tmp / denoiser_sub, safe_serialization=True)
         autoencoder.save_pretrained(tmp / ae_sub, safe_serialization=True)
-        from diffusers import DDIMScheduler
-
         DDIMScheduler.from_config(
             {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
         ).save_pretrained(tmp / "scheduler")
         if class_table is not None:
             save_file({"class_table": class_table.detach().contiguous().cpu()}, tmp / CLASS_TABLE)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -378,6 +358,39 @@ def _model_config(root: Path, part: dict, role: str) -> tuple[str, Path, dict]:
     return class_name, folder, config
 
 
+# Bytes per timestep of the noise-schedule tables a prior builds (diffusers' float32 betas, alphas,
+# alphas_cumprod and int64 timesteps; the float64 copy; the chain's Python floats).
+SCHEDULE_BYTES_PER_TIMESTEP = 64
+
+
+def _check_fits_in_ram(needed: int, what: str, where) -> None:
+    """Refuse, before allocating it, what cannot fit in the RAM available now (one line)."""
+    from ..distill.planner.memory import device_free_memory
+
+    available, _ = device_free_memory("cpu")
+    if needed > available:
+        raise PriorError(f"{where}: {what} need at least {needed / 1e9:.3g} GB, more than the "
+                         f"{available / 1e9:.3g} GB of RAM available; fix it or write the prior folder again")
+
+
+def _levels(value, count: int) -> list[int]:
+    """A per-level config value (an int for every level, or a list)."""
+    return list(value) if isinstance(value, list) else [value] * count
+
+
+def estimated_parameters(class_name: str, config: dict) -> int:
+    """A lower bound on the parameters of a checked config, from its sizes alone (one 3x3
+    convolution per residual block of a UNet or autoencoder level, the attention projections of a
+    DiT block): an absurd config (block_out_channels 65536) is refused before it is built."""
+    if class_name == "DiTTransformer2DModel":
+        inner = _levels(config["num_attention_heads"], 1)[0] * _levels(config["attention_head_dim"], 1)[0]
+        return config["num_layers"] * 4 * inner * inner
+    channels = config["block_out_channels"]
+    layers = _levels(config.get("layers_per_block") or 1, len(channels))
+    per_side = sum(n * 9 * c * c for n, c in zip(layers, channels))
+    return per_side * (2 if class_name in AUTOENCODERS else 1)  # an autoencoder has both sides
+
+
 def _build_model(class_name: str, folder: Path, config: dict) -> nn.Module:
     """The diffusers model of a checked config (random weights, or fake under FakeTensorMode)."""
     import diffusers
@@ -535,6 +548,8 @@ def read_scheduler_config(path, subfolder: str = "scheduler") -> dict:
     if prediction != "epsilon":
         bad(f"prediction_type {_short(prediction)} is not supported: the LD3M chain needs a "
             "noise-predicting (epsilon) model")
+    _check_fits_in_ram(SCHEDULE_BYTES_PER_TIMESTEP * steps, f"the noise schedule's tables of num_train_timesteps "
+                       f"{steps}", config_path)
     try:
         alphas_cumprod = alphas_cumprod_from_config(config)
     except _CONFIG_ERRORS as error:
@@ -586,6 +601,10 @@ def build_prior(path, *, weights: bool = True) -> Prior:
     conditioning = manifest["conditioning"]
     parts = [_model_config(root, manifest[role], role) for role in ("denoiser", "autoencoder")]
     scheduler_config = read_scheduler_config(root, source.scheduler_subfolder)
+    if weights:  # real parameters: what cannot fit is refused before it is built
+        for name, folder, config in parts:
+            _check_fits_in_ram(4 * estimated_parameters(name, config), f"its sizes make a {name} whose float32 "
+                               "weights", folder / "config.json")
     denoiser, autoencoder = (_build_model(name, folder, config) for name, folder, config in parts)
     class_table = None
     if weights:

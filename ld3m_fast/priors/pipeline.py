@@ -464,21 +464,14 @@ def _class_names(facts: _Facts, labels: dict | None, where: str, num_classes: in
 def _check_import_target(out_dir: Path, force: bool, source: Path | None = None) -> None:
     """Refuse an output that cannot or must not be written (or that overlaps the pipeline
     folder `source`), before anything is read."""
-    import os
+    from .._files import check_writable_folder
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PriorError(f"output {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise PriorError(f"output folder {out_dir} exists and is not empty; pass --force to replace it")
+    check_writable_folder(out_dir, "output folder", if_not_empty=None if force else "pass --force to replace it",
+                          error=PriorError)
     out, src = out_dir.resolve(), source.resolve() if source is not None else None
     if src is not None and (out == src or src in out.parents or out in src.parents):
         raise PriorError(f"output folder {out_dir} overlaps the pipeline it is imported from ({source}); "
                          "write the prior folder elsewhere")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
-        raise PriorError(f"cannot write {out_dir}: {parent} is not a writable folder")
 
 
 def import_prior(path, out_dir, *, force: bool = False) -> PriorSource:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..bounds import SEED_MAXIMUM, Bounds
 from ..errors import LD3MError
 from ..normalization import uint8_to_autoencoder
 from .io import save_prior_parts
@@ -46,36 +47,39 @@ IMAGE_SIZE = 32
 LATENT_FACTOR = 4
 
 
+def _bounded(default, help: str = "", **bounds):
+    """A `PriorTrainingConfig` field with its bounds (`ld3m_fast.bounds`): `check` and the flags of
+    `ld3m-fast prior train` read them."""
+    return field(default=default, metadata={"bounds": Bounds(**bounds), "help": help})
+
+
 @dataclass
 class PriorTrainingConfig:
     """Everything that decides the trained weights (besides the data)."""
 
-    ae_steps: int = 2000
-    ae_batch_size: int = 32
-    ae_lr: float = 1e-3
-    kl_weight: float = 1e-6
-    unet_steps: int = 3500
-    batch_size: int = 128
-    lr: float = 2e-3
-    warmup_steps: int = 200
-    class_dropout: float = 0.1
-    ema_decay: float = 0.999
-    latent_channels: int = 4
+    ae_steps: int = _bounded(2000, "autoencoder training steps", minimum=1)
+    ae_batch_size: int = _bounded(32, "autoencoder batch size", minimum=1)
+    ae_lr: float = _bounded(1e-3, "autoencoder learning rate", above=0)
+    kl_weight: float = _bounded(1e-6, "weight of the autoencoder's KL term", minimum=0)
+    unet_steps: int = _bounded(3500, "denoiser training steps", minimum=1)
+    batch_size: int = _bounded(128, "denoiser batch size", minimum=1)
+    lr: float = _bounded(2e-3, "denoiser peak learning rate", above=0)
+    warmup_steps: int = _bounded(200, minimum=0)
+    class_dropout: float = _bounded(0.1, "probability of training on the null class (classifier-free guidance)",
+                                    minimum=0, below=1)
+    ema_decay: float = _bounded(0.999, "decay of the weights' exponential moving average (the saved weights)",
+                                minimum=0, maximum=1)
+    latent_channels: int = _bounded(4, minimum=1)
     ae_channels: tuple[int, ...] = (16, 32, 64)
     unet_channels: tuple[int, ...] = (32, 64, 64)
-    unet_layers_per_block: int = 2
-    seed: int = 0
-    log_every: int = 200
+    unet_layers_per_block: int = _bounded(2, minimum=1)
+    seed: int = _bounded(0, "seed of the initialisation and of every random stream", minimum=0, maximum=SEED_MAXIMUM)
+    log_every: int = _bounded(200, "print the losses every N steps", minimum=1)
 
     def check(self):
-        if self.ae_steps < 1 or self.unet_steps < 1:
-            raise LD3MError("--ae-steps and --unet-steps must be >= 1")
-        if self.batch_size < 1 or self.ae_batch_size < 1:
-            raise LD3MError("batch sizes must be >= 1")
-        if not (self.lr > 0 and self.ae_lr > 0):
-            raise LD3MError("learning rates must be > 0")
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise LD3MError(f"class dropout must be in [0, 1), got {self.class_dropout}")
+        for item in fields(self):
+            if "bounds" in item.metadata:
+                item.metadata["bounds"].check("--" + item.name.replace("_", "-"), getattr(self, item.name))
         if len(self.ae_channels) != 3:
             raise LD3MError("the autoencoder needs 3 levels (latent factor 4)")
 
