@@ -175,6 +175,9 @@ class Distiller:
             tensors, metadata = self.state_tensors()
             with self.writing(path):
                 write_checkpoint(self.run_dir, tensors, metadata)
+            # Now, before on_main's broadcast: should another process die during it, rank 0's
+            # line names the checkpoint it has just written, the one a resume takes.
+            self.last_checkpoint = self.iteration
 
         self.comm.on_main(write)
         self.last_checkpoint = self.iteration
