@@ -657,6 +657,7 @@ def resume_run(run_dir, overrides: dict | None = None, *, on_iteration=None) -> 
             run_id = runfolder.read_identity(run_dir)
             checkpoint = choose_checkpoint(run_dir, run_id=run_id, recorded=recorded)
             _refuse_going_back(checkpoint, config)
+            _warn_of_other_threads(recorded, config)  # once the resume is accepted: no warning before an error
             return recorded.to_dict(), config.to_dict(), run_id, checkpoint
         except BaseException:
             folder.pop("lock").release()
@@ -721,12 +722,15 @@ def _apply_overrides(recorded: DistillConfig, overrides: dict) -> DistillConfig:
         if key not in RESUMABLE:
             raise LD3MError(f"cannot change {key} when resuming (run has {values[key]!r}, got {value!r}); "
                             f"only {', '.join(RESUMABLE)} may change")
-        if key == "threads" and values[key] is not None:
-            logger.warning(f"resuming with {value} threads instead of the run's {values[key]}: floating-point "
-                           "reductions may add up in another order, so the result will not be bit-identical to "
-                           "an uninterrupted run")
         values[key] = value
     return DistillConfig.from_dict(values, where="the resumed settings")
+
+
+def _warn_of_other_threads(recorded: DistillConfig, config: DistillConfig) -> None:
+    if recorded.threads is not None and config.threads != recorded.threads:
+        logger.warning(f"resuming with {config.threads} threads instead of the run's {recorded.threads}: "
+                       "floating-point reductions may add up in another order, so the result will not be "
+                       "bit-identical to an uninterrupted run")
 
 
 def _finish(distiller: Distiller, on_iteration) -> Distiller:
