@@ -71,11 +71,11 @@ def _worker(args) -> None:
     from ld3m_fast.distill import DistillConfig, Distiller, build_setup, resolve_defaults
 
     extra = json.loads(args.config) if args.config else {}
-    config = resolve_defaults(DistillConfig(progress=False, threads=1, **extra), log=lambda *a: None)
-    setup = build_setup(config, log=lambda *a: None)
+    config = resolve_defaults(DistillConfig(progress=False, threads=1, **extra))
+    setup = build_setup(config)
     rows = []
     with tempfile.TemporaryDirectory() as run_dir:
-        distiller = Distiller(setup, run_dir, log=lambda *a: None)
+        distiller = Distiller(setup, run_dir)
         for i in range(args.iterations + args.warmup):
             u0, s0, f0 = _usage()
             wall = time.perf_counter()

@@ -699,7 +699,7 @@ def attention_part(ctx: dict, part: dict) -> None:
         saved = {model: dict(model.attn_processors) for model in (prior.denoiser.model, prior.autoencoder.model)
                  if hasattr(model, "attn_processors")}
         try:
-            chosen = use_memory_efficient_attention(prior, device, log=lambda *a: None)
+            chosen = use_memory_efficient_attention(prior, device)
             if chosen != "xformers":
                 part["xformers"] = f"not run: use_memory_efficient_attention chose {chosen!r}"
             else:

@@ -130,8 +130,7 @@ _DATA = {}
 def dataset(split: str, max_per_class: int | None = None):
     key = (split, max_per_class)
     if key not in _DATA:
-        _DATA[key] = load_dataset("fashion-mnist", split=split, res=RES, max_per_class=max_per_class,
-                                  log=lambda *a: None)
+        _DATA[key] = load_dataset("fashion-mnist", split=split, res=RES, max_per_class=max_per_class)
     return _DATA[key]
 
 
@@ -289,7 +288,7 @@ def ld3m_distill(method: str, ipc: int, steps: int):
                            iterations=DISTILL_ITERATIONS, batch_real=BATCH_REAL, seed=SEED, out=str(run_dir),
                            dsa=DSA_STRATEGY, save_every=DISTILL_ITERATIONS, image_every=DISTILL_ITERATIONS,
                            progress=False, **extra)
-    start_run(config, log=lambda *a: None)
+    start_run(config)
     images, labels, _ = load_final(run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "seconds" in r]

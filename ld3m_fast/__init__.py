@@ -10,13 +10,23 @@ Public API (importable from other distillation codebases):
 
 The names load on first use (PEP 562), so `import ld3m_fast` and the CLI's start-up
 do not import torch before the command line has set up its environment.
+
+Messages go through `logging`, to the `ld3m_fast` logger and its children (one per module).
+The library installs no handler of its own (only a `NullHandler`): configure `logging` to
+see them, silence them or send them elsewhere. The `ld3m-fast` command installs one for the
+duration of a command (`ld3m_fast.cli.main`).
 """
 from __future__ import annotations
 
 import importlib
+import logging
 
 from ._version import __version__
 from .errors import LD3MError, PriorError
+
+# A library adds no output of its own: without a configured handler its messages go nowhere
+# (not to logging's last-resort stderr handler either).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {
     "ChainNoise": "generator", "ChainSchedule": "generator", "LD3MGenerator": "generator",

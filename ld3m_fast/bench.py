@@ -26,6 +26,7 @@ what it is and where it was measured.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import statistics
@@ -38,6 +39,8 @@ import torch
 from ._host import cpu_model
 from .distill.planner.plan import candidate_chunks, mode_name, plan
 from .distill.planner.simulate import Walk, estimate
+
+logger = logging.getLogger(__name__)
 
 SETTINGS = [(256, 10, 20), (128, 1, 10), (128, 10, 10)]  # (res, ipc, T)
 BUDGETS_GIB = (8, 24, 80)
@@ -102,7 +105,7 @@ def released_at_budget(base: Walk, budget: int):
 
 
 def simulated_full_scale(prior: str = "cin256-v2", settings=SETTINGS, budgets_gib=BUDGETS_GIB,
-                         algorithms=("dm", "mtt"), log=print, *, classes: int = CLASSES, overrides=None,
+                         algorithms=("dm", "mtt"), *, classes: int = CLASSES, overrides=None,
                          plan_options=None) -> list[dict]:
     """Part a over `settings` [(res, ipc, T)]: equal chunk, then equal budget per `budgets_gib`.
 
@@ -118,9 +121,9 @@ def simulated_full_scale(prior: str = "cin256-v2", settings=SETTINGS, budgets_gi
                 walk = base.at(**{"chunk": chunk, **changes})
                 started = time.process_time()
                 rows.append(_row("a", walk, scheme, estimate(walk), comparison="equal chunk"))
-                log(f"  a, equal chunk: {res}² ipc {ipc} T={steps} {algorithm} {scheme}: "
-                    f"{rows[-1]['peak_gib']:.2f} GiB, {rows[-1]['tflops']:.1f} TFLOP "
-                    f"({time.process_time() - started:.0f} s CPU)")
+                logger.info(f"  a, equal chunk: {res}² ipc {ipc} T={steps} {algorithm} {scheme}: "
+                            f"{rows[-1]['peak_gib']:.2f} GiB, {rows[-1]['tflops']:.1f} TFLOP "
+                            f"({time.process_time() - started:.0f} s CPU)")
             for gib in budgets_gib:
                 budget = int(gib * 2**30)
                 released, default = released_at_budget(base, budget)
@@ -130,14 +133,14 @@ def simulated_full_scale(prior: str = "cin256-v2", settings=SETTINGS, budgets_gi
                                  fits=released is not None, **extra))
                 if best is not None:
                     rows.append(_row("a", best.walk, "ours (planner's choice)", best.estimate, fits=True, **extra))
-                log(f"  a, equal budget {gib} GiB: {res}² ipc {ipc} T={steps} {algorithm}: released "
-                    + (f"chunk {released.walk.config.chunk}" if released else "does not fit") + ", ours "
-                    + (f"{best.mode}, chunk {best.walk.config.chunk}, decoder {best.walk.config.decoder_chunk}"
-                       if best else "nothing fits"))
+                logger.info(f"  a, equal budget {gib} GiB: {res}² ipc {ipc} T={steps} {algorithm}: released "
+                            + (f"chunk {released.walk.config.chunk}" if released else "does not fit") + ", ours "
+                            + (f"{best.mode}, chunk {best.walk.config.chunk}, decoder {best.walk.config.decoder_chunk}"
+                               if best else "nothing fits"))
     return rows
 
 
-def simulated_growth(prior: str = "cin256-v2", syn_steps=(10, 20, 40, 80), log=print) -> list[dict]:
+def simulated_growth(prior: str = "cin256-v2", syn_steps=(10, 20, 40, 80)) -> list[dict]:
     """Part b: both sides at chain chunk 10 and student micro-batches of 10, fp32."""
     rows = []
     base = bench_walk(prior, 256, 10, 20, "dm", micro_batch=STUDENT_BATCH)
@@ -154,8 +157,8 @@ def simulated_growth(prior: str = "cin256-v2", syn_steps=(10, 20, 40, 80), log=p
             row = _row("b", walked, scheme, estimate(walked))
             row["varied"] = name
             rows.append(row)
-            log(f"  b: {name}={value} {scheme} {walked.config.mtt_gradient if name == 'syn_steps' else ''}: "
-                f"{row['peak_gib']:.2f} GiB")
+            logger.info(f"  b: {name}={value} {scheme} {walked.config.mtt_gradient if name == 'syn_steps' else ''}: "
+                        f"{row['peak_gib']:.2f} GiB")
     return rows
 
 
@@ -213,15 +216,15 @@ def measure_scheme(spec: dict) -> dict:
                            iterations=spec["iterations"] + 1, threads=1, progress=False,
                            compile=bool(spec.get("compile")), compile_backend=spec.get("compile") or "inductor",
                            **_scheme_settings(scheme, spec["steps"]))
-    config = resolve_defaults(config, log=lambda *a: None)
-    setup = build_setup(config, log=lambda *a: None)
+    config = resolve_defaults(config)
+    setup = build_setup(config)
     if scheme["student"] == "released":
         from .reference.distill_losses import ReleasedDM
 
         setup.algorithm = ReleasedDM(setup.algorithm.network, batch_real=config.batch_real)
     rows = []
     with tempfile.TemporaryDirectory() as run_dir:
-        distiller = Distiller(setup, run_dir, log=lambda *a: None)
+        distiller = Distiller(setup, run_dir)
         for i in range(spec["iterations"] + 1):
             before = resource.getrusage(resource.RUSAGE_SELF)
             started = time.perf_counter()
@@ -251,7 +254,7 @@ def _spawn_scheme(spec: dict) -> dict:
 
 
 def measured_cpu(resolutions=(32, 128), ipc: int = 10, iterations: int = 3, compile_backend: str | None = None,
-                 log=print, *, pairs: int = 3, comparisons=tuple(COMPARISONS), batch_real: int = 64,
+                 *, pairs: int = 3, comparisons=tuple(COMPARISONS), batch_real: int = 64,
                  steps: int = 10) -> list[dict]:
     """Part c: CPU seconds per DM iteration on the embedded prior, released vs ours, like with like.
 
@@ -282,7 +285,7 @@ def measured_cpu(resolutions=(32, 128), ipc: int = 10, iterations: int = 3, comp
                             scheme=name, compile=compile_backend if name == "ours, compiled" else None)
                 results[name].append(_spawn_scheme(spec))
                 times = [r["cpu_s"] for r in results[name][-1]["rows"] if not r["warmup"]]
-                log(f"  c: {res}² round {pair + 1}/{pairs} {name}: {statistics.median(times):.2f} CPU s/it")
+                logger.info(f"  c: {res}² round {pair + 1}/{pairs} {name}: {statistics.median(times):.2f} CPU s/it")
         rows += _part_c_rows(res, ipc, steps, batch_real, results, comparisons)
     return rows
 

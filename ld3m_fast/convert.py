@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import logging
 import math
 import pickle
 import warnings
@@ -42,6 +43,8 @@ from .priors.configs import (CIN256_V2_COMPVIS_UNET_PARAMS, CIN256_V2_COMPVIS_VQ
                              CIN256_V2_IMAGE_SIZE, CIN256_V2_NUM_CLASSES,
                              CIN256_V2_SCALING_FACTOR, CIN256_V2_SCHEDULER_CONFIG, instantiate,
                              unet_config_from_compvis, vq_config_from_compvis)
+
+logger = logging.getLogger(__name__)
 
 # Globals a harmless CompVis/Lightning checkpoint may reference besides tensors:
 # numpy scalars (e.g. a numpy `global_step`). Anything else means the file carries
@@ -426,9 +429,9 @@ def run_convert(args: argparse.Namespace) -> int:
     manifest = read_manifest(out_dir)
     sizes = {part["class"]: _parameters_in(out_dir / part["subfolder"])
              for part in (manifest["denoiser"], manifest["autoencoder"])}
-    print(f"wrote {out_dir}: " + ", ".join(f"{name} {count / 1e6:.1f} M parameters"
-                                           for name, count in sizes.items())
-          + f", class table {manifest['num_classes']} classes + null row")
+    logger.info(f"wrote {out_dir}: " + ", ".join(f"{name} {count / 1e6:.1f} M parameters"
+                                                 for name, count in sizes.items())
+                + f", class table {manifest['num_classes']} classes + null row")
     return 0
 
 

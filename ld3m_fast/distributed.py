@@ -398,6 +398,9 @@ def report(message: str) -> bool:
             return False
         _REPORT["said"] = True
         line = f"{_REPORT['program']}: error: {one_line(message)}"  # a path's newline stays an escape
+    # Straight to stderr, not through `logging`: this is the command's error contract (one line,
+    # whatever --quiet or a caller's logging setup says), and the heartbeat's thread ends the
+    # process with os._exit right after it.
     print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file and not os.path.exists(error_file):

@@ -108,7 +108,7 @@ class Scorer:
     def key(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def prepare(self, data, *, device, log) -> None:
+    def prepare(self, data, *, device) -> None:
         """Load or train the model (after the loss cache missed)."""
 
     def scorer_hash(self) -> str:  # pragma: no cover - abstract
@@ -141,7 +141,7 @@ class ResNet18FileScorer(Scorer):
     def scorer_hash(self) -> str:
         return f"sha256:{self.sha256}"
 
-    def prepare(self, data, *, device, log) -> None:
+    def prepare(self, data, *, device) -> None:
         from .distill.real_networks import imagenet_rows
         from .networks import load_torchvision_resnet18
 
@@ -190,12 +190,12 @@ class TrainedScorer(Scorer):
     def key(self) -> str:
         return f"trained:{json.dumps(asdict(self.spec), sort_keys=True)}"
 
-    def prepare(self, data, *, device, log) -> None:
+    def prepare(self, data, *, device) -> None:
         from .distill.real_networks import imageset_fingerprint, train_real_network
 
         self.network, info = train_real_network(data.images, data.labels, self.spec,
                                                 data_key=imageset_fingerprint(data), cache_dir=self.cache_dir,
-                                                device=device, log=log)
+                                                device=device)
         self._hash = f"sha256:{info['sha256']}"
 
     def scorer_hash(self) -> str:
@@ -281,7 +281,7 @@ def losses_cache_dir(cache_dir=None) -> Path:
     return Path(cache_dir).expanduser() / "prune" if cache_dir else user_cache_dir("prune")
 
 
-def losses_for(data, scorer: Scorer, *, cache_dir=None, device="cpu", log=logger.info) -> tuple[torch.Tensor, dict]:
+def losses_for(data, scorer: Scorer, *, cache_dir=None, device="cpu") -> tuple[torch.Tensor, dict]:
     """Per-image losses of `data` under `scorer`: from the cache (keyed to the data's fingerprint
     and the scorer's key), or computed now and cached. Returns (losses, metadata)."""
     from .distill.real_networks import imageset_fingerprint
@@ -292,12 +292,12 @@ def losses_for(data, scorer: Scorer, *, cache_dir=None, device="cpu", log=logger
     if path.is_file():
         try:
             losses, meta = read_losses(path, data, what="cached losses")
-            log(f"per-image losses ({meta.get('scorer', scorer.description)}): cached at {path}")
+            logger.info(f"per-image losses ({meta.get('scorer', scorer.description)}): cached at {path}")
             return losses, meta
         except LD3MError as error:
             logger.warning("ignoring the cached losses %s (%s); scoring again", path, error)
-    scorer.prepare(data, device=device, log=log)
-    log(f"scoring {len(data)} real images with {scorer.description}; cached afterwards at {path}")
+    scorer.prepare(data, device=device)
+    logger.info(f"scoring {len(data)} real images with {scorer.description}; cached afterwards at {path}")
     losses = score(scorer, data, device=device)
     meta = {"format": LOSSES_FORMAT, "data": data_key, "data_description": data.description,
             "scorer": scorer.description, "scorer_hash": scorer.scorer_hash(), "deviation": scorer.deviation,
@@ -342,7 +342,7 @@ class PruneSettings:
 
 
 def pruning_losses(data, settings: PruneSettings, *, subset: str | None = None, cache_dir=None, device="cpu",
-                   log=logger.info, trained: TrainedScorerSettings = TrainedScorerSettings(),
+                   trained: TrainedScorerSettings = TrainedScorerSettings(),
                    scorer: Scorer | None = None) -> tuple[torch.Tensor | None, dict]:
     """The per-image losses `settings` ranks by (None for order "random" or percent 100) and a
     record of where they come from: percent, order, scorer, scorer_hash, deviation."""
@@ -359,14 +359,14 @@ def pruning_losses(data, settings: PruneSettings, *, subset: str | None = None, 
     else:
         scorer = scorer or build_scorer(settings.scorer, res=data.resolution, num_classes=data.num_classes,
                                         subset=subset, cache_dir=cache_dir, trained=trained)
-        losses, meta = losses_for(data, scorer, cache_dir=cache_dir, device=device, log=log)
+        losses, meta = losses_for(data, scorer, cache_dir=cache_dir, device=device)
     record.update(scorer=meta.get("scorer", "unknown"), scorer_hash=meta.get("scorer_hash"),
                   deviation=meta.get("deviation"))
     return losses, {k: v for k, v in record.items() if v is not None}
 
 
 def apply_pruning(data, losses: torch.Tensor | None, settings: PruneSettings, record: dict, *,
-                  min_per_class: int = 1, need: str = "one image per class", log=logger.info):
+                  min_per_class: int = 1, need: str = "one image per class"):
     """(`data` keeping the images of `prune_indices`, `record` with "kept_per_class"). A class left
     with fewer than `min_per_class` images (`need` says what for) is a one-line `LD3MError`."""
     if settings.percent == 100:
@@ -375,24 +375,24 @@ def apply_pruning(data, losses: torch.Tensor | None, settings: PruneSettings, re
     kept = torch.bincount(data.labels[keep], minlength=data.num_classes).tolist()
     _refuse_short_classes(data, kept, settings.percent, min_per_class, need)
     if record.get("deviation"):
-        log(f"pruning: deviation from the release: {record['deviation']}")
-    log(f"pruning: kept {len(keep)} of {len(data)} real images ({settings.percent}% per class, "
-        f"{settings.order}; scorer: {record['scorer']})")
+        logger.info(f"pruning: deviation from the release: {record['deviation']}")
+    logger.info(f"pruning: kept {len(keep)} of {len(data)} real images ({settings.percent}% per class, "
+                f"{settings.order}; scorer: {record['scorer']})")
     pruned = data.subset(keep)
     pruned.description = f"{data.description}, pruned to {settings.percent}% per class ({settings.order})"
     return pruned, {**record, "kept_per_class": kept}
 
 
 def prune_dataset(data, settings: PruneSettings, *, subset: str | None = None, cache_dir=None, device="cpu",
-                  min_per_class: int = 1, need: str = "one image per class", log=logger.info,
+                  min_per_class: int = 1, need: str = "one image per class",
                   trained: TrainedScorerSettings = TrainedScorerSettings(), scorer: Scorer | None = None):
     """`data` (an `ImageSet`) pruned by `settings`: (the kept `ImageSet`, a record of what was
     done: percent, order, scorer, scorer_hash, deviation, kept per class). A class left with
     fewer than `min_per_class` images (`need` says what for) is a one-line `LD3MError`.
     scorer: a `Scorer` to use instead of the one `settings.scorer` names (Python callers)."""
-    losses, record = pruning_losses(data, settings, subset=subset, cache_dir=cache_dir, device=device, log=log,
+    losses, record = pruning_losses(data, settings, subset=subset, cache_dir=cache_dir, device=device,
                                     trained=trained, scorer=scorer)
-    return apply_pruning(data, losses, settings, record, min_per_class=min_per_class, need=need, log=log)
+    return apply_pruning(data, losses, settings, record, min_per_class=min_per_class, need=need)
 
 
 def _refuse_short_classes(data, kept: list[int], percent: int, min_per_class: int, need: str) -> None:
@@ -408,7 +408,7 @@ def _refuse_short_classes(data, kept: list[int], percent: int, min_per_class: in
                     f"short), but {need} needs {min_per_class}; {hint}")
 
 
-def prune_for_run(data, config, *, log=logger.info):
+def prune_for_run(data, config):
     """The real data a distillation run keeps: `data` pruned by the config's prune_* fields.
 
     Fills `config.prune_scorer_hash` (recorded in config.json) with the scorer's hash; a value
@@ -423,9 +423,9 @@ def prune_for_run(data, config, *, log=logger.info):
     # Under torchrun rank 0 scores (or trains the scorer) and the others take its losses: every
     # rank prunes alike, and the scorer is trained once. Unpruned runs skip the collective.
     score_on_main = lambda: pruning_losses(data, settings, subset=config.subset,  # noqa: E731
-                                           cache_dir=config.cache_dir, device=device, log=log)
+                                           cache_dir=config.cache_dir, device=device)
     losses, record = comm.on_main(score_on_main) if settings.percent != 100 else pruning_losses(data, settings)
-    pruned, record = apply_pruning(data, losses, settings, record, min_per_class=config.ipc, log=log,
+    pruned, record = apply_pruning(data, losses, settings, record, min_per_class=config.ipc,
                                    need=f"--ipc {config.ipc} (the synthetic set starts from IPC real images per class)")
     found = record.get("scorer_hash")
     recorded = config.prune_scorer_hash

@@ -26,7 +26,7 @@ def assert_close(actual, expected, rtol=1e-4, atol=1e-6, what=""):
 @pytest.fixture(scope="module")
 def real_data(tmp_path_factory):
     data = load_dataset("fashion-mnist", split="train", res=RES, max_per_class=6,
-                        cache_dir=tmp_path_factory.mktemp("cache"), log=lambda *_: None)
+                        cache_dir=tmp_path_factory.mktemp("cache"))
     return data
 
 

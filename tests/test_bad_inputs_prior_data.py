@@ -29,7 +29,6 @@ from ld3m_fast.distill.planner.priors import prior_architecture
 from ld3m_fast.priors import Prior, load_prior
 
 RES = 16
-SILENT = lambda message: None  # noqa: E731
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 VQ_WEIGHTS = "vqvae/diffusion_pytorch_model.safetensors"
 INDEX = "unet/diffusion_pytorch_model.safetensors.index.json"
@@ -472,7 +471,7 @@ def test_bad_data_is_one_error(tmp_path, name, make, fragment):
     make(tmp_path / "data")
     split = "test" if name.startswith("cifar") else "train"
     with pytest.raises(LD3MError) as caught:
-        load_dataset(tmp_path / "data", split=split, res=8, cache_dir=tmp_path / "cache", log=SILENT)
+        load_dataset(tmp_path / "data", split=split, res=8, cache_dir=tmp_path / "cache")
     assert fragment in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
     assert not list((tmp_path / "cache").glob("*.npz"))
 
@@ -500,7 +499,7 @@ def test_mixed_image_modes_read_right(tmp_path, caplog):
     Image.fromarray(np.full((RES, RES), 40000, np.uint16)).save(root / "wide" / "gray16.png")
     Image.fromarray(np.full((RES, RES), 0.5, np.float32)).save(root / "wide" / "float.tif")
     with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
-        data = load_dataset(root, res=8, cache_dir=tmp_path / "cache", log=SILENT)
+        data = load_dataset(root, res=8, cache_dir=tmp_path / "cache")
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert re.search("skipped 1 unreadable image.*float.tif.*floating-point image", warning), warning
     assert data.class_names == ["mixed", "wide"] and data.class_counts() == [5, 1]
@@ -512,7 +511,7 @@ def test_unusable_cache_files_are_decoded_again(tmp_path, caplog):
     _png(root / "a" / "1.png")
     _png(root / "b" / "1.png", seed=1)
     cache = tmp_path / "cache"
-    first = load_dataset(root, res=8, cache_dir=cache, log=SILENT)
+    first = load_dataset(root, res=8, cache_dir=cache)
     expected = first.images.clone()  # `first` maps the file this test damages in place
     (entry,) = cache.iterdir()
     rows, index = (entry / "images.u8").read_bytes(), json.loads((entry / "index.json").read_text())
@@ -524,6 +523,6 @@ def test_unusable_cache_files_are_decoded_again(tmp_path, caplog):
         (entry / name).write_bytes(content)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
-            again = load_dataset(root, res=8, cache_dir=cache, log=SILENT)
+            again = load_dataset(root, res=8, cache_dir=cache)
         assert any("unreadable data cache" in r.getMessage() for r in caplog.records), name
         assert torch.equal(again.images, expected) and torch.equal(again.labels, first.labels)

@@ -221,8 +221,7 @@ def finished_run(ws, tmp_path_factory):
 
     start_run(DistillConfig(data=str(ws / "data"), prior=str(ws / "prior"), ipc=1, steps=2, guidance=1.0,
                             res=16, width=8, batch_real=4, iterations=1, progress=False,
-                            cache_dir=str(ws / "cache"), max_per_class=4, out=str(run), threads=1),
-              log=lambda *a: None)
+                            cache_dir=str(ws / "cache"), max_per_class=4, out=str(run), threads=1))
     return run
 
 

@@ -5,7 +5,7 @@ from ld3m_fast import bench
 
 
 def test_measured_part_times_both_schemes_in_one_process(tmp_path):
-    rows = bench.measured_cpu((32,), ipc=1, iterations=1, pairs=1, log=lambda *a: None)
+    rows = bench.measured_cpu((32,), ipc=1, iterations=1, pairs=1)
     keys = [r["key"] for r in rows]
     assert keys[:2] == ["released", "ours"] and set(keys) == {"released", "ours", "released, best chunk",
                                                                "ours, best plan"}

@@ -40,7 +40,6 @@ def test_part_a_tables_name_both_sides_settings():
 @pytest.mark.slow
 def test_simulated_parts_run_on_the_tiny_prior():
     rows = bench.simulated_full_scale("tiny", settings=[(32, 1, 2)], budgets_gib=(0.05,), algorithms=("dm",),
-                                      log=lambda *a: None,
                                       classes=2, overrides=dict(batch_real=4, width=8),
                                       plan_options=dict(store_steps=[0, 2], sac=[None], chunks=[1, 2]))
     same = [r for r in rows if r["comparison"] == "equal chunk"]

@@ -21,7 +21,7 @@ IPC = 2
 @pytest.fixture(scope="module")
 def real_data(tmp_path_factory):
     return load_dataset("fashion-mnist", split="train", res=RES, max_per_class=6,
-                        cache_dir=tmp_path_factory.mktemp("cache"), log=lambda *_: None)
+                        cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import math
 import warnings
 
@@ -345,7 +346,7 @@ def test_cli_arguments_and_refusal(tmp_path):
     assert parser.parse_args(["a.ckpt", "b", "--force"]).force is True
 
 
-def test_cli_converts_and_reports(tmp_path, monkeypatch, capsys):
+def test_cli_converts_and_reports(tmp_path, monkeypatch, caplog):
     import functools
 
     import ld3m_fast.convert as convert_module
@@ -356,9 +357,10 @@ def test_cli_converts_and_reports(tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": random_compvis_state_dict(TINY_CIN), "global_step": 1}, ckpt)
     args = add_convert_arguments(argparse.ArgumentParser()).parse_args([str(ckpt), str(tmp_path / "p")])
-    assert run_convert(args) == 0
+    with caplog.at_level(logging.INFO, logger="ld3m_fast"):
+        assert run_convert(args) == 0
     unet_count = sum(math.prod(s) for k, s in TINY_CIN.expected_shapes().items() if k.startswith(UNET_PREFIX))
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert f"UNet2DConditionModel {unet_count / 1e6:.1f} M parameters" in printed
     assert "10 classes + null row" in printed
 
@@ -366,7 +368,7 @@ def test_cli_converts_and_reports(tmp_path, monkeypatch, capsys):
 # --- full size (opt-in) ---------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_full_size_cin256_v2_round_trip(tmp_path, capsys):
+def test_full_size_cin256_v2_round_trip(tmp_path, caplog):
     from ld3m_fast.priors import load_prior
 
     sd = random_compvis_state_dict(CIN256_V2)
@@ -380,8 +382,9 @@ def test_full_size_cin256_v2_round_trip(tmp_path, capsys):
     torch.save({"state_dict": sd, "global_step": 470000}, ckpt)
     out = tmp_path / "cin256-v2"
     args = add_convert_arguments(argparse.ArgumentParser()).parse_args([str(ckpt), str(out)])
-    assert run_convert(args) == 0
-    printed = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="ld3m_fast"):
+        assert run_convert(args) == 0
+    printed = caplog.text
     assert "UNet2DConditionModel 400.9 M parameters, VQModel 55.3 M parameters" in printed
     prior = load_prior(out)
     unet = prior.denoiser.model.state_dict()

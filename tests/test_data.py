@@ -29,8 +29,6 @@ from ld3m_fast.errors import LD3MError
 
 from _data_helpers import CountingDecoder, logged_warnings
 
-SILENT = lambda message: None  # noqa: E731
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -53,8 +51,6 @@ def _imagenet_tree(root: Path, subset="imagenette", per_class=3, split="train"):
             _write_image(root / split / wnid / f"{wnid}_{i}.JPEG", size=(17 + 5 * i, 23),
                          colour=(20 * label, 100, 255 - 20 * label), fmt="JPEG")
     return root
-
-
 
 
 # ----------------------------------------------------------------------------- subsets
@@ -137,7 +133,7 @@ def test_array_batch_resize_matches_geometry():
 
 def test_imagenet_tree_with_subset(tmp_path):
     root = _imagenet_tree(tmp_path / "imagenet", per_class=2)
-    data = load_dataset(root, subset="nette", res=16, cache_dir=tmp_path / "cache", log=SILENT)
+    data = load_dataset(root, subset="nette", res=16, cache_dir=tmp_path / "cache")
     assert data.images.shape == (20, 3, 16, 16) and data.images.dtype == torch.uint8
     assert data.labels.dtype == torch.int64
     assert data.class_counts() == [2] * 10
@@ -149,14 +145,13 @@ def test_imagenet_tree_with_subset(tmp_path):
 
 def test_imagenet_val_split_and_whole_tree(tmp_path):
     root = _imagenet_tree(tmp_path / "imagenet", per_class=1, split="val")
-    val = load_dataset(root, split="val", subset="imagenette", res=8, cache_dir=tmp_path / "c",
-                       log=SILENT)
+    val = load_dataset(root, split="val", subset="imagenette", res=8, cache_dir=tmp_path / "c")
     assert len(val) == 10
     # "test" falls back to the val folder (ImageNet's held-out split).
-    test = load_dataset(root, split="test", res=8, cache_dir=tmp_path / "c", log=SILENT)
+    test = load_dataset(root, split="test", res=8, cache_dir=tmp_path / "c")
     assert torch.equal(test.images, val.images)  # all wnid folders, in ImageNet index order
     with pytest.raises(LD3MError, match="no 'train' folder"):
-        load_dataset(root, split="train", res=8, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(root, split="train", res=8, cache_dir=tmp_path / "c")
 
 
 def test_missing_subset_class_folder(tmp_path):
@@ -164,16 +159,14 @@ def test_missing_subset_class_folder(tmp_path):
     (root / "train" / "n02102040" / "n02102040_0.JPEG").unlink()
     (root / "train" / "n02102040").rmdir()
     with pytest.raises(LD3MError, match=r"n02102040 \(English springer\).*imagenette.*missing"):
-        load_dataset(root, subset="imagenette", res=8, cache_dir=tmp_path / "c", log=SILENT)
-
-
+        load_dataset(root, subset="imagenette", res=8, cache_dir=tmp_path / "c")
 
 
 def test_unreadable_image_is_skipped_with_warning(tmp_path, caplog):
     root = _imagenet_tree(tmp_path / "imagenet", per_class=2)
     (root / "train" / "n01440764" / "broken.JPEG").write_bytes(b"not a jpeg at all")
     with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
-        data = load_dataset(root, subset="imagenette", res=8, cache_dir=tmp_path / "c", log=SILENT)
+        data = load_dataset(root, subset="imagenette", res=8, cache_dir=tmp_path / "c")
     (message,) = logged_warnings(caplog)
     assert re.search("skipped 1 unreadable image.*broken.JPEG", message), message
     assert data.class_counts() == [2] * 10
@@ -187,15 +180,14 @@ def test_class_with_only_unreadable_images_fails(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(LD3MError, match="no readable images for class.*bad"):
-            load_dataset(root, res=8, cache_dir=tmp_path / "c", log=SILENT)
+            load_dataset(root, res=8, cache_dir=tmp_path / "c")
 
 
 def test_flat_val_folder_is_explained(tmp_path):
     _imagenet_tree(tmp_path / "imagenet", per_class=1)
     _write_image(tmp_path / "imagenet" / "val" / "ILSVRC2012_val_00000001.JPEG", fmt="JPEG")
     with pytest.raises(LD3MError, match="holds images directly.*subfolder"):
-        load_dataset(tmp_path / "imagenet", split="val", res=8, cache_dir=tmp_path / "c",
-                     log=SILENT)
+        load_dataset(tmp_path / "imagenet", split="val", res=8, cache_dir=tmp_path / "c")
 
 
 # ----------------------------------------------------------------------------- ImageFolder
@@ -206,15 +198,15 @@ def test_image_folder_tree_mixed_formats(tmp_path):
     _write_image(root / "dogs" / "2.PNG", (12, 40), (250, 0, 0))
     _write_image(root / "cats" / "1.png", (9, 9), (90,), mode="L")
     (root / "cats" / "notes.txt").write_text("ignored: not an image extension")
-    data = load_dataset(root, res=12, cache_dir=tmp_path / "c", log=SILENT)
+    data = load_dataset(root, res=12, cache_dir=tmp_path / "c")
     assert data.class_names == ["cats", "dogs"]  # sorted subfolders
     assert data.labels.tolist() == [0, 1, 1]
     assert (data.by_class(0) == 90).all()  # grayscale replicated to 3 channels
     assert data.images.shape == (3, 3, 12, 12)
     with pytest.raises(LD3MError, match="--subset needs an ImageNet tree"):
-        load_dataset(root, subset="imagenette", res=12, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(root, subset="imagenette", res=12, cache_dir=tmp_path / "c")
     with pytest.raises(LD3MError, match="no 'test/val/validation' folder"):
-        load_dataset(root, split="test", res=12, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(root, split="test", res=12, cache_dir=tmp_path / "c")
 
 
 def test_image_folder_with_split_folders_and_max_per_class(tmp_path):
@@ -223,11 +215,11 @@ def test_image_folder_with_split_folders_and_max_per_class(tmp_path):
         for cls in ("x", "y"):
             for i in range(n):
                 _write_image(root / split / cls / f"{i}.png", (10, 10), (i * 40, 0, 0))
-    train = load_dataset(root, res=10, max_per_class=3, cache_dir=tmp_path / "c", log=SILENT)
+    train = load_dataset(root, res=10, max_per_class=3, cache_dir=tmp_path / "c")
     assert train.class_counts() == [3, 3]
     # The first files in sorted order are kept.
     assert train.by_class(0)[:, 0, 5, 5].tolist() == [0, 40, 80]
-    test = load_dataset(root, split="test", res=10, cache_dir=tmp_path / "c", log=SILENT)
+    test = load_dataset(root, split="test", res=10, cache_dir=tmp_path / "c")
     assert test.class_counts() == [2, 2]
 
 
@@ -254,14 +246,14 @@ def test_cifar10_batches(tmp_path):
     # The batches are user-supplied pickles; they are read with an unpickler that only
     # admits numpy array reconstruction.
     folder = _cifar_folder(tmp_path / "cifar-10-batches-py", per_batch=10)
-    train = load_dataset(tmp_path, res=32, cache_dir=tmp_path / "c", log=SILENT)  # parent works
+    train = load_dataset(tmp_path, res=32, cache_dir=tmp_path / "c")  # parent works
     assert train.images.shape == (50, 3, 32, 32)
     assert train.class_names[9] == "truck" and train.class_counts() == [5] * 10
     assert (train.images[0, 0] == 255).all() and (train.images[0, 1:] == 0).all()
-    test = load_dataset(folder, split="test", res=16, cache_dir=tmp_path / "c", log=SILENT)
+    test = load_dataset(folder, split="test", res=16, cache_dir=tmp_path / "c")
     assert test.images.shape == (10, 3, 16, 16)
     with pytest.raises(LD3MError, match="--subset applies to ImageNet"):
-        load_dataset(folder, subset="a", res=32, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, subset="a", res=32, cache_dir=tmp_path / "c")
 
 
 def test_cifar10_pickle_with_code_is_refused(tmp_path):
@@ -274,7 +266,7 @@ def test_cifar10_pickle_with_code_is_refused(tmp_path):
     with open(folder / "test_batch", "wb") as handle:
         pickle.dump({b"data": Evil(), b"labels": []}, handle)
     with pytest.raises(LD3MError, match="refusing to load"):
-        load_dataset(folder, split="test", res=32, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, split="test", res=32, cache_dir=tmp_path / "c")
 
 
 # ----------------------------------------------------------------------------- IDX
@@ -295,7 +287,7 @@ def test_idx_folder(tmp_path, gz):
     labels = np.arange(20) % 10
     _write_idx(folder / f"train-images-idx3-ubyte{suffix}", images, gz)
     _write_idx(folder / f"train-labels-idx1-ubyte{suffix}", labels, gz)
-    data = load_dataset(folder, res=28, cache_dir=tmp_path / "c", log=SILENT)
+    data = load_dataset(folder, res=28, cache_dir=tmp_path / "c")
     assert data.images.shape == (20, 3, 28, 28)
     # Grouped by class, each class in file order.
     order = np.argsort(labels, kind="stable")
@@ -303,7 +295,7 @@ def test_idx_folder(tmp_path, gz):
     assert data.labels.tolist() == labels[order].tolist()
     assert data.class_names[0] == "0"
     with pytest.raises(LD3MError, match="no test IDX files"):
-        load_dataset(folder, split="test", res=28, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, split="test", res=28, cache_dir=tmp_path / "c")
 
 
 def test_truncated_idx_is_an_error(tmp_path):
@@ -314,30 +306,28 @@ def test_truncated_idx_is_an_error(tmp_path):
     raw = (folder / "train-images-idx3-ubyte").read_bytes()
     (folder / "train-images-idx3-ubyte").write_bytes(raw[:-10])
     with pytest.raises(LD3MError, match="truncated or corrupt"):
-        load_dataset(folder, res=28, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, res=28, cache_dir=tmp_path / "c")
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
-def test_bundled_fashion_mnist_subset(tmp_path, monkeypatch):
+def test_bundled_fashion_mnist_subset(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(sources, "FASHION_MNIST_DIR", tmp_path / "not-installed")
-    messages = []
-    train = load_dataset("fashion-mnist", res=28, cache_dir=tmp_path / "c", log=messages.append)
-    assert any("bundled subset" in m for m in messages)
+    with caplog.at_level(logging.INFO, logger="ld3m_fast.data"):
+        train = load_dataset("fashion-mnist", res=28, cache_dir=tmp_path / "c")
+    assert any("bundled subset" in m for m in caplog.messages)
     assert train.images.shape == (3000, 3, 28, 28) and train.class_counts() == [300] * 10
     assert train.class_names[9] == "Ankle boot"
-    test = load_dataset("fashion-mnist", split="test", res=32, cache_dir=tmp_path / "c",
-                        log=SILENT)
+    test = load_dataset("fashion-mnist", split="test", res=32, cache_dir=tmp_path / "c")
     assert test.images.shape == (1000, 3, 32, 32) and test.class_counts() == [100] * 10
 
 
 @pytest.mark.skipif(not (sources.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
                     reason="Debian's dataset-fashion-mnist is not installed")
-def test_installed_fashion_mnist(tmp_path):
-    messages = []
-    test = load_dataset("fashion-mnist", split="test", res=28, cache_dir=tmp_path / "c",
-                        log=messages.append)
-    assert any("full Fashion-MNIST" in m for m in messages)
+def test_installed_fashion_mnist(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="ld3m_fast.data"):
+        test = load_dataset("fashion-mnist", split="test", res=28, cache_dir=tmp_path / "c")
+    assert any("full Fashion-MNIST" in m for m in caplog.messages)
     assert test.images.shape == (10000, 3, 28, 28) and test.class_counts() == [1000] * 10
 
 
@@ -347,9 +337,9 @@ def test_cache_hit_equals_first_load_without_decoding(tmp_path, monkeypatch):
     root = _imagenet_tree(tmp_path / "imagenet", per_class=2)
     counter = CountingDecoder(monkeypatch)
     cache = tmp_path / "cache"
-    first = load_dataset(root, subset="imagenette", res=16, cache_dir=cache, log=SILENT)
+    first = load_dataset(root, subset="imagenette", res=16, cache_dir=cache)
     assert counter.calls == 20
-    second = load_dataset(root, subset="imagenette", res=16, cache_dir=cache, log=SILENT)
+    second = load_dataset(root, subset="imagenette", res=16, cache_dir=cache)
     assert counter.calls == 20  # served from the cache
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert first.class_names == second.class_names
@@ -357,12 +347,12 @@ def test_cache_hit_equals_first_load_without_decoding(tmp_path, monkeypatch):
     # One entry: the rows, their index and the writers' lock; no partial or temporary file left.
     assert sorted(p.name for p in entry.iterdir()) == [".lock", "images.u8", "index.json"]
     # A different key (res, max_per_class) or a changed folder decodes again.
-    load_dataset(root, subset="imagenette", res=8, cache_dir=cache, log=SILENT)
+    load_dataset(root, subset="imagenette", res=8, cache_dir=cache)
     assert counter.calls == 40
-    load_dataset(root, subset="imagenette", res=16, max_per_class=1, cache_dir=cache, log=SILENT)
+    load_dataset(root, subset="imagenette", res=16, max_per_class=1, cache_dir=cache)
     assert counter.calls == 50
     _write_image(root / "train" / "n01440764" / "extra.JPEG", fmt="JPEG")
-    grown = load_dataset(root, subset="imagenette", res=16, cache_dir=cache, log=SILENT)
+    grown = load_dataset(root, subset="imagenette", res=16, cache_dir=cache)
     assert counter.calls == 71 and len(grown) == 21
 
 
@@ -370,11 +360,11 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path, caplog):
     root = tmp_path / "f"
     _write_image(root / "a" / "1.png")
     cache_dir = tmp_path / "cache"
-    first = load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
+    first = load_dataset(root, res=8, cache_dir=cache_dir)
     (entry,) = cache_dir.iterdir()
     (entry / "index.json").write_bytes(b"garbage")
     with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
-        again = load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
+        again = load_dataset(root, res=8, cache_dir=cache_dir)
     assert any("unreadable data cache" in m for m in logged_warnings(caplog))
     assert torch.equal(first.images, again.images)
 
@@ -383,12 +373,12 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path, caplog):
 
 def test_missing_folder_and_bad_arguments(tmp_path):
     with pytest.raises(LD3MError, match="does-not-exist does not exist"):
-        load_dataset(tmp_path / "does-not-exist", res=32, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(tmp_path / "does-not-exist", res=32, cache_dir=tmp_path / "c")
     with pytest.raises(LD3MError, match="unknown split"):
-        load_dataset("fashion-mnist", split="holdout", res=32, log=SILENT)
+        load_dataset("fashion-mnist", split="holdout", res=32)
     with pytest.raises(LD3MError, match="unknown subset"):
         _imagenet_tree(tmp_path / "inet", per_class=1)
-        load_dataset(tmp_path / "inet", subset="nope", res=8, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(tmp_path / "inet", subset="nope", res=8, cache_dir=tmp_path / "c")
 
 
 def _toy_set(counts=(3, 5, 4)) -> ImageSet:

@@ -30,7 +30,6 @@ from ld3m_fast.errors import LD3MError
 
 from _data_helpers import CountingDecoder, logged_warnings
 
-SILENT = lambda message: None  # noqa: E731
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -44,10 +43,6 @@ def _tree(root: Path, classes=5, per_class=3, size=(12, 10)) -> Path:
     return root
 
 
-
-
-
-
 def _entry(cache_dir: Path) -> Path:
     (entry,) = [p for p in cache_dir.iterdir() if p.is_dir()]
     return entry
@@ -57,7 +52,7 @@ def _entry(cache_dir: Path) -> Path:
 
 def test_rows_are_class_blocks_in_one_file(tmp_path):
     root = _tree(tmp_path / "data")
-    data = load_dataset(root, res=8, cache_dir=tmp_path / "c", log=SILENT)
+    data = load_dataset(root, res=8, cache_dir=tmp_path / "c")
     entry = _entry(tmp_path / "c")
     index = json.loads((entry / "index.json").read_text())
     assert index["counts"] == [3] * 5 and index["class_names"] == [f"class{k}" for k in range(5)]
@@ -76,11 +71,11 @@ def decode_or_hang(path, res):
         time.sleep(600)  # killed here, with classes 0 and 1 on disk
     return real(path, res)
 decode.decode_image_file = decode_or_hang
-load_dataset(sys.argv[1], res=8, cache_dir=sys.argv[2], workers=1, log=lambda m: None)
+load_dataset(sys.argv[1], res=8, cache_dir=sys.argv[2], workers=1)
 """
 
 
-def test_decode_killed_with_sigkill_resumes_from_finished_classes(tmp_path, monkeypatch):
+def test_decode_killed_with_sigkill_resumes_from_finished_classes(tmp_path, monkeypatch, caplog):
     root, cache_dir = _tree(tmp_path / "data"), tmp_path / "c"
     child = subprocess.Popen([sys.executable, "-c", _KILLED_DECODE, str(root), str(cache_dir)], cwd=REPO)
     try:
@@ -104,11 +99,11 @@ def test_decode_killed_with_sigkill_resumes_from_finished_classes(tmp_path, monk
         handle.write(b"\x07" * (2 * 3 * 8 * 8))
 
     counter = CountingDecoder(monkeypatch)
-    messages = []
-    resumed = load_dataset(root, res=8, cache_dir=cache_dir, workers=1, log=messages.append)
+    with caplog.at_level(logging.INFO, logger="ld3m_fast.data"):
+        resumed = load_dataset(root, res=8, cache_dir=cache_dir, workers=1)
     assert counter.calls == 9  # classes 2, 3, 4 only
-    assert any("resuming after the first 2 classes" in m for m in messages)
-    fresh = load_dataset(root, res=8, cache_dir=tmp_path / "fresh", log=SILENT)
+    assert any("resuming after the first 2 classes" in m for m in caplog.messages)
+    fresh = load_dataset(root, res=8, cache_dir=tmp_path / "fresh")
     assert torch.equal(resumed.images, fresh.images) and torch.equal(resumed.labels, fresh.labels)
     assert sorted(p.name for p in entry.iterdir()) == [".lock", "images.u8", "index.json"]
 
@@ -124,11 +119,11 @@ def test_interrupted_decode_keeps_finished_classes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(decode, "decode_image_file", interrupt_at_class3)
     with pytest.raises(KeyboardInterrupt):
-        load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
+        load_dataset(root, res=8, cache_dir=cache_dir)
     assert json.loads((_entry(cache_dir) / "progress.json").read_text())["counts"] == [3, 3, 3]
     monkeypatch.setattr(decode, "decode_image_file", real)
     counter = CountingDecoder(monkeypatch)
-    load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
+    load_dataset(root, res=8, cache_dir=cache_dir)
     assert counter.calls == 6
 
 
@@ -141,7 +136,7 @@ def _format1_cache_name(root: Path, res: int) -> str:
     return f"imagefolder-train-{res}px-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
 
 
-def test_old_npz_cache_is_rebuilt_and_removed(tmp_path, monkeypatch):
+def test_old_npz_cache_is_rebuilt_and_removed(tmp_path, monkeypatch, caplog):
     """Format 1 (one .npz of the whole set) is not read: the set is decoded again into the new
     format and the old file of the same data is deleted."""
     root, cache_dir = _tree(tmp_path / "data"), tmp_path / "c"
@@ -152,11 +147,11 @@ def test_old_npz_cache_is_rebuilt_and_removed(tmp_path, monkeypatch):
     unrelated = cache_dir / "imagefolder-train-8px-00000000000000000000.npz"
     unrelated.write_bytes(b"another data set's old cache")
     counter = CountingDecoder(monkeypatch)
-    messages = []
-    data = load_dataset(root, res=8, cache_dir=cache_dir, log=messages.append)
+    with caplog.at_level(logging.INFO, logger="ld3m_fast.data"):
+        data = load_dataset(root, res=8, cache_dir=cache_dir)
     assert counter.calls == 15 and data.images[4, :, 0, 0].tolist() == [40, 10, 200]
     assert not old.exists() and unrelated.exists()
-    assert any(f"removed {old}" in m for m in messages)
+    assert any(f"removed {old}" in m for m in caplog.messages)
 
 
 # ----------------------------------------------------------------------------- one process's classes
@@ -174,8 +169,8 @@ def _mapped_files(tensor: torch.Tensor) -> set[str]:
 
 def test_classes_open_one_contiguous_share_with_global_labels(tmp_path):
     root, cache_dir = _tree(tmp_path / "data", classes=6, per_class=2), tmp_path / "c"
-    whole = load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
-    share = load_dataset(root, res=8, cache_dir=cache_dir, classes=range(2, 5), log=SILENT)
+    whole = load_dataset(root, res=8, cache_dir=cache_dir)
+    share = load_dataset(root, res=8, cache_dir=cache_dir, classes=range(2, 5))
     assert share.labels.tolist() == [2, 2, 3, 3, 4, 4] and share.num_classes == 6
     assert share.held_classes == range(2, 5) and share.class_names == whole.class_names
     assert torch.equal(share.images, whole.images[4:10])
@@ -196,16 +191,16 @@ def test_classes_open_one_contiguous_share_with_global_labels(tmp_path):
         real.draw(0, 1, torch.Generator())
     for bad, match in ((range(4, 8), "outside the data's 6 classes"), ([1, 3], "contiguous"), ([], "contiguous")):
         with pytest.raises(LD3MError, match=match):
-            load_dataset(root, res=8, cache_dir=cache_dir, classes=bad, log=SILENT)
+            load_dataset(root, res=8, cache_dir=cache_dir, classes=bad)
 
 
 def test_class_share_of_distributed_matches_whole_set(tmp_path):
     from ld3m_fast.distributed import class_share
 
     root, cache_dir = _tree(tmp_path / "data", classes=5, per_class=2), tmp_path / "c"
-    whole = load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
-    pieces = [load_dataset(root, res=8, cache_dir=cache_dir, classes=class_share(5, 0, 2), log=SILENT),
-              load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT,  # as `comm.class_share` is passed
+    whole = load_dataset(root, res=8, cache_dir=cache_dir)
+    pieces = [load_dataset(root, res=8, cache_dir=cache_dir, classes=class_share(5, 0, 2)),
+              load_dataset(root, res=8, cache_dir=cache_dir,  # as `comm.class_share` is passed
                            classes=lambda num_classes: class_share(num_classes, 1, 2))]
     assert [p.held_classes for p in pieces] == [range(0, 3), range(3, 5)]
     assert torch.equal(torch.cat([p.images for p in pieces]), whole.images)
@@ -241,13 +236,12 @@ def test_worker_processes_give_the_same_rows(tmp_path, monkeypatch, caplog):
     root = _tree(tmp_path / "data", classes=3, per_class=7)
     (root / "class1" / "zz-broken.png").write_bytes(b"\x89PNG not really")
     with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
-        alone = load_dataset(root, res=8, cache_dir=tmp_path / "one", workers=1, log=SILENT)
+        alone = load_dataset(root, res=8, cache_dir=tmp_path / "one", workers=1)
     monkeypatch.setattr(parallel, "MIN_IMAGES_PER_WORKER", 1)
     monkeypatch.setattr(parallel, "CHUNK_BYTES", 3 * 8 * 8 * 2)  # 2 images per chunk: 12 chunks
-    messages = []
-    with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
-        pooled = load_dataset(root, res=8, cache_dir=tmp_path / "two", workers=2, log=messages.append)
-    assert any("(2 worker processes)" in m for m in messages)
+    with caplog.at_level(logging.INFO, logger="ld3m_fast.data"):
+        pooled = load_dataset(root, res=8, cache_dir=tmp_path / "two", workers=2)
+    assert any("(2 worker processes)" in m for m in caplog.messages)
     assert torch.equal(alone.images, pooled.images) and torch.equal(alone.labels, pooled.labels)
     assert pooled.class_counts() == [7, 7, 7]
     skipped = [m for m in logged_warnings(caplog) if m.startswith("skipped 1 unreadable image")]
@@ -273,7 +267,7 @@ def test_tall_png_is_skipped_before_decoding(tmp_path, caplog):
     _tall_png(root / "class0" / "tall.png")
     assert decode.decode_allocation(1, 20_000_000, 8) > decode.MAX_DECODE_BYTES
     with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
-        data = load_dataset(root, res=8, cache_dir=tmp_path / "c", log=SILENT)
+        data = load_dataset(root, res=8, cache_dir=tmp_path / "c")
     assert data.class_counts() == [1, 1]
     (message,) = logged_warnings(caplog)
     assert "skipped 1 unreadable image(s)" in message and "tall.png" in message
@@ -285,7 +279,7 @@ def test_class_of_only_odd_images_is_one_error(tmp_path):
     _tall_png(root / "wide" / "tall.png")
     with pytest.raises(LD3MError, match=r"no readable images for class\(es\) wide \(e.g. tall.png: ValueError: "
                                         r"1x20000000 pixels would need") as caught:
-        load_dataset(root, res=8, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(root, res=8, cache_dir=tmp_path / "c")
     assert "\n" not in str(caught.value)
     assert not list((tmp_path / "c").glob("*/*.partial"))  # nothing half-written kept
 
@@ -298,24 +292,24 @@ def test_not_enough_disk_space_is_one_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sources.shutil, "disk_usage", lambda path: Full)
     with pytest.raises(LD3MError, match=r"needs 0.00 GB but .* has 0.00 GB free: pass --cache-dir"):
-        load_dataset(root, res=8, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(root, res=8, cache_dir=tmp_path / "c")
 
 
 def test_unwritable_cache_dir_is_one_error(tmp_path):
     root = _tree(tmp_path / "data")
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(LD3MError, match="cannot write the data cache in .*a-file.*pass --cache-dir"):
-        load_dataset(root, res=8, cache_dir=tmp_path / "a-file" / "cache", log=SILENT)
+        load_dataset(root, res=8, cache_dir=tmp_path / "a-file" / "cache")
 
 
 def test_finished_cache_is_read_without_the_writers_lock(tmp_path):
     root, cache_dir = _tree(tmp_path / "data"), tmp_path / "c"
-    first = load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
+    first = load_dataset(root, res=8, cache_dir=cache_dir)
     entry = _entry(cache_dir)
     (entry / ".lock").unlink()
     os.chmod(entry, 0o555)  # read-only for other users; root (CI) writes anyway, hence the lock check
     try:
-        again = load_dataset(root, res=8, cache_dir=cache_dir, log=SILENT)
+        again = load_dataset(root, res=8, cache_dir=cache_dir)
     finally:
         os.chmod(entry, 0o755)
     assert torch.equal(first.images, again.images) and not (entry / ".lock").exists()
@@ -323,7 +317,7 @@ def test_finished_cache_is_read_without_the_writers_lock(tmp_path):
 
 def test_row_file_reads_what_the_map_holds(tmp_path):
     root = _tree(tmp_path / "data", classes=4, per_class=3)
-    share = load_dataset(root, res=8, cache_dir=tmp_path / "c", classes=range(1, 3), log=SILENT)
+    share = load_dataset(root, res=8, cache_dir=tmp_path / "c", classes=range(1, 3))
     index = torch.tensor([5, 0, 3, 3])
     assert share.rows.shape == (6, 3, 8, 8) and len(share.rows) == 6
     assert torch.equal(share.rows[index], share.images[index]) and torch.equal(share.take(index), share.images[index])
@@ -340,9 +334,11 @@ def test_row_file_reads_what_the_map_holds(tmp_path):
 
 
 _LOADS_AT_IMPORT = """
+import logging, sys
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
 from ld3m_fast.data import load_dataset
 print("script starts")
-data = load_dataset({root!r}, res=8, cache_dir={cache!r}, workers=2, log=print)
+data = load_dataset({root!r}, res=8, cache_dir={cache!r}, workers=2)
 print("loaded", len(data))
 """
 
@@ -375,5 +371,5 @@ def test_a_worker_that_dies_is_one_error(tmp_path, monkeypatch):
     monkeypatch.setattr(parallel._Worker, "send", send_then_kill)
     monkeypatch.setattr(parallel, "CHUNK_BYTES", 3 * 8 * 8 * 10)
     with pytest.raises(LD3MError, match="a decoding worker process died .*run again to continue"):
-        load_dataset(root, res=8, cache_dir=tmp_path / "c", workers=2, log=SILENT)
+        load_dataset(root, res=8, cache_dir=tmp_path / "c", workers=2)
     assert not list((tmp_path / "c").glob("*/index.json"))

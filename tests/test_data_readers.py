@@ -25,8 +25,6 @@ from ld3m_fast.data import imagenet_class_names, imagenet_wnids, load_dataset, r
 from ld3m_fast.data.matfile import read_mat
 from ld3m_fast.errors import LD3MError
 
-SILENT = lambda message: None  # noqa: E731
-
 
 def _image(path: Path, colour, size=(10, 12), fmt=None):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +180,7 @@ def _expected_by_index(labels_by_image: list[int]) -> dict[int, list[int]]:
 
 def test_flat_val_with_devkit_ground_truth(tmp_path):
     root = _flat_val(tmp_path / "imagenet")
-    data = load_dataset(root, split="val", res=8, cache_dir=tmp_path / "c", log=SILENT)
+    data = load_dataset(root, split="val", res=8, cache_dir=tmp_path / "c")
     groups = _expected_by_index(VAL_LABELS)
     indices = sorted(groups)  # classes in ImageNet index order: 193, 212, 217, 250, 278
     assert data.class_names == [imagenet_class_names()[i] for i in indices]
@@ -192,7 +190,7 @@ def test_flat_val_with_devkit_ground_truth(tmp_path):
             assert np.allclose(centre, _colour(index), atol=8), (index, centre)
     # "test" is ImageNet's val too; a subset keeps its own label order.
     with pytest.raises(LD3MError, match=r"no images of class n01440764 \(tench\) of subset imagenette"):
-        load_dataset(root, split="test", subset="imagenette", res=8, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(root, split="test", subset="imagenette", res=8, cache_dir=tmp_path / "c")
 
 
 def test_flat_val_with_a_subset(tmp_path):
@@ -207,7 +205,7 @@ def test_flat_val_with_a_subset(tmp_path):
         _image(root / "val" / f"ILSVRC2012_val_{number:08d}.JPEG", _colour(index_of_id[ilsvrc_id]), fmt="JPEG")
     (root / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(map(str, labels)))
     write_meta_mat(root / "meta.mat", [(k, wnids[i], "") for k, i in ids], compressed=False)
-    data = load_dataset(root, split="val", subset="nette", res=8, cache_dir=tmp_path / "c", log=SILENT)
+    data = load_dataset(root, split="val", subset="nette", res=8, cache_dir=tmp_path / "c")
     assert data.class_names == nette.class_names
     assert data.class_counts() == [2] * 9 + [3]  # id 1 (three images) is ImageNette's last class
     for k, index in enumerate(nette.imagenet_indices):
@@ -219,7 +217,7 @@ def test_flat_val_ground_truth_without_meta_mat_is_one_error(tmp_path):
     (root / "ILSVRC2012_devkit_t12" / "data" / "meta.mat").unlink()
     with pytest.raises(LD3MError, match=r"ILSVRC2012_validation_ground_truth.txt gives devkit class ids.*"
                                         r"put ILSVRC2012_devkit_t12/data/meta.mat beside it") as caught:
-        load_dataset(root, split="val", res=8, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(root, split="val", res=8, cache_dir=tmp_path / "c")
     assert "\n" not in str(caught.value)
 
 
@@ -228,12 +226,12 @@ def test_flat_val_with_damaged_label_files(tmp_path):
     devkit = root / "ILSVRC2012_devkit_t12" / "data"
     (devkit / "meta.mat").write_bytes(b"MATLAB 5.0 but nothing else")
     with pytest.raises(LD3MError, match="cannot read the devkit's .*meta.mat: shorter than a MAT-file header"):
-        load_dataset(root, split="val", res=8, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(root, split="val", res=8, cache_dir=tmp_path / "c")
     (devkit / "meta.mat").unlink()
     (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("3\nthree\n")
     write_meta_mat(devkit / "meta.mat", [(3, "n01440764", "tench")])
     with pytest.raises(LD3MError, match="cannot read .*ground_truth.txt: invalid literal"):
-        load_dataset(root, split="val", res=8, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(root, split="val", res=8, cache_dir=tmp_path / "c")
 
 
 def _kaggle(root: Path, labels: list[int]) -> Path:
@@ -255,7 +253,7 @@ def test_flat_val_with_kaggle_solution_csv(tmp_path, caplog):
     data_root = _kaggle(tmp_path / "kaggle", labels)
     _image(data_root / "val" / "stray.JPEG", (0, 0, 0), fmt="JPEG")  # not in the CSV
     with caplog.at_level(logging.WARNING, logger="ld3m_fast.data"):
-        data = load_dataset(data_root, split="val", res=8, cache_dir=tmp_path / "c", log=SILENT)
+        data = load_dataset(data_root, split="val", res=8, cache_dir=tmp_path / "c")
     assert [r.getMessage() for r in caplog.records if "no label" in r.getMessage()] == [
         f"1 image file(s) in {data_root / 'val'} have no label in {tmp_path / 'kaggle' / 'LOC_val_solution.csv'} "
         "and are left out (e.g. stray.JPEG)"]
@@ -270,7 +268,7 @@ def test_flat_val_without_labels_names_the_files_it_needs(tmp_path):
     _image(tmp_path / "imagenet" / "val" / "ILSVRC2012_val_00000001.JPEG", (1, 2, 3), fmt="JPEG")
     with pytest.raises(LD3MError, match="holds images directly.*ILSVRC2012_validation_ground_truth.txt and "
                                         "meta.mat, or Kaggle's LOC_val_solution.csv"):
-        load_dataset(tmp_path / "imagenet", split="val", res=8, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(tmp_path / "imagenet", split="val", res=8, cache_dir=tmp_path / "c")
 
 
 def test_kaggle_csv_with_a_bad_row_is_one_error(tmp_path):
@@ -278,7 +276,7 @@ def test_kaggle_csv_with_a_bad_row_is_one_error(tmp_path):
     csv = tmp_path / "kaggle" / "LOC_val_solution.csv"
     csv.write_text(csv.read_text() + "ILSVRC2012_val_00000003,12 30 200 180\n")
     with pytest.raises(LD3MError, match="cannot read .*LOC_val_solution.csv: line 4 has no wnid first"):
-        load_dataset(data_root, split="val", res=8, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(data_root, split="val", res=8, cache_dir=tmp_path / "c")
 
 
 # ----------------------------------------------------------------------------- CIFAR-100
@@ -304,15 +302,15 @@ def _cifar100(root: Path, per_split=(300, 100)) -> Path:
 
 def test_cifar100_fine_labels(tmp_path):
     folder = _cifar100(tmp_path)
-    train = load_dataset(tmp_path, res=32, cache_dir=tmp_path / "c", log=SILENT)  # the parent works
+    train = load_dataset(tmp_path, res=32, cache_dir=tmp_path / "c")  # the parent works
     assert train.num_classes == 100 and train.class_names[:2] == ["fine0", "fine1"]
     assert train.class_counts() == [3] * 100 and len(train) == 300
     for k in (0, 42, 99):
         assert (train.by_class(k)[:, 0] == k).all()  # the red plane holds the fine label
-    test = load_dataset(folder, split="test", res=16, max_per_class=1, cache_dir=tmp_path / "c", log=SILENT)
+    test = load_dataset(folder, split="test", res=16, max_per_class=1, cache_dir=tmp_path / "c")
     assert test.images.shape == (100, 3, 16, 16) and test.labels.tolist() == list(range(100))
     with pytest.raises(LD3MError, match="--subset applies to ImageNet folder trees, not to CIFAR-100"):
-        load_dataset(folder, subset="nette", res=32, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, subset="nette", res=32, cache_dir=tmp_path / "c")
 
 
 class _RunsCode:
@@ -325,15 +323,15 @@ def test_cifar100_bad_pickles_are_one_error(tmp_path):
     with open(folder / "test", "wb") as handle:
         pickle.dump({b"data": _RunsCode(), b"fine_labels": []}, handle)
     with pytest.raises(LD3MError, match="cannot read CIFAR-100 file .*refusing to load"):
-        load_dataset(folder, split="test", res=32, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, split="test", res=32, cache_dir=tmp_path / "c")
     with open(folder / "test", "wb") as handle:
         pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"coarse_labels": [0, 1]}, handle)
     with pytest.raises(LD3MError, match="no 'data' and 'fine_labels' entries.*cifar-100-python.tar.gz"):
-        load_dataset(folder, split="test", res=32, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, split="test", res=32, cache_dir=tmp_path / "c")
     with open(folder / "meta", "wb") as handle:
         pickle.dump({b"fine_label_names": [b"only", b"two"]}, handle)
     with pytest.raises(LD3MError, match="'fine_label_names' must list the 100 classes, got 2"):
-        load_dataset(folder, res=32, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, res=32, cache_dir=tmp_path / "c")
 
 
 # ----------------------------------------------------------------------------- Tiny-ImageNet
@@ -368,34 +366,34 @@ def _tiny(root: Path, per_class=3, val_per_class=2) -> Path:
 
 def test_tiny_imagenet_train_and_val(tmp_path):
     folder = _tiny(tmp_path)
-    train = load_dataset(tmp_path, res=16, cache_dir=tmp_path / "c", log=SILENT)  # the parent works
+    train = load_dataset(tmp_path, res=16, cache_dir=tmp_path / "c")  # the parent works
     assert train.class_names == ["goldfish", "Egyptian cat", "reel"]  # sorted wnids, names from words.txt
     assert train.class_counts() == [3, 3, 3]
-    val = load_dataset(folder, split="val", res=16, cache_dir=tmp_path / "c", log=SILENT)
-    test = load_dataset(folder, split="test", res=16, cache_dir=tmp_path / "c", log=SILENT)  # test/ has no labels
+    val = load_dataset(folder, split="val", res=16, cache_dir=tmp_path / "c")
+    test = load_dataset(folder, split="test", res=16, cache_dir=tmp_path / "c")  # test/ has no labels
     assert val.class_counts() == [2, 2, 2] and torch.equal(test.images, val.images)
     for data in (train, val):
         for k in range(3):
             assert all(np.allclose(c, _colour(k), atol=8) for c in _centre(data, k))
     with pytest.raises(LD3MError, match="not to Tiny-ImageNet"):
-        load_dataset(folder, subset="nette", res=16, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, subset="nette", res=16, cache_dir=tmp_path / "c")
 
 
 def test_tiny_imagenet_damaged_layouts(tmp_path):
     folder = _tiny(tmp_path / "a")
     (folder / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn09999999\t1 2 3 4\n")
     with pytest.raises(LD3MError, match="labels images with n09999999, which wnids.txt does not list"):
-        load_dataset(folder, split="val", res=16, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, split="val", res=16, cache_dir=tmp_path / "c")
     (folder / "val" / "val_annotations.txt").unlink()
     with pytest.raises(LD3MError, match="labelled held-out split is .*val_annotations.txt is missing"):
-        load_dataset(folder, split="val", res=16, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, split="val", res=16, cache_dir=tmp_path / "c")
     for path in (folder / "train" / "n04067472" / "images").iterdir():
         path.unlink()
     with pytest.raises(LD3MError, match="n04067472/images holds no image files"):
-        load_dataset(folder, res=16, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, res=16, cache_dir=tmp_path / "c")
     (folder / "wnids.txt").write_text("n02124075\nnot-a-wnid\n")
     with pytest.raises(LD3MError, match="wnids.txt: 'not-a-wnid' is not a wnid"):
-        load_dataset(folder, res=16, cache_dir=tmp_path / "c", log=SILENT)
+        load_dataset(folder, res=16, cache_dir=tmp_path / "c")
 
 
 # ----------------------------------------------------------------------------- imagenet-1k
@@ -409,12 +407,12 @@ def test_imagenet_1k_subset_reads_all_classes_in_index_order(tmp_path):
     for index, wnid in enumerate(imagenet_wnids()):
         _image(root / "train" / wnid / f"{wnid}_1.JPEG", (index % 250, index // 250 * 60, 0), size=(8, 8), fmt="PNG")
     _image(root / "train" / "n99999999" / "x.JPEG", (0, 0, 0), size=(8, 8))  # not an ImageNet-1k class
-    data = load_dataset(root, subset="imagenet-1k", res=8, cache_dir=tmp_path / "c", log=SILENT)
+    data = load_dataset(root, subset="imagenet-1k", res=8, cache_dir=tmp_path / "c")
     assert data.labels.tolist() == list(range(1000)) and data.class_names == list(imagenet_class_names())
     red, green = data.images[:, 0, 4, 4].tolist(), data.images[:, 1, 4, 4].tolist()
     assert [r + g // 60 * 250 for r, g in zip(red, green)] == list(range(1000))
     for wnid in ("n01440764", "n15075141"):  # the first and the last class
         (root / "train" / wnid).rename(tmp_path / "aside")
         with pytest.raises(LD3MError, match=f"class folder .*{wnid} .* of subset imagenet-1k is missing"):
-            load_dataset(root, subset="in1k", res=8, cache_dir=tmp_path / "c", log=SILENT)
+            load_dataset(root, subset="in1k", res=8, cache_dir=tmp_path / "c")
         (tmp_path / "aside").rename(root / "train" / wnid)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def test_images(tmp_path_factory):
     """10 Fashion-MNIST test images per class at 32x32 (full set or the bundled subset)."""
     cache = tmp_path_factory.mktemp("cache")
     return load_dataset("fashion-mnist", split="test", res=32, max_per_class=10,
-                        cache_dir=cache, log=lambda message: None)
+                        cache_dir=cache)
 
 
 def test_default_prior_is_shipped_small_and_loads(default_prior):
@@ -100,7 +101,7 @@ def _tiny_config(seed: int = 0) -> PriorTrainingConfig:
 def few_train_images(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     return load_dataset("fashion-mnist", split="train", res=32, max_per_class=2,
-                        cache_dir=cache, log=lambda message: None)
+                        cache_dir=cache)
 
 
 def _weights(folder):
@@ -110,21 +111,20 @@ def _weights(folder):
             for key, value in load_file(path).items()}
 
 
-def test_train_prior_smoke_writes_a_loadable_deterministic_prior(tmp_path, few_train_images):
+def test_train_prior_smoke_writes_a_loadable_deterministic_prior(tmp_path, few_train_images, caplog):
     images, labels = few_train_images.images, few_train_images.labels
-    logged = []
-    report = train_prior(images, labels, tmp_path / "a", class_names=FASHION_MNIST_CLASSES,
-                         config=_tiny_config(), log=logged.append)
+    with caplog.at_level(logging.INFO, logger="ld3m_fast"):
+        report = train_prior(images, labels, tmp_path / "a", class_names=FASHION_MNIST_CLASSES,
+                             config=_tiny_config())
     prior = load_prior(tmp_path / "a")
     assert prior.num_classes == 10 and prior.class_table.shape[0] == 11
     assert prior.class_names == FASHION_MNIST_CLASSES
     assert prior.latent_shape() == (4, 8, 8)
     assert prior.autoencoder.scaling_factor == pytest.approx(report.scaling_factor)
     assert len(report.autoencoder_losses) == 2 and len(report.denoiser_losses) == 3
-    assert any("denoiser step 3/3" in line for line in logged)
+    assert any("denoiser step 3/3" in line for line in caplog.messages)
 
-    train_prior(images, labels, tmp_path / "b", class_names=FASHION_MNIST_CLASSES,
-                config=_tiny_config(), log=logged.append)
+    train_prior(images, labels, tmp_path / "b", class_names=FASHION_MNIST_CLASSES, config=_tiny_config())
     first, second = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -67,10 +67,6 @@ def config(ws, out, **overrides):
     return DistillConfig(**values)
 
 
-def quiet(*_):
-    pass
-
-
 def _runs(rank, world_size, init_file, ws, out):
     """One process of the 2-process part (then, on rank 0, every 1-process reference)."""
     import torch.distributed as dist
@@ -80,20 +76,20 @@ def _runs(rank, world_size, init_file, ws, out):
     torch.set_num_threads(1)
     aligned = {**CASES["dm-aligned"][0], "iterations": RESUME_TO}
     if rank == 0:  # one process up to RESUME_AT, resumed below by two (rank 1 waits at the init)
-        start_run(config(ws, out / "resume-up", **{**aligned, "iterations": RESUME_AT}), log=quiet)
+        start_run(config(ws, out / "resume-up", **{**aligned, "iterations": RESUME_AT}))
     with process_group(rank, world_size, init_file):
         for name, (settings, _) in CASES.items():
-            start_run(config(ws, out / f"{name}-2", **settings), log=quiet)
-        start_run(config(ws, out / "resume", **{**aligned, "iterations": RESUME_AT}), log=quiet)
-        resume_run(out / "resume-up", {"iterations": RESUME_TO}, log=quiet)
-        start_run(config(ws, out / "uninterrupted-2", **aligned), log=quiet)
+            start_run(config(ws, out / f"{name}-2", **settings))
+        start_run(config(ws, out / "resume", **{**aligned, "iterations": RESUME_AT}))
+        resume_run(out / "resume-up", {"iterations": RESUME_TO})
+        start_run(config(ws, out / "uninterrupted-2", **aligned))
     if rank != 0:
         return
     assert distributed.current().world_size == 1
     for name, (settings, _) in CASES.items():
-        start_run(config(ws, out / f"{name}-1", **settings), log=quiet)
-    resume_run(out / "resume", {"iterations": RESUME_TO}, log=quiet)
-    start_run(config(ws, out / "uninterrupted", **aligned), log=quiet)
+        start_run(config(ws, out / f"{name}-1", **settings))
+    resume_run(out / "resume", {"iterations": RESUME_TO})
+    start_run(config(ws, out / "uninterrupted", **aligned))
 
 
 @contextmanager
@@ -120,7 +116,7 @@ def ws(tmp_path_factory):
     from ld3m_fast.distill.buffers import build_buffer
 
     root = make_workspace(tmp_path_factory.mktemp("distributed"))
-    data = load_dataset(root / "data", split="train", res=RES, cache_dir=root / "cache", log=quiet)
+    data = load_dataset(root / "data", split="train", res=RES, cache_dir=root / "cache")
     build_buffer(root / "buffer", NetworkSpec(num_classes=3, res=RES, width=8), data.images, data.labels,
                  num_experts=1, epochs=3, keep_epochs=3, batch_size=20, seed=0)
     return root
@@ -205,9 +201,9 @@ def _mtt_runs(rank, world_size, init_file, ws, out):
     torch.set_num_threads(1)
     settings = dict(algorithm="mtt", ipc=1, chunk=1, micro_batch=1, iterations=MTT_ITERATIONS, image_every=1000)
     with process_group(rank, world_size, init_file):
-        start_run(config(ws, out / f"mtt-{world_size}", **settings), log=quiet)
+        start_run(config(ws, out / f"mtt-{world_size}", **settings))
     if rank == 0:
-        start_run(config(ws, out / "mtt-1", **settings), log=quiet)
+        start_run(config(ws, out / "mtt-1", **settings))
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +216,7 @@ def mtt_runs(tmp_path_factory):
     from ld3m_fast.distill.buffers import build_buffer
 
     ws = make_workspace(tmp_path_factory.mktemp("mtt10"), classes=MTT_CLASSES)
-    data = load_dataset(ws / "data", split="train", res=RES, cache_dir=ws / "cache", log=quiet)
+    data = load_dataset(ws / "data", split="train", res=RES, cache_dir=ws / "cache")
     build_buffer(ws / "buffer", NetworkSpec(num_classes=MTT_CLASSES, res=RES, width=8), data.images, data.labels,
                  num_experts=1, epochs=3, keep_epochs=3, batch_size=20, seed=0)
     out = tmp_path_factory.mktemp("mtt10-runs")

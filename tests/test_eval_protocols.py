@@ -289,9 +289,8 @@ def test_real_networks_are_cached_keyed_to_data_spec_and_seed(tmp_path):
     images, labels = separable(4)
     spec = RealNetworkSpec(res=8, num_classes=2, width=4, depth=2, epochs=1)
     key = data_fingerprint(images, labels)
-    said = []
-    first, info = train_real_network(images, labels, spec, data_key=key, cache_dir=tmp_path, log=said.append)
-    again, info_again = train_real_network(images, labels, spec, data_key=key, cache_dir=tmp_path, log=said.append)
+    first, info = train_real_network(images, labels, spec, data_key=key, cache_dir=tmp_path)
+    again, info_again = train_real_network(images, labels, spec, data_key=key, cache_dir=tmp_path)
     assert not info["cached"] and info_again["cached"] and info["sha256"] == info_again["sha256"]
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
     other_seed = RealNetworkSpec(res=8, num_classes=2, width=4, depth=2, epochs=1, seed=1)

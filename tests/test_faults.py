@@ -6,6 +6,7 @@ A full disk is simulated (the write raises what safetensors or the OS raise on o
 """
 import errno
 import json
+import logging
 import shutil
 
 import pytest
@@ -23,7 +24,6 @@ from ld3m_fast.errors import LD3MError
 from _workspace import assert_one_line_error, distill_flags, files_under, run_cli
 from test_loop import config, workspace  # noqa: F401 - the loop's module fixture
 
-quiet = lambda *a, **k: None  # noqa: E731
 FULL_DISK = "Error while serializing: I/O error: No space left on device (os error 28)"
 
 
@@ -76,7 +76,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_last_stays_intact(workspa
     assert (_iteration(run / CHECKPOINT), _iteration(run / PREVIOUS)) == (1, 0)
     assert _no_partial_files(run) and not (run / "final").exists()
     monkeypatch.undo()  # the disk has room again: the advice works
-    resumed = resume_run(run, log=quiet)
+    resumed = resume_run(run)
     assert resumed.iteration == 3 and (run / "final" / "synthetic.safetensors").is_file()
 
 
@@ -90,14 +90,14 @@ def test_a_full_disk_at_the_final_export_leaves_no_half_export(workspace, tmp_pa
     assert calls["failed"] == 1
     assert not (run / "final").exists() and _no_partial_files(run)  # images.safetensors was written, then undone
     monkeypatch.undo()
-    resume_run(run, log=quiet)  # a finished run's resume writes the export
+    resume_run(run)  # a finished run's resume writes the export
     assert sorted(p.name for p in (run / "final").iterdir()) == ["images.png", "images.safetensors",
                                                                   "synthetic.safetensors"]
 
 
 def test_the_newest_two_checkpoints_are_kept(workspace, tmp_path):  # noqa: F811
     run = tmp_path / "run"
-    start_run(config(workspace, run, iterations=3, save_every=1), log=quiet)
+    start_run(config(workspace, run, iterations=3, save_every=1))
     assert (_iteration(run / CHECKPOINT), _iteration(run / PREVIOUS)) == (3, 2)
     assert {p.name for p in run.iterdir() if "checkpoint" in p.name} == {CHECKPOINT, PREVIOUS}
 
@@ -111,14 +111,15 @@ def _poison_newest(run, key="Z"):
     save_file(tensors, run / CHECKPOINT, metadata=metadata)
 
 
-def test_a_damaged_newest_checkpoint_resumes_from_the_previous_bit_identically(workspace, tmp_path):  # noqa: F811
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_bit_identically(workspace, tmp_path, caplog):  # noqa: F811
     whole = tmp_path / "whole"
-    start_run(config(workspace, whole, iterations=3, save_every=1), log=quiet)
+    start_run(config(workspace, whole, iterations=3, save_every=1))
     cut = tmp_path / "cut"
-    start_run(config(workspace, cut, iterations=2, save_every=1), log=quiet)
+    start_run(config(workspace, cut, iterations=2, save_every=1))
     _poison_newest(cut)
-    said = []
-    resume_run(cut, {"iterations": 3}, log=said.append)
+    with caplog.at_level(logging.INFO, logger="ld3m_fast"):
+        resume_run(cut, {"iterations": 3})
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("Z holds NaN or inf: resuming from the one before it" in m and "(iteration 1)" in m for m in said)
     a, b = load_file(whole / "final" / "synthetic.safetensors"), load_file(cut / "final" / "synthetic.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in ("Z", "c", "labels"))
@@ -126,9 +127,9 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_previous_bit_identically(w
 
 def test_a_kill_between_the_two_renames_resumes_from_the_previous(workspace, tmp_path):  # noqa: F811
     run = tmp_path / "run"
-    start_run(config(workspace, run, iterations=2, save_every=1), log=quiet)
+    start_run(config(workspace, run, iterations=2, save_every=1))
     (run / CHECKPOINT).unlink()  # killed after the newest became the previous one
-    resumed = resume_run(run, {"iterations": 3}, log=quiet)
+    resumed = resume_run(run, {"iterations": 3})
     assert resumed.iteration == 3 and _iteration(run / CHECKPOINT) == 3
 
 
@@ -136,23 +137,23 @@ def test_the_nan_advice_names_the_last_finite_checkpoint_and_works(workspace, tm
     """The newest checkpoint is not finite: the NaN stop says so, names the previous one, and
     following its advice reaches the end of the run."""
     run = tmp_path / "run"
-    start_run(config(workspace, run, iterations=2, save_every=1), log=quiet)
+    start_run(config(workspace, run, iterations=2, save_every=1))
     _poison_newest(run)
     original = DM.image_gradient
     monkeypatch.setattr(DM, "image_gradient", lambda self, images, labels, ctx: (
         float("nan"), original(self, images, labels, ctx)[1]))
     with pytest.raises(LD3MError) as stopped:
-        resume_run(run, {"iterations": 3}, log=quiet)  # takes iteration 1, stops at iteration 2
+        resume_run(run, {"iterations": 3})  # takes iteration 1, stops at iteration 2
     message = str(stopped.value)
     assert "loss became nan at iteration 2" in message and "\n" not in message
     assert "The newest checkpoint is not finite either" in message and "Z holds NaN or inf" in message
     assert f"the last finite one, which a resume takes, is {run / PREVIOUS} (iteration 1)" in message
     monkeypatch.undo()
-    resumed = resume_run(run, {"iterations": 3, "lr_latent": 0.01, "lr_class": 0.01}, log=quiet)
+    resumed = resume_run(run, {"iterations": 3, "lr_latent": 0.01, "lr_class": 0.01})
     assert resumed.iteration == 3
 
 
-def test_a_cpu_allocation_failure_is_planned_again(workspace, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_a_cpu_allocation_failure_is_planned_again(workspace, tmp_path, monkeypatch, caplog):  # noqa: F811
     """torch's CPU allocator raises a RuntimeError, not OutOfMemoryError: the same re-plan."""
     real = generator_module._recompute_chunk
     raised = {"n": 0}
@@ -167,10 +168,11 @@ def test_a_cpu_allocation_failure_is_planned_again(workspace, tmp_path, monkeypa
         return real(gen, Z, *args, **kwargs)
 
     monkeypatch.setattr(generator_module, "_recompute_chunk", recompute)
-    run = start_run(config(workspace, tmp_path / "run", ipc=2, iterations=2, chunk="auto", memory_budget="1GiB",
-                           memory_reserve="0"), log=print)
+    with caplog.at_level(logging.WARNING, logger="ld3m_fast"):
+        run = start_run(config(workspace, tmp_path / "run", ipc=2, iterations=2, chunk="auto", memory_budget="1GiB",
+                               memory_reserve="0"))
     assert raised["n"] == 1 and run.iteration == 2
-    assert "out of memory at iteration 1" in capsys.readouterr().out
+    assert any("out of memory at iteration 1" in m for m in caplog.messages)
 
 
 # ----------------------------------------------------------------------------- a prior's sizes
@@ -237,5 +239,5 @@ def test_checkpoints_are_checked_for_a_non_finite_optimiser_state_before_they_ar
     run = tmp_path / "run"
     with pytest.raises(LD3MError, match="momentum became non-finite at iteration 1.*last good checkpoint "
                                         r"\(iteration 0\)"):
-        start_run(config(workspace, run, iterations=2, save_every=1), log=quiet)
+        start_run(config(workspace, run, iterations=2, save_every=1))
     assert _iteration(run / CHECKPOINT) == 0 and torch.isfinite(load_file(run / CHECKPOINT)["Z"]).all()

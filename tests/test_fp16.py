@@ -28,8 +28,7 @@ pytestmark = pytest.mark.skipif(not _cpu_fp16_autocast(), reason="CPU autocast h
 
 @pytest.mark.parametrize("algorithm", ["dm", "mtt"])
 def test_fp16_runs_with_a_scaler_and_counts_skipped_steps(workspace, tmp_path, algorithm):  # noqa: F811
-    run = start_run(config(workspace, tmp_path / "run", algorithm=algorithm, dtype="fp16", iterations=4),
-                    log=lambda *_: None)
+    run = start_run(config(workspace, tmp_path / "run", algorithm=algorithm, dtype="fp16", iterations=4))
     assert run.scaler is not None and run.iteration == 4
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -41,7 +40,7 @@ def test_fp16_runs_with_a_scaler_and_counts_skipped_steps(workspace, tmp_path, a
 
 def test_fp16_moves_the_latents_as_fp32_does(workspace, tmp_path):  # noqa: F811
     """The scaled, unscaled step is the same update up to fp16's rounding in the denoiser."""
-    runs = {dtype: start_run(config(workspace, tmp_path / dtype, dtype=dtype, iterations=2), log=lambda *_: None)
+    runs = {dtype: start_run(config(workspace, tmp_path / dtype, dtype=dtype, iterations=2))
             for dtype in ("fp32", "fp16")}
     moved = {d: load_file(str(tmp_path / d / "final" / "synthetic.safetensors"))["Z"] for d in runs}
     assert runs["fp16"].skipped_steps < 2, "every step overflowed"
@@ -50,7 +49,7 @@ def test_fp16_moves_the_latents_as_fp32_does(workspace, tmp_path):  # noqa: F811
 
 def test_fp16_resume_restores_the_scaler(workspace, tmp_path):  # noqa: F811
     settings = dict(dtype="fp16", iterations=4, save_every=2)
-    whole = start_run(config(workspace, tmp_path / "whole", **settings), log=lambda *_: None)
+    whole = start_run(config(workspace, tmp_path / "whole", **settings))
 
     class Stop(Exception):
         pass
@@ -60,8 +59,8 @@ def test_fp16_resume_restores_the_scaler(workspace, tmp_path):  # noqa: F811
             raise Stop
 
     with pytest.raises(Stop):
-        start_run(config(workspace, tmp_path / "cut", **settings), log=lambda *_: None, on_iteration=stop)
-    resumed = resume_run(tmp_path / "cut", log=lambda *_: None)
+        start_run(config(workspace, tmp_path / "cut", **settings), on_iteration=stop)
+    resumed = resume_run(tmp_path / "cut")
     assert resumed.scaler.get_scale() == whole.scaler.get_scale()
     a = load_file(str(tmp_path / "whole" / "final" / "synthetic.safetensors"))
     b = load_file(str(tmp_path / "cut" / "final" / "synthetic.safetensors"))

@@ -43,7 +43,7 @@ def workspace(tmp_path_factory):
     write_image_folder(root / "data" / "train", per_class=4, seed=0)
     write_image_folder(root / "data" / "test", per_class=3, seed=1)
     cache = root / "cache"
-    data = load_dataset(root / "data", split="train", res=RES, cache_dir=cache, log=lambda *_: None)
+    data = load_dataset(root / "data", split="train", res=RES, cache_dir=cache)
     spec = NetworkSpec(num_classes=CLASSES, res=RES, width=8)
     build_buffer(root / "buffer", spec, data.images, data.labels, num_experts=1, epochs=3, keep_epochs=3,
                  batch_size=20, seed=0)
@@ -59,10 +59,6 @@ def config(workspace, out, **overrides):
     return DistillConfig(**values)
 
 
-def quiet(*_):
-    pass
-
-
 class Killed(Exception):
     pass
 
@@ -70,15 +66,15 @@ class Killed(Exception):
 @pytest.mark.parametrize("algorithm, iterations, save_every, kill_at", [("dm", 6, 3, 5), ("mtt", 4, 2, 3)])
 def test_kill_and_resume_equals_uninterrupted(workspace, tmp_path, algorithm, iterations, save_every, kill_at):
     settings = dict(algorithm=algorithm, iterations=iterations, save_every=save_every)
-    whole = start_run(config(workspace, tmp_path / "whole", **settings), log=quiet)
+    whole = start_run(config(workspace, tmp_path / "whole", **settings))
 
     def kill(iteration):
         if iteration == kill_at:
             raise Killed  # after iteration `kill_at` ran and logged, past the last checkpoint
 
     with pytest.raises(Killed):
-        start_run(config(workspace, tmp_path / "cut", **settings), log=quiet, on_iteration=kill)
-    resumed = resume_run(tmp_path / "cut", log=quiet)
+        start_run(config(workspace, tmp_path / "cut", **settings), on_iteration=kill)
+    resumed = resume_run(tmp_path / "cut")
     assert resumed.iteration == whole.iteration == iterations
 
     a = load_file(tmp_path / "whole" / "final" / "synthetic.safetensors")
@@ -101,7 +97,7 @@ def test_kill_and_resume_equals_uninterrupted(workspace, tmp_path, algorithm, it
 
 def test_run_folder_contents(workspace, tmp_path):
     run = tmp_path / "run"
-    start_run(config(workspace, run, iterations=3, save_every=2, image_every=2), log=quiet)
+    start_run(config(workspace, run, iterations=3, save_every=2, image_every=2))
     assert json.loads((run / "config.json").read_text())["iterations"] == 3
     assert sorted(p.name for p in (run / "images").iterdir()) == ["iter_000002.png", "iter_000003.png"]
     assert any((run / "tb").iterdir())
@@ -124,7 +120,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(workspace, tmp_path, monkeypat
     monkeypatch.setattr(DM, "image_gradient", poisoned)
     run = tmp_path / "run"
     with pytest.raises(LD3MError, match="nan at iteration 3"):
-        start_run(config(workspace, run, save_every=1), log=quiet)
+        start_run(config(workspace, run, save_every=1))
     kept = load_file(run / CHECKPOINT)
     from safetensors import safe_open
     with safe_open(str(run / CHECKPOINT), framework="pt") as f:
@@ -136,7 +132,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(workspace, tmp_path, monkeypat
 def test_checkpoint_write_is_atomic(workspace, tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
-    distiller = Distiller(build_setup(config(workspace, run), log=quiet), run, log=quiet)
+    distiller = Distiller(build_setup(config(workspace, run)), run)
     distiller.step()
     distiller.save_checkpoint()
     before = (run / CHECKPOINT).read_bytes()
@@ -156,33 +152,33 @@ def test_checkpoint_write_is_atomic(workspace, tmp_path, monkeypatch):
 
 def test_resume_refuses_changed_settings_and_corrupt_checkpoints(workspace, tmp_path):
     run = tmp_path / "run"
-    start_run(config(workspace, run, iterations=1), log=quiet)
+    start_run(config(workspace, run, iterations=1))
     with pytest.raises(LD3MError, match="cannot change ipc"):
-        resume_run(run, {"ipc": 2}, log=quiet)
+        resume_run(run, {"ipc": 2})
     with pytest.raises(LD3MError, match="already exists"):
-        start_run(config(workspace, run), log=quiet)
+        start_run(config(workspace, run))
     # A damaged newest checkpoint is passed over for the previous one (said in a line); with both
     # damaged, nothing is left to resume from.
     for name in (CHECKPOINT, PREVIOUS):
         data = (run / name).read_bytes()
         (run / name).write_bytes(data[: len(data) // 2])
     with pytest.raises(LD3MError, match="corrupt.*no usable checkpoint is left"):
-        resume_run(run, {"iterations": 2}, log=quiet)
+        resume_run(run, {"iterations": 2})
 
 
 def test_bad_settings_write_nothing(workspace, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(LD3MError, match="latent factor"):
-        start_run(config(workspace, run, res=18), log=quiet)
+        start_run(config(workspace, run, res=18))
     with pytest.raises(LD3MError, match="at least 5 images per class"):
-        start_run(config(workspace, run, ipc=5), log=quiet)
+        start_run(config(workspace, run, ipc=5))
     assert not run.exists()
     assert os.listdir(tmp_path) == []
 
 
 def test_inline_eval_is_logged(workspace, tmp_path):
     run = tmp_path / "run"
-    start_run(config(workspace, run, iterations=2, eval_every=2, eval_epochs=1, eval_archs="convnet"), log=quiet)
+    start_run(config(workspace, run, iterations=2, eval_every=2, eval_epochs=1, eval_archs="convnet"))
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval" in r]
     assert [r["iteration"] for r in evals] == [2]
@@ -193,7 +189,7 @@ def test_inline_eval_is_logged(workspace, tmp_path):
 def test_attention_stays_sdpa_on_cpu():
     from ld3m_fast.distill.setup import use_memory_efficient_attention
 
-    assert use_memory_efficient_attention(build_tiny_prior(), torch.device("cpu"), log=quiet) == "sdpa"
+    assert use_memory_efficient_attention(build_tiny_prior(), torch.device("cpu")) == "sdpa"
 
 
 @pytest.mark.gpu
@@ -202,14 +198,14 @@ def test_xformers_attention_on_cuda_when_installed():
     from ld3m_fast.distill.setup import use_memory_efficient_attention
 
     prior = build_tiny_prior().to("cuda")
-    assert use_memory_efficient_attention(prior, torch.device("cuda"), log=quiet) == "xformers"
+    assert use_memory_efficient_attention(prior, torch.device("cuda")) == "xformers"
 
 
 @pytest.mark.parametrize("res,latent_side", [(RES // 2, RES // 8), (RES * 2, RES // 4)])
 def test_render_size_follows_res_up_to_the_native_size(workspace, tmp_path, res, latent_side):
     """Below the prior's size the chain renders at res (cin256-v2 at 128²: a 32×32 latent, as in
     the paper); above it, it renders natively and resizes."""
-    setup = build_setup(config(workspace, tmp_path / "run", res=res), log=quiet)
+    setup = build_setup(config(workspace, tmp_path / "run", res=res))
     assert setup.synthetic.Z.shape[-1] == latent_side
     noise = setup.generator.draw_noise(len(setup.synthetic), torch.Generator().manual_seed(0))
     images = setup.generator(setup.synthetic.Z, setup.synthetic.c, noise)
@@ -218,10 +214,10 @@ def test_render_size_follows_res_up_to_the_native_size(workspace, tmp_path, res,
 
 @pytest.mark.parametrize("algorithm, lr_latent", [("dm", 0.1), ("dc", None), ("mtt", None)])
 def test_embedded_profile_fills_only_what_the_user_left_unset(algorithm, lr_latent):
-    resolved = resolve_defaults(DistillConfig(algorithm=algorithm), log=lambda *a: None)
+    resolved = resolve_defaults(DistillConfig(algorithm=algorithm))
     assert (resolved.iterations, resolved.batch_real, resolved.max_per_class) == (120, 64, 500)
     assert resolved.lr_latent == lr_latent and resolved.lr_class == lr_latent  # None: the algorithm's
-    mine = resolve_defaults(DistillConfig(algorithm=algorithm, lr_latent=2.0, iterations=3), log=lambda *a: None)
+    mine = resolve_defaults(DistillConfig(algorithm=algorithm, lr_latent=2.0, iterations=3))
     assert (mine.lr_latent, mine.iterations) == (2.0, 3)
-    paper = resolve_defaults(DistillConfig(algorithm=algorithm, prior="somewhere"), log=lambda *a: None)
+    paper = resolve_defaults(DistillConfig(algorithm=algorithm, prior="somewhere"))
     assert (paper.lr_latent, paper.iterations, paper.batch_real) == (None, 10000, 256)

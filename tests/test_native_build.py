@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.machinery
+import logging
 import os
 import shutil
 import subprocess
@@ -27,10 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Only stops a hang from stalling the suite; a build takes about a minute on a busy 2-core machine.
 HANG_GUARD_S = 1800
 NO_AOT = "import sys; sys.modules['ld3m_fast._C'] = None  # as if not built ahead of time\n"
-ENSURE = NO_AOT + (
+# The build's messages (INFO on ld3m_fast's loggers) as plain lines on stdout.
+SAY = "import logging, sys; logging.basicConfig(stream=sys.stdout, level=logging.INFO, format='%(message)s')\n"
+ENSURE = NO_AOT + SAY + (
     "from ld3m_fast.ops import _native\n"
     "print('before:', _native.status())\n"
-    "print('after:', _native.ensure_extension(log=print))\n"
+    "print('after:', _native.ensure_extension())\n"
     "module = _native.get_extension()\n"
     "print('hash:', module.source_hash, _native.source_hash())\n")
 
@@ -94,9 +97,10 @@ def test_a_stale_ahead_of_time_module_is_ignored_for_the_jit_build(built):
         "stale.__spec__ = importlib.machinery.ModuleSpec('ld3m_fast._C', None)\n"
         "stale.source_hash = '0123456789abcdef'\n"
         "sys.modules['ld3m_fast._C'] = stale\n"
+        + SAY +
         "from ld3m_fast.ops import _native\n"
         "print('before:', _native.status())\n"
-        "print('module:', _native.get_extension(log=print).__name__)\n"
+        "print('module:', _native.get_extension().__name__)\n"
         "print('after:', _native.status())\n")
     lines = run_python(code, root).stdout.splitlines()
     before, after = (next(line for line in lines if line.startswith(p)) for p in ("before:", "after:"))
@@ -143,12 +147,13 @@ def test_status_names_a_stale_ahead_of_time_module_without_building(fresh_native
     assert not fresh_native.may_be_available()
 
 
-def test_ensure_extension_reports_a_missing_compiler_instead_of_raising(fresh_native, monkeypatch, tmp_path):
+def test_ensure_extension_reports_a_missing_compiler_instead_of_raising(fresh_native, monkeypatch, tmp_path,
+                                                                        caplog):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    messages = []
-    line = fresh_native.ensure_extension(log=messages.append)
+    with caplog.at_level(logging.DEBUG, logger="ld3m_fast"):
+        line = fresh_native.ensure_extension()
     assert line == "unavailable: no C++ compiler on PATH (install g++ or set CXX)"
-    assert messages == [] and fresh_native.get_extension() is None
+    assert caplog.messages == [] and fresh_native.get_extension() is None
 
 
 def test_each_source_tree_gets_its_own_cache_folder(tmp_path):
@@ -189,29 +194,30 @@ def wait_for(condition) -> None:
         time.sleep(0.05)
 
 
-def test_a_live_build_is_waited_for_with_one_message(tmp_path):
-    messages, entered = [], threading.Event()
+def test_a_live_build_is_waited_for_with_one_message(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ld3m_fast")
+    entered = threading.Event()
 
     def build():
-        with _native._build_lock(tmp_path, messages.append):
+        with _native._build_lock(tmp_path):
             entered.set()
 
     with open(tmp_path / "build.flock", "a+") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)  # another process's build in progress
         thread = threading.Thread(target=build, daemon=True)
         thread.start()
-        wait_for(lambda: messages)
+        wait_for(lambda: caplog.messages)
         assert not entered.is_set()
-        assert len(messages) == 1 and "waiting for another process" in messages[0]
-        assert str(tmp_path) in messages[0]
+        (message,) = caplog.messages
+        assert "waiting for another process" in message and str(tmp_path) in message
         fcntl.flock(holder, fcntl.LOCK_UN)
     thread.join(HANG_GUARD_S)
-    assert entered.is_set() and len(messages) == 1
+    assert entered.is_set() and len(caplog.messages) == 1
 
 
-def test_a_build_lock_dies_with_its_process(tmp_path):
+def test_a_build_lock_dies_with_its_process(tmp_path, caplog):
     code = ("import sys, time\nfrom pathlib import Path\nfrom ld3m_fast.ops import _native\n"
-            "with _native._build_lock(Path(sys.argv[1]), print):\n"
+            "with _native._build_lock(Path(sys.argv[1])):\n"
             "    print('holding', flush=True)\n    time.sleep(3600)\n")
     process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                                text=True)
@@ -224,7 +230,7 @@ def test_a_build_lock_dies_with_its_process(tmp_path):
         process.kill()  # SIGKILL: no cleanup code runs in the holder
         process.wait(HANG_GUARD_S)
         process.stdout.close()
-    messages = []
-    with _native._build_lock(tmp_path, messages.append):
-        pass
-    assert messages == []  # taken at once: nothing to wait for
+    with caplog.at_level(logging.INFO, logger="ld3m_fast"):
+        with _native._build_lock(tmp_path):
+            pass
+    assert caplog.messages == []  # taken at once: nothing to wait for

@@ -32,9 +32,8 @@ CONFIG = EvalConfig(seeds=1, epochs=4, batch_size=10, lr=0.01, arch_lr={"vgg11":
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    quiet = lambda *a: None  # noqa: E731
-    train = load_dataset("fashion-mnist", split="train", res=RES, max_per_class=10, cache_dir=cache, log=quiet)
-    test = load_dataset("fashion-mnist", split="test", res=RES, max_per_class=20, cache_dir=cache, log=quiet)
+    train = load_dataset("fashion-mnist", split="train", res=RES, max_per_class=10, cache_dir=cache)
+    test = load_dataset("fashion-mnist", split="test", res=RES, max_per_class=20, cache_dir=cache)
     assert train.class_counts() == [10] * 10 and test.class_counts() == [20] * 10
     return train, test
 

@@ -1,6 +1,7 @@
 """An out-of-memory error never ends a run: the iteration is planned again in smaller pieces and
 redone; only when nothing fits does the run stop, in one line, its checkpoint intact."""
 import json
+import logging
 
 import pytest
 import torch
@@ -29,9 +30,9 @@ def _inject_oom(monkeypatch, when):
     return calls
 
 
-def test_an_oom_is_planned_again_and_the_same_iteration_redone(workspace, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_an_oom_is_planned_again_and_the_same_iteration_redone(workspace, tmp_path, monkeypatch, caplog):  # noqa: F811
     settings = dict(ipc=2, iterations=3, save_every=1, chunk="auto", memory_budget="1GiB", memory_reserve="0")
-    whole = start_run(config(workspace, tmp_path / "whole", **settings), log=print)
+    whole = start_run(config(workspace, tmp_path / "whole", **settings))
     assert whole.setup.plan["knobs"]
 
     armed = {"generator": None}
@@ -51,10 +52,11 @@ def test_an_oom_is_planned_again_and_the_same_iteration_redone(workspace, tmp_pa
         cut_run["distiller"] = self
 
     monkeypatch.setattr(run_module.Distiller, "__init__", remember)
-    cut = start_run(config(workspace, tmp_path / "cut", **settings), log=print, on_iteration=arm)
-    out = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="ld3m_fast"):
+        cut = start_run(config(workspace, tmp_path / "cut", **settings), on_iteration=arm)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert calls["raised"] == 1 and cut.iteration == 3
-    assert "out of memory at iteration 2" in out and "redoing iteration 2" in out
+    assert any("out of memory at iteration 2" in m and "redoing iteration 2" in m for m in warnings)
     records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     (replan,) = [r for r in records if "plan" in r]
     plan = replan["plan"]
@@ -72,7 +74,7 @@ def test_an_oom_is_planned_again_and_the_same_iteration_redone(workspace, tmp_pa
 def test_when_nothing_fits_the_run_stops_in_one_line_with_its_checkpoint(workspace, tmp_path, monkeypatch):  # noqa: F811
     _inject_oom(monkeypatch, lambda gen: True)  # every plan runs out of memory
     with pytest.raises(LD3MError) as caught:
-        start_run(config(workspace, tmp_path / "run", ipc=2, iterations=2, chunk=2), log=lambda *_: None)
+        start_run(config(workspace, tmp_path / "run", ipc=2, iterations=2, chunk=2))
     message = str(caught.value)
     assert "\n" not in message and "out of memory at iteration 1" in message
     assert "no plan fits" in message and "ld3m-fast distill --resume" in message

@@ -1,6 +1,7 @@
 """Pruning the real data as the authors' follow-up releases it: the keep rule, the scorers, the
 loss cache and file, and the run's record of it (ld3m_fast/prune.py, docs/pruning.md)."""
 import json
+import logging
 
 import pytest
 import torch
@@ -194,12 +195,12 @@ def test_resnet18_scorer_gives_the_batch_one_losses_of_the_release(tmp_path):
     model = save_resnet(tmp_path / "r18.pth", 3)
     data = constructed_data(sizes=(2, 2, 3), res=16)
     scorer = build_scorer(str(tmp_path / "r18.pth"), res=16, num_classes=3, subset=None)
-    losses, meta = losses_for(data, scorer, cache_dir=tmp_path / "cache", log=lambda m: None)
+    losses, meta = losses_for(data, scorer, cache_dir=tmp_path / "cache")
     # eval mode: each image's loss does not depend on its batch (batches of 64 == batch 1)
     torch.testing.assert_close(losses, batch_one_losses(model, data.images, data.labels), rtol=1e-5, atol=1e-6)
     assert meta["scorer_hash"].startswith("sha256:") and "deviation" not in meta
     again, _ = losses_for(data, build_scorer(str(tmp_path / "r18.pth"), res=16, num_classes=3, subset=None),
-                          cache_dir=tmp_path / "cache", log=lambda m: None)
+                          cache_dir=tmp_path / "cache")
     assert torch.equal(again, losses)  # from the cache
 
 
@@ -210,13 +211,12 @@ def test_resnet18_scorer_maps_an_imagenet_subset_to_its_imagenet_classes(tmp_pat
     data = ImageSet(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), torch.arange(10),
                     [str(k) for k in range(10)])
     scorer = build_scorer(str(tmp_path / "r18.pth"), res=8, num_classes=10, subset="imagenette")
-    scorer.prepare(data, device="cpu", log=print)
+    scorer.prepare(data, device="cpu")
     rows = torch.tensor(resolve_subset("imagenette").imagenet_indices)
     torch.testing.assert_close(scorer.losses(data.images, data.labels, "cpu"),
                                batch_one_losses(model, data.images, rows), rtol=1e-5, atol=1e-6)
     with pytest.raises(LD3MError, match="1000 classes but the data 10: .* --subset"):
-        build_scorer(str(tmp_path / "r18.pth"), res=8, num_classes=10, subset=None).prepare(data, device="cpu",
-                                                                                           log=print)
+        build_scorer(str(tmp_path / "r18.pth"), res=8, num_classes=10, subset=None).prepare(data, device="cpu")
 
 
 def test_resnet18_state_dicts_are_checked_strictly(tmp_path):
@@ -252,20 +252,20 @@ def test_torchvision_resnet18_has_torchvisions_names_and_count():
     assert "layer4.0.downsample.1.running_var" in keys and keys[-2:] == ["fc.weight", "fc.bias"]
 
 
-def test_trained_scorer_is_cached_with_its_weights_hash(tmp_path):
+def test_trained_scorer_is_cached_with_its_weights_hash(tmp_path, caplog):
     data = constructed_data(sizes=(3, 3), res=8)
     settings = TrainedScorerSettings(epochs=1, width=4)
-    said = []
+    caplog.set_level(logging.INFO, logger="ld3m_fast")
     first, meta = losses_for(data, build_scorer("train", res=8, num_classes=2, subset=None, cache_dir=tmp_path,
-                                                trained=settings), cache_dir=tmp_path, log=said.append)
-    assert any("training convnet" in line for line in said)
+                                                trained=settings), cache_dir=tmp_path)
+    assert any("training convnet" in line for line in caplog.messages)
     assert meta["deviation"].startswith("a ConvNet trained by ld3m-fast") and meta["scorer_hash"].startswith("sha256:")
-    said.clear()
+    caplog.clear()
     again, meta_again = losses_for(data, build_scorer("train", res=8, num_classes=2, subset=None,
                                                       cache_dir=tmp_path, trained=settings),
-                                   cache_dir=tmp_path, log=said.append)
+                                   cache_dir=tmp_path)
     assert torch.equal(first, again) and meta_again["scorer_hash"] == meta["scorer_hash"]
-    assert not any("training" in line for line in said)
+    assert not any("training" in line for line in caplog.messages)
 
 
 def test_losses_files_are_checked_against_the_data(tmp_path):
@@ -363,7 +363,7 @@ def test_buffer_trains_on_the_pruned_set_and_records_it(workspace, tmp_path, cap
     from ld3m_fast.data import load_dataset
 
     losses_file = tmp_path / "l.safetensors"
-    real = load_dataset(workspace / "data", res=16, cache_dir=workspace / "cache", max_per_class=4, log=print)
+    real = load_dataset(workspace / "data", res=16, cache_dir=workspace / "cache", max_per_class=4)
     write_losses(losses_file, torch.arange(12, dtype=torch.float32), real.labels, {"scorer_hash": "sha256:y"})
     code, out, err = run_cli(["buffer", "--data", workspace / "data", "--res", "16", "--out", tmp_path / "buf",
                               "--experts", "1", "--width", "4", "--max-per-class", "4", "--cache-dir",

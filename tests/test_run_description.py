@@ -29,7 +29,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("description")
     save_prior(build_tiny_prior(num_classes=10, image_size=RES, seed=0), root / "prior")
     write_image_folder(root / "data" / "train", per_class=4, seed=0)
-    data = load_dataset(root / "data", split="train", res=RES, cache_dir=root / "cache", log=lambda *_: None)
+    data = load_dataset(root / "data", split="train", res=RES, cache_dir=root / "cache")
     build_buffer(root / "buffer", NetworkSpec(num_classes=CLASSES, res=RES, width=8), data.images, data.labels,
                  num_experts=1, epochs=3, keep_epochs=3, batch_size=20, seed=0)
     return root
@@ -51,9 +51,9 @@ class _RankZeroOfTwo(Single):
 
 
 def _run_description(config, tmp_path, world_size=1):
-    setup = build_setup(resolve_defaults(config, log=lambda *_: None), log=lambda *_: None)
+    setup = build_setup(resolve_defaults(config))
     comm = _RankZeroOfTwo() if world_size == 2 else Single()
-    distiller = Distiller(setup, tmp_path / "unused", log=lambda *_: None, comm=comm)
+    distiller = Distiller(setup, tmp_path / "unused", comm=comm)
     return setup, describe_step(setup.iteration, distiller.context, setup.synthetic.labels)
 
 

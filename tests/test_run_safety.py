@@ -1,5 +1,6 @@
 """A run never loses work: signals, one process per run folder, run identity, leftovers, NaN advice, threads."""
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,10 +31,6 @@ def config(ws, out, **overrides):
                   max_per_class=4, out=str(out), threads=1)
     values.update(overrides)
     return DistillConfig(**values)
-
-
-def quiet(*_):
-    pass
 
 
 def checkpoint_iteration(run) -> int:
@@ -73,7 +70,7 @@ def test_signal_finishes_the_iteration_saves_and_says_how_to_resume(ws, tmp_path
 
 def test_a_run_folder_is_held_by_one_process(ws, tmp_path, capsys):
     run = tmp_path / "run"
-    start_run(config(ws, run, iterations=1), log=quiet)
+    start_run(config(ws, run, iterations=1))
     with runfolder.RunLock(run):  # another holder (a lock is per open file, even in one process)
         code, _, err = run_cli(["distill", "--resume", run, "--iterations", 2, "--no-progress"], capsys)
         assert_one_line_error(code, err, "is in use by another ld3m-fast process", f"pid {os.getpid()}")
@@ -84,39 +81,39 @@ def test_a_run_folder_is_held_by_one_process(ws, tmp_path, capsys):
     second.mkdir()
     with runfolder.RunLock(second):
         with pytest.raises(LD3MError, match="in use by another"):
-            start_run(config(ws, second), log=quiet)
+            start_run(config(ws, second))
     assert sorted(p.name for p in second.iterdir()) == [runfolder.LOCK]
 
 
 def test_a_checkpoint_of_another_run_is_refused(ws, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    start_run(config(ws, a, seed=0), log=quiet)
-    start_run(config(ws, b, seed=1), log=quiet)  # same shapes, another seed
+    start_run(config(ws, a, seed=0))
+    start_run(config(ws, b, seed=1))  # same shapes, another seed
     before = (a / "final" / "synthetic.safetensors").read_bytes()
     shutil.copy(b / CHECKPOINT, a / CHECKPOINT)
     with pytest.raises(LD3MError, match="belongs to another run"):
-        resume_run(a, {"iterations": 4}, log=quiet)
+        resume_run(a, {"iterations": 4})
     assert (a / "final" / "synthetic.safetensors").read_bytes() == before
 
 
-def test_resume_removes_temporary_files_a_kill_left(ws, tmp_path):
+def test_resume_removes_temporary_files_a_kill_left(ws, tmp_path, caplog):
     run = tmp_path / "run"
-    start_run(config(ws, run, iterations=1), log=quiet)
+    start_run(config(ws, run, iterations=1))
     leftovers = [run / ".ld3m-partial.checkpoint.safetensors.abc123.safetensors",
                  run / "images" / ".ld3m-partial.iter_000001.png.x9.png"]
     for path in leftovers:
         path.write_bytes(b"half a file")
-    messages = []
-    resume_run(run, {"iterations": 2}, log=messages.append)
+    with caplog.at_level(logging.INFO, logger="ld3m_fast"):
+        resume_run(run, {"iterations": 2})
     assert not any(path.exists() for path in leftovers)
-    assert any("removed 2 temporary file(s)" in m for m in messages)
+    assert any("removed 2 temporary file(s)" in m for m in caplog.messages)
 
 
 def test_the_nan_advice_works(ws, tmp_path):
     """Following the printed advice (lower learning rates on resume) reaches the end of the run."""
     run = tmp_path / "run"
     with pytest.raises(LD3MError) as stopped:
-        start_run(config(ws, run, iterations=3, lr_latent=1e30, lr_class=1e30), log=quiet)
+        start_run(config(ws, run, iterations=3, lr_latent=1e30, lr_class=1e30))
     error, rounds = stopped.value, 0
     while error is not None:  # each piece of advice lowers the rates tenfold
         rounds += 1
@@ -126,7 +123,7 @@ def test_the_nan_advice_works(ws, tmp_path):
         latent = float(re.search(r"--lr-latent (\S+)", message).group(1))
         klass = float(re.search(r"--lr-class (\S+)", message).group(1))
         try:
-            resume_run(run, {"lr_latent": latent, "lr_class": klass}, log=quiet)
+            resume_run(run, {"lr_latent": latent, "lr_class": klass})
             error = None
         except LD3MError as again:
             error = again
@@ -134,18 +131,20 @@ def test_the_nan_advice_works(ws, tmp_path):
     assert saved["lr_latent"] == latent and checkpoint_iteration(run) == 3
 
 
-def test_threads_are_recorded_and_kept_on_resume(ws, tmp_path, capsys):
+def test_threads_are_recorded_and_kept_on_resume(ws, tmp_path, capsys, caplog):
     run = tmp_path / "run"
     code, _, err = run_cli(distill_flags(ws, run, "--iterations", 1), capsys)
     assert code == 0, err
     assert json.loads((run / "config.json").read_text())["threads"] == 1
     torch.set_num_threads(2)
-    messages = []
-    resume_run(run, {"iterations": 2}, log=messages.append)  # no --threads: the recorded count
-    assert torch.get_num_threads() == 1 and not any("bit-identical" in m for m in messages)
+    with caplog.at_level(logging.INFO, logger="ld3m_fast"):
+        resume_run(run, {"iterations": 2})  # no --threads: the recorded count
+    assert torch.get_num_threads() == 1 and not any("bit-identical" in m for m in caplog.messages)
     # (no iteration left to run: two threads on a busy 2-core test machine would only be slow)
-    resume_run(run, {"iterations": 2, "threads": 2}, log=messages.append)
-    assert any("will not be bit-identical" in m for m in messages)
+    with caplog.at_level(logging.INFO, logger="ld3m_fast"):
+        resume_run(run, {"iterations": 2, "threads": 2})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("will not be bit-identical" in m for m in warnings)
     assert json.loads((run / "config.json").read_text())["threads"] == 2
 
 
@@ -182,10 +181,8 @@ def test_the_cli_sets_a_short_openmp_spin_before_torch_loads_unless_the_user_cho
 def test_time_based_checkpoints(ws, tmp_path):
     run = tmp_path / "run"
     saved = []
-    start_run(config(ws, run, iterations=3, save_seconds=0.0),
-              log=quiet, on_iteration=lambda k: saved.append(checkpoint_iteration(run)))
+    start_run(config(ws, run, iterations=3, save_seconds=0.0), on_iteration=lambda k: saved.append(checkpoint_iteration(run)))
     assert saved == [1, 2, 3]  # with save_seconds 0 every iteration is checkpointed
     run2 = tmp_path / "run2"
-    start_run(config(ws, run2, iterations=3, save_seconds=3600.0),
-              log=quiet, on_iteration=lambda k: saved.append(checkpoint_iteration(run2)))
+    start_run(config(ws, run2, iterations=3, save_seconds=3600.0), on_iteration=lambda k: saved.append(checkpoint_iteration(run2)))
     assert saved[3:] == [0, 0, 3]  # only the start and the end

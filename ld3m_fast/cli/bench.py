@@ -1,7 +1,11 @@
 """`ld3m-fast bench`: the pipeline benchmark report (markdown on stdout, JSON, PNG)."""
 from __future__ import annotations
 
+import logging
+
 from .settings import argument_type
+
+logger = logging.getLogger(__name__)
 
 PARTS = ("a", "b", "c")
 
@@ -71,8 +75,8 @@ def run(args) -> int:
                                    compile_backend=args.compile_backend)
     report = bench.markdown(rows)
     print(report)
-    print(f"JSON: {bench.write_json(rows, out / 'bench_pipeline.json')}")
+    logger.info(f"JSON: {bench.write_json(rows, out / 'bench_pipeline.json')}")
     write_text_atomic(out / "bench_pipeline.md", report + "\n")
     png = bench.plot(rows, out / "bench_pipeline.png")
-    print(f"plot: {png}" if png else "plot: skipped (needs part b and matplotlib)")
+    logger.info(f"plot: {png}" if png else "plot: skipped (needs part b and matplotlib)")
     return 0

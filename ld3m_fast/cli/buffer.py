@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from .._files import check_writable_folder, quoted_path
 from ..bounds import COUNT, POSITIVE, SEED, number
 from ..choices import NORMS
 from ..errors import LD3MError
 from .distill import add_threads_argument, apply_threads
 from .settings import argument_type
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +82,7 @@ def run(args) -> int:
     data = load_dataset(args.data, split="train", subset=args.subset, res=args.res,
                         cache_dir=args.cache_dir, max_per_class=args.max_per_class)
     data, pruned = prune_dataset(data, pruning, subset=args.subset, cache_dir=args.cache_dir, device=device,
-                                 min_per_class=1, need="an expert (every class in its training)", log=print)
+                                 min_per_class=1, need="an expert (every class in its training)")
     spec = NetworkSpec(num_classes=data.num_classes, res=args.res, width=args.width, depth=args.depth,
                        norm=args.norm)
     spec.build()  # an unknown norm or resolution fails here, before anything is written
@@ -87,6 +90,6 @@ def run(args) -> int:
                          keep_epochs=None if args.keep_all_epochs else keep, lr=args.lr,
                          batch_size=args.batch, dsa_strategy=None if args.dsa == "none" else args.dsa,
                          seed=args.seed, source=str(args.data), subset=args.subset, device=device,
-                         pruning=pruned, progress=lambda i, n, p: print(f"expert {i}/{n} -> {p}", flush=True))
-    print(f"wrote {len(paths)} experts ({epochs} epochs each) to {out}")
+                         pruning=pruned, progress=lambda i, n, p: logger.info(f"expert {i}/{n} -> {p}"))
+    logger.info(f"wrote {len(paths)} experts ({epochs} epochs each) to {out}")
     return 0

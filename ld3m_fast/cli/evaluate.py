@@ -23,6 +23,7 @@ only on (set, architecture, seed), so rank 0 gathers them and writes the same re
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ from .._files import check_writable_folder, quoted_path, reported_write
 from ..bounds import COUNT, POSITIVE, SEED
 from ..errors import LD3MError
 from .distill import add_threads_argument, apply_threads
+
+logger = logging.getLogger(__name__)
 
 # A non-interactive run prints a progress line at most this often.
 PROGRESS_LINE_SECONDS = 30.0
@@ -212,8 +215,8 @@ class Progress:
             now = time.perf_counter()
             if self.bar is None and now - self.last_line >= PROGRESS_LINE_SECONDS:
                 self.last_line = now
-                print(f"  [{100 * self.done / max(self.total, 1e-9):3.0f}%] {description}: epoch {epoch}/{epochs}, "
-                      f"{self.eta()}", flush=True)
+                logger.info(f"  [{100 * self.done / max(self.total, 1e-9):3.0f}%] {description}: epoch "
+                            f"{epoch}/{epochs}, {self.eta()}")
 
         return callback
 
@@ -237,9 +240,10 @@ class Progress:
                 if result.get("best_epoch") not in (None, self.epochs) else "")
         line = f"{job.describe()}: {100 * result['final_accuracy']:.2f}% final{best} ({result['seconds']:.0f} s)"
         if self.bar is not None:
-            self.bar.write(line, file=sys.stdout)
+            with self.bar.external_write_mode(file=sys.stdout):  # the line above the bar, not through it
+                logger.info(line)
         else:
-            print(line, flush=True)
+            logger.info(line)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -309,7 +313,7 @@ def _real_network(args, config, train, res, comm, device, cache_dir):
     data_key = imageset_fingerprint(train)
     cached = cached_real_network(spec, data_key, cache_dir)
     if cached is not None:
-        _say(f"real-data network: {cached[1]['description']}, cached at {cached[1]['path']}")
+        logger.info(f"real-data network: {cached[1]['description']}, cached at {cached[1]['path']}")
         return cached[0].to(device), cached[1]
     if comm.is_main:
         _say_training_estimate(spec, train, device)
@@ -320,7 +324,7 @@ def _real_network(args, config, train, res, comm, device, cache_dir):
 
     def train_on_main() -> dict:
         trained["network"], info = train_real_network(train.images, train.labels, spec, data_key=data_key,
-                                                      cache_dir=cache_dir, device=device, log=_say)
+                                                      cache_dir=cache_dir, device=device)
         return info
 
     info = comm.on_main(train_on_main)
@@ -341,31 +345,27 @@ def _say_training_estimate(spec, train, device) -> None:
                                     num_classes=train.num_classes, generator=stream_generator(0, "eval-calibration"),
                                     device=device)
     seconds = spec.epochs * math.ceil(count / batch) * step
-    _say(f"real-data network: {spec.describe()} is not cached: training it on {count} images takes about "
-         f"{ev.format_duration(seconds)} here (once; later evaluations of this data share it)")
-
-
-def _say(message: str) -> None:
-    print(message, flush=True)
+    logger.info(f"real-data network: {spec.describe()} is not cached: training it on {count} images takes about "
+                f"{ev.format_duration(seconds)} here (once; later evaluations of this data share it)")
 
 
 def _print_plan(all_sets, config, jobs, test, res, num_classes) -> None:
     modes = " x hard+soft labels" if config.labels == "soft" else ""
-    print(f"eval: protocol {config.name}: {len(all_sets)} sets x {len(config.archs)} archs "
-          f"({', '.join(config.archs)}) x {config.seeds} seeds x {config.epochs} epochs{modes} = {len(jobs)} "
-          f"trainings; test: {len(test)} images ({test.description}) at {res}²", flush=True)
-    print(f"  accuracy: {_accuracy_note(config)}", flush=True)
+    logger.info(f"eval: protocol {config.name}: {len(all_sets)} sets x {len(config.archs)} archs "
+                f"({', '.join(config.archs)}) x {config.seeds} seeds x {config.epochs} epochs{modes} = {len(jobs)} "
+                f"trainings; test: {len(test)} images ({test.description}) at {res}²")
+    logger.info(f"  accuracy: {_accuracy_note(config)}")
     if config.test_per_class is not None:
-        print(f"  test: at most {config.test_per_class} images per class: a quick check, not the full test split",
-              flush=True)
+        logger.info(f"  test: at most {config.test_per_class} images per class: a quick check, not the full test "
+                    "split")
     for s in all_sets:
         info = s.info(num_classes)
         ipc = f" (IPC {info['ipc']})" if info["ipc"] is not None and s.kind != "full-real" else ""
         searched = f", lr searched over {len(config.lr_grid)} rates" if config.searches_lr(s.kind) else ""
-        print(f"  {s.name}: {s.kind}, {info['images']} images{ipc}{searched}, {s.source}", flush=True)
+        logger.info(f"  {s.name}: {s.kind}, {info['images']} images{ipc}{searched}, {s.source}")
         if s.kind == "full-real":
-            print(f"  (full-real trains on all {info['images']} train images every epoch: expensive, see "
-                  "its estimate)", flush=True)
+            logger.info(f"  (full-real trains on all {info['images']} train images every epoch: expensive, see "
+                        "its estimate)")
 
 
 def _accuracy_note(config) -> str:
@@ -383,8 +383,7 @@ def _estimate(all_sets, config, jobs, test, res, num_classes, device, teacher=No
 
     threads = torch.get_num_threads()
     sizes = {s.name: int(s.labels.numel()) for s in all_sets}
-    print(f"calibrating: a few training steps of every architecture on {device} ({threads} threads)...",
-          flush=True)
+    logger.info(f"calibrating: a few training steps of every architecture on {device} ({threads} threads)...")
     calibration = ev.calibrate(set(sizes.values()), config=config, res=res, num_classes=num_classes,
                                device=device, teacher=teacher)
     estimates = ev.estimate_seconds(jobs, sizes, len(test), calibration, config)
@@ -392,16 +391,16 @@ def _estimate(all_sets, config, jobs, test, res, num_classes, device, teacher=No
     for job, seconds in estimates.items():
         per_set[job.set] = per_set.get(job.set, 0.0) + seconds
     where = cpu_model() if device.type == "cpu" else str(device)
-    print(f"estimate: about {ev.format_duration(sum(estimates.values()))} on this machine now ({where}, "
-          f"{threads} threads; from steps timed in {calibration.seconds:.0f} s, an estimate only: other load "
-          "changes it): " + ", ".join(f"{n} {ev.format_duration(v)}" for n, v in per_set.items()), flush=True)
+    logger.info(f"estimate: about {ev.format_duration(sum(estimates.values()))} on this machine now ({where}, "
+                f"{threads} threads; from steps timed in {calibration.seconds:.0f} s, an estimate only: other load "
+                "changes it): " + ", ".join(f"{n} {ev.format_duration(v)}" for n, v in per_set.items()))
     quick = ev.PROTOCOLS["quick"]
     if config.name.startswith("paper") and sum(estimates.values()) > 3600 and \
             all(a in config.archs for a in quick.archs) and config.batch_size == quick.batch_size:
         quick_jobs = ev.plan_jobs([s.name for s in all_sets if s.kind != "full-real"], quick)
         quick_test = min(len(test), quick.test_per_class * num_classes)
         quick_total = sum(ev.estimate_seconds(quick_jobs, sizes, quick_test, calibration, quick).values())
-        print(f"  (long: --protocol quick would take about {ev.format_duration(quick_total)})", flush=True)
+        logger.info(f"  (long: --protocol quick would take about {ev.format_duration(quick_total)})")
     return {"estimates": estimates, "calibration_seconds": calibration.seconds, "threads": threads,
             "cpu": cpu_model()}
 
@@ -501,15 +500,14 @@ def run(args) -> int:
     # The test split (and the train split for the baselines) at the sets' resolution.
     res = args.res if args.res is not None else next((s.res for s in sets if s.kind == "distilled"), sets[0].res)
     data, subset, cache_dir = _data_settings(args, run_configs)
-    quiet = lambda *a: None  # noqa: E731
     test = load_dataset(data, split="test", subset=subset, res=res, cache_dir=cache_dir,
-                        max_per_class=config.test_per_class, log=quiet)
+                        max_per_class=config.test_per_class)
     num_classes = test.num_classes
     for s in sets:
         ev.check_eval_set(s.images, s.labels, num_classes=num_classes, res=res, what=f"set {s.name}")
     all_sets, teacher, notes = list(sets), None, {}
     if config.baselines or full_real == "train" or config.labels == "soft":
-        train = load_dataset(data, split="train", subset=subset, res=res, cache_dir=cache_dir, log=quiet)
+        train = load_dataset(data, split="train", subset=subset, res=res, cache_dir=cache_dir)
         if train.num_classes != num_classes:
             raise LD3MError(f"{data}: the train split has {train.num_classes} classes, the test split {num_classes}")
         all_sets, teacher, notes = _with_baselines(args, config, sets, train, full_real, res, num_classes,
@@ -522,7 +520,7 @@ def run(args) -> int:
         _print_plan(all_sets, config, jobs, test, res, num_classes)
         estimate = _estimate(all_sets, config, jobs, test, res, num_classes, device, teacher)
         if comm.world_size > 1:
-            print(f"distributed: {comm.describe()}; the jobs are spread over the ranks", flush=True)
+            logger.info(f"distributed: {comm.describe()}; the jobs are spread over the ranks")
     if args.estimate_only:
         return 0
     if comm.world_size > 1:
@@ -581,6 +579,6 @@ def run(args) -> int:
     with reported_write(f"the report in --out {quoted_path(out)}", "every job finished; free space and evaluate again"):
         written = ev.write_report(final, out, plot=len(sets) > 1)
     print(ev.format_markdown(final))
-    print(f"wrote {', '.join(str(p) for p in written)} ({ev.format_duration(time.perf_counter() - started)}; "
-          f"estimated {ev.format_duration(total)})")
+    logger.info(f"wrote {', '.join(str(p) for p in written)} ({ev.format_duration(time.perf_counter() - started)}; "
+                f"estimated {ev.format_duration(total)})")
     return 0

@@ -5,6 +5,12 @@ with code 2, as does a full disk or a read-only filesystem met where no command 
 a run stopped by SIGINT/SIGTERM exits with 128 + the signal number after saying how to
 resume; anything else is a bug and keeps its traceback.
 
+Messages: for the length of one `main()` call, one `ConsoleHandler` sits on the `ld3m_fast`
+logger (INFO and DEBUG as plain lines on stdout, warnings as `ld3m-fast: warning: ...` on stderr);
+`--quiet` keeps only warnings, `--verbose` adds DEBUG. What a command produces (a table, a
+listing, a report) is printed on stdout by the command itself; the error line above is printed
+by `distributed.report`, whatever the level.
+
 Under torchrun (`python -m ld3m_fast`, `ld3m_fast/__main__.py`) every rank runs this; an
 error raised alike on every rank is printed by rank 0 only, a failed collective by each
 rank that sees it (`ld3m_fast.distributed.reports`), and the process group is left at exit.
@@ -16,7 +22,10 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import logging
+import os
 import sys
+from contextlib import contextmanager
 
 from .._threads import set_wait_policy
 from ..errors import LD3MError, one_line
@@ -49,6 +58,61 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+class ConsoleHandler(logging.Handler):
+    """The command line's handler: INFO and DEBUG as plain lines on stdout, WARNING and above on
+    stderr as `ld3m-fast: warning: message`. The streams are looked up for every record, so output
+    follows a replaced `sys.stdout` / `sys.stderr` (pytest's capsys, a caller's redirect)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if record.levelno >= logging.WARNING:
+                stream, text = sys.stderr, f"ld3m-fast: {record.levelname.lower()}: {text}"
+            else:
+                stream = sys.stdout
+            stream.write(text + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 (logging's own policy: a failed message never stops the program)
+            self.handleError(record)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--quiet / --verbose: how much of the `ld3m_fast` logger's output a command shows."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="say only warnings and errors (what the command produces is still printed)")
+    group.add_argument("-v", "--verbose", action="store_true", help="say more: debug messages too")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """`parser`, or the parsers of its sub-actions (`prior train`, `prior import`), recursively."""
+    nested = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    if not nested:
+        yield parser
+    for action in nested:
+        for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            yield from _leaf_parsers(sub)
+
+
+@contextmanager
+def console_logging(args: argparse.Namespace, *, rank: int = 0):
+    """One `ConsoleHandler` on the `ld3m_fast` logger while inside, its level from --quiet /
+    --verbose; handler and level are restored afterwards (main runs many times in one process
+    under the tests). Ranks other than 0 of a torchrun job say warnings only (as rank 0 says
+    the rest for all), unless --verbose."""
+    package = logging.getLogger("ld3m_fast")
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    handler = ConsoleHandler(logging.WARNING if rank != 0 and not verbose else logging.NOTSET)
+    previous = package.level
+    package.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    package.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(previous)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="ld3m-fast",
@@ -58,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         sub = commands.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub)
+        for leaf in _leaf_parsers(sub):
+            add_output_arguments(leaf)
         sub.set_defaults(_run=module.run)
     return parser
 
@@ -72,25 +138,28 @@ def main(argv: list[str] | None = None) -> int:
 
     action = getattr(args, "prior_command", None)  # `ld3m-fast prior train: error: ...`, as argparse names it
     distributed.name_program(" ".join(filter(None, ("ld3m-fast", args.command, action))))
-    try:
-        return int(args._run(args) or 0)
-    except LD3MError as error:
-        if distributed.reports(error):
-            distributed.report(str(error))
-        return getattr(error, "exit_code", 2)
-    except OSError as error:
-        if error.errno not in RESOURCE_ERRORS:
-            raise
-        # A full disk or a read-only filesystem where no caller said more: still one line (every
-        # write is atomic, so what was written before is whole).
-        where = f" {error.filename!r}" if error.filename else ""
-        distributed.report(f"cannot write{where} ({error.strerror or error}); free space or choose a writable place")
-        return 2
-    except KeyboardInterrupt:
-        distributed.report("interrupted; files already written are complete (every write is atomic)")
-        return 130
-    finally:
-        distributed.shutdown()
+    rank = int(os.environ.get("RANK", "0")) if distributed.launched_by_torchrun() else 0
+    with console_logging(args, rank=rank):  # removed again however the command ends
+        try:
+            return int(args._run(args) or 0)
+        except LD3MError as error:
+            if distributed.reports(error):
+                distributed.report(str(error))
+            return getattr(error, "exit_code", 2)
+        except OSError as error:
+            if error.errno not in RESOURCE_ERRORS:
+                raise
+            # A full disk or a read-only filesystem where no caller said more: still one line (every
+            # write is atomic, so what was written before is whole).
+            where = f" {error.filename!r}" if error.filename else ""
+            distributed.report(f"cannot write{where} ({error.strerror or error}); free space or choose a "
+                               "writable place")
+            return 2
+        except KeyboardInterrupt:
+            distributed.report("interrupted; files already written are complete (every write is atomic)")
+            return 130
+        finally:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

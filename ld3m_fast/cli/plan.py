@@ -20,10 +20,13 @@ same setting. `--json PATH` writes one object:
 from __future__ import annotations
 
 import json
+import logging
 
 from ..bounds import COUNT
 from ..errors import LD3MError
 from .settings import add_setting_arguments, config_from_args
+
+logger = logging.getLogger(__name__)
 
 # Settings besides the walked ones that a plan reads: where the classes come from, the budget.
 PLAN_SETTINGS = ("preset", "data", "subset", "memory_budget", "memory_reserve", "device")
@@ -90,7 +93,7 @@ def run(args) -> int:
 
     if args.json:
         check_writable_file(args.json, "--json")
-    config = planning_config(_settings(args), log=print)
+    config = planning_config(_settings(args))
     check_steps(config)
     classes = run_classes(args, config)
     budget = memory_budget(config.memory_budget, config.memory_reserve, config.device)
@@ -100,7 +103,7 @@ def run(args) -> int:
     print(f"planning {config.algorithm.upper()} on {config.prior} at {config.res}², IPC {config.ipc} x "
           f"{classes} classes{ranks}, T={config.steps}, {config.grad_mode}, {config.dtype}, budget "
           f"{budget.describe()} (simulated with fake tensors on the CPU dispatch path)")
-    candidates, best = plan(walk, budget.usable, log=print, progress=True, **search_space(config))
+    candidates, best = plan(walk, budget.usable, progress=True, **search_space(config))  # walks: --verbose
     print(format_table(candidates, best, budget.usable))
     released = released_reference(walk)
     print(f"released scheme, same setting (chunk {released.walk.config.chunk}, full-batch student, fp32, "
@@ -121,7 +124,7 @@ def run(args) -> int:
                    "world_size": walk.world_size, "classes_per_gpu": walk.local_classes,
                    "device": "simulated (fake tensors, CPU dispatch path)", "config": config.walked_settings()}
         write_text_atomic(args.json, json.dumps(summary(setting, candidates, best, released), indent=2) + "\n")
-        print(f"JSON: {args.json}")
+        logger.info(f"JSON: {args.json}")
     return 0 if best is not None else 1
 
 

@@ -12,6 +12,7 @@ the import is for those who want a folder of ld3m-fast's own format.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -22,6 +23,8 @@ from .._threads import check_threads
 from ..bounds import COUNT, number
 from ..errors import LD3MError
 from ..priors.tiny import TINY_SCHEDULER_CONFIG
+
+logger = logging.getLogger(__name__)
 
 # The sample grid's plain DDIM indexes the training schedule: T below its length.
 SAMPLE_STEPS_MAXIMUM = TINY_SCHEDULER_CONFIG["num_train_timesteps"] - 1
@@ -91,12 +94,12 @@ def _import(args: argparse.Namespace) -> int:
     from ..priors.pipeline import import_prior
 
     source = import_prior(args.pipeline, args.out, force=args.force)
-    print(f"imported {source.pipeline or 'ld3m-fast prior'} folder {source.root}"
-          + (", each fact read from:" if source.facts else ""))
+    logger.info(f"imported {source.pipeline or 'ld3m-fast prior'} folder {source.root}"
+                + (", each fact read from:" if source.facts else ""))
     width = max((len(fact) for fact, _ in source.facts), default=0)
     for fact, where in source.facts:
-        print(f"  {fact:<{width}}  {where}")
-    print(f"wrote prior folder {args.out} (use it with --prior {args.out})")
+        logger.info(f"  {fact:<{width}}  {where}")
+    logger.info(f"wrote prior folder {args.out} (use it with --prior {args.out})")
     return 0
 
 
@@ -137,18 +140,18 @@ def _train(args: argparse.Namespace) -> int:
         pick = torch.randperm(len(test_set), generator=generator)[:args.eval_images]
         error = reconstruction_error(prior.encode, prior.decode, test_set.images[pick])
         report["reconstruction_test"] = error
-        print(f"autoencoder on {error['images']} test images: MSE {error['mse_pm1']:.5f} "
-              f"(on [-1,1]), {error['mse_01']:.5f} (on [0,1]), PSNR {error['psnr_db']:.2f} dB")
+        logger.info(f"autoencoder on {error['images']} test images: MSE {error['mse_pm1']:.5f} "
+                    f"(on [-1,1]), {error['mse_01']:.5f} (on [0,1]), PSNR {error['psnr_db']:.2f} dB")
     if args.samples is not None:
         images = class_sample_grid(prior, per_class=10, steps=args.sample_steps,
                                    guidance=args.guidance, seed=args.seed)
         with reported_write(f"--samples {quoted_path(args.samples)}", f"the prior is written to {quoted_path(args.out)}"):
             save_labelled_grid(images, prior.num_classes, prior.class_names
                                or [str(k) for k in range(prior.num_classes)], args.samples)
-        print(f"wrote class-conditional samples to {args.samples}")
+        logger.info(f"wrote class-conditional samples to {args.samples}")
     if args.report is not None:
         with reported_write(f"--report {quoted_path(args.report)}", f"the prior is written to {quoted_path(args.out)}"):
             write_json_atomic(args.report, report)
-        print(f"wrote training report to {args.report}")
-    print(f"prior written to {args.out}")
+        logger.info(f"wrote training report to {args.report}")
+    logger.info(f"prior written to {args.out}")
     return 0

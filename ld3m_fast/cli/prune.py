@@ -10,12 +10,15 @@ beside the data cache, so a run with the same data and scorer does not score aga
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from .._files import check_writable_file, quoted_path, reported_write
 from ..bounds import COUNT, SEED
 from ..errors import LD3MError
 from .distill import add_threads_argument, apply_threads
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,11 +57,11 @@ def run(args) -> int:
     scorer = build_scorer(args.scorer, res=args.res, num_classes=data.num_classes, subset=args.subset,
                           cache_dir=args.cache_dir,
                           trained=TrainedScorerSettings(epochs=args.scorer_epochs, seed=args.seed))
-    losses, meta = losses_for(data, scorer, cache_dir=args.cache_dir, device=device, log=print)
+    losses, meta = losses_for(data, scorer, cache_dir=args.cache_dir, device=device)
     with reported_write(f"--out {quoted_path(out)}"):
         write_losses(out, losses, data.labels, {**meta, "data_description": data.description})
     if meta.get("deviation"):
-        print(f"note: {meta['deviation']}")
-    print(f"wrote the losses of {len(data)} images ({data.description}; scorer: {meta.get('scorer')}) to {out}; "
-          f"use them with `distill --prune-losses {out}`")
+        logger.info(f"note: {meta['deviation']}")
+    logger.info(f"wrote the losses of {len(data)} images ({data.description}; scorer: {meta.get('scorer')}) to "
+                f"{out}; use them with `distill --prune-losses {out}`")
     return 0

@@ -162,7 +162,7 @@ class RowFile:
 
 
 @contextmanager
-def writer_lock(folder: Path, log):
+def writer_lock(folder: Path):
     """Hold the entry's flock while writing it (the OS drops it when a process dies)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def writer_lock(folder: Path, log):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"waiting for another process that is decoding into {folder}")
+            logger.info("waiting for another process that is decoding into %s", folder)
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 

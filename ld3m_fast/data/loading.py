@@ -45,9 +45,6 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
-Log = Callable[[str], None]
-
-
 def default_cache_dir() -> Path:
     return user_cache_dir("data")
 
@@ -56,7 +53,7 @@ def load_dataset(source: str | os.PathLike, *, split: str = "train", subset: str
                  res: int, cache_dir: str | os.PathLike | None = None,
                  max_per_class: int | None = None,
                  classes: Sequence[int] | Callable[[int], Sequence[int]] | None = None,
-                 workers: int | None = None, progress: bool | None = None, log: Log = print) -> ImageSet:
+                 workers: int | None = None, progress: bool | None = None) -> ImageSet:
     """Read, decode (shorter side -> res, centre crop, RGB) and cache a labelled image set.
 
     source: a folder (see module docstring) or the word "fashion-mnist".
@@ -72,7 +69,8 @@ def load_dataset(source: str | os.PathLike, *, split: str = "train", subset: str
     progress: show a progress bar while decoding (None: only on a terminal).
     Returns an `ImageSet` with images (N, 3, res, res) uint8, memory-mapped from the cache,
     and labels (N,) int64, grouped by class.
-    Raises `LD3MError` (one line) for anything the user can fix.
+    Raises `LD3MError` (one line) for anything the user can fix. Says what it decodes (INFO) or
+    that it read the cache (DEBUG) through the `ld3m_fast.data` loggers.
     """
     if split not in SPLITS:
         raise LD3MError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
@@ -82,7 +80,7 @@ def load_dataset(source: str | os.PathLike, *, split: str = "train", subset: str
         raise LD3MError(f"max_per_class must be >= 1, got {max_per_class}")
     if workers is not None and workers < 1:
         raise LD3MError(f"workers must be >= 1, got {workers}")
-    plan = sources.plan(source, split, subset, max_per_class, res, log)
+    plan = sources.plan(source, split, subset, max_per_class, res)
     held = _held_classes(classes, len(plan.class_names))
     key = cache.CacheKey({"kind": plan.kind, "split": split, "res": res, "max_per_class": max_per_class,
                           "subset": resolve_subset(subset).name if subset else None})
@@ -91,9 +89,9 @@ def load_dataset(source: str | os.PathLike, *, split: str = "train", subset: str
     folder = cache_root / key.entry_name()
     index = cache.read_index(folder, key.digest(), res, plan.class_names)
     if index is not None:
-        log(f"loaded {sum(index['counts'])} cached images ({plan.label}) from {folder}")
+        logger.debug("loaded %d cached images (%s) from %s", sum(index["counts"]), plan.label, folder)
     else:
-        options = sources.DecodeOptions(res, workers or usable_cores(), progress, log)
+        options = sources.DecodeOptions(res, workers or usable_cores(), progress)
         index = _decode_into(folder, plan, key, options)
     return _image_set(folder, index, res, plan, held)
 
@@ -117,7 +115,7 @@ def _held_classes(classes, num_classes: int) -> range:
 def _decode_into(folder: Path, plan, key: cache.CacheKey, options: sources.DecodeOptions) -> dict:
     """Decode what the cache entry lacks (under its lock) and return its index."""
     started = time.perf_counter()
-    with cache.writer_lock(folder, options.log):
+    with cache.writer_lock(folder):
         # Another process may have finished the entry while this one waited for the lock.
         index = cache.read_index(folder, key.digest(), options.res, plan.class_names)
         if index is not None:
@@ -132,12 +130,12 @@ def _decode_into(folder: Path, plan, key: cache.CacheKey, options: sources.Decod
             writer.close()  # interrupted: the finished classes stay for the next attempt
             raise
         index = writer.finish({"class_names": list(plan.class_names), "description": plan.label})
-    options.log(f"decoded {sum(index['counts'])} images ({plan.label}) in {time.perf_counter() - started:.1f}s; "
-                f"cached at {folder}")
+    logger.info("decoded %d images (%s) in %.1fs; cached at %s", sum(index["counts"]), plan.label,
+                time.perf_counter() - started, folder)
     legacy = folder.parent / key.entry_name(cache.LEGACY_FORMAT)
     if legacy.is_file():
         legacy.unlink()
-        options.log(f"removed {legacy}: the same data in the previous cache format, which is no longer read")
+        logger.info("removed %s: the same data in the previous cache format, which is no longer read", legacy)
     return index
 
 

@@ -41,15 +41,11 @@ SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation", "test"),
                  "test": ("test", "val", "validation")}
 SKIPPED_SHOWN = 5  # files named in the warning about skipped images
 
-Log = Callable[[str], None]
-
-
 @dataclass
 class DecodeOptions:
     res: int
     workers: int
     progress: bool | None
-    log: Log
 
 
 @dataclass
@@ -84,7 +80,7 @@ class FileSource:
         total = sum(len(files.names) for _, files in remaining)
         require_free_space(writer.folder, total * row_bytes(options.res))
         workers = worker_count(total, options.workers)
-        options.log(f"decoding {total} images of {len(remaining)} classes at {options.res}x{options.res} "
+        logger.info(f"decoding {total} images of {len(remaining)} classes at {options.res}x{options.res} "
                     f"({workers} worker process{'es' if workers > 1 else ''}) into {writer.folder}, "
                     f"{total * row_bytes(options.res) / 1e9:.2f} GB"
                     + (f"; resuming after the first {writer.done_classes} classes, decoded before"
@@ -172,11 +168,11 @@ def warn_skipped(skipped: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- planning
 
-def plan(source, split: str, subset: str | None, max_per_class: int | None, res: int, log: Log):
+def plan(source, split: str, subset: str | None, max_per_class: int | None, res: int):
     """The `FileSource` / `ArraySource` for `source`; raises `LD3MError` for what a user can fix."""
     if str(source).strip().lower() in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
         _reject_subset(subset, "fashion-mnist")
-        return _fashion_mnist_plan(split, res, max_per_class, log)
+        return _fashion_mnist_plan(split, res, max_per_class)
     root = Path(source).expanduser()
     if not root.exists():
         raise LD3MError(f"data folder {root} does not exist: pass an existing folder or "
@@ -245,13 +241,13 @@ def _idx_plan(folder: Path, split: str, res: int, max_per_class, class_names, la
                        lambda: readers.read_idx_folder(folder, split), max_per_class)
 
 
-def _fashion_mnist_plan(split: str, res: int, max_per_class, log) -> ArraySource:
+def _fashion_mnist_plan(split: str, res: int, max_per_class) -> ArraySource:
     if readers.idx_files(FASHION_MNIST_DIR, split) is not None:
-        log(f"using the full Fashion-MNIST from {FASHION_MNIST_DIR}")
+        logger.info("using the full Fashion-MNIST from %s", FASHION_MNIST_DIR)
         return _idx_plan(FASHION_MNIST_DIR, split, res, max_per_class,
                          readers.FASHION_MNIST_CLASSES, "Fashion-MNIST")
-    log(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR} (apt-get install "
-        "dataset-fashion-mnist); using the bundled subset (300 train / 100 test per class)")
+    logger.info("Fashion-MNIST is not installed at %s (apt-get install dataset-fashion-mnist); using the "
+                "bundled subset (300 train / 100 test per class)", FASHION_MNIST_DIR)
     bundled = resources.files("ld3m_fast.data").joinpath(BUNDLED_FASHION_MNIST)
     prefix = "train" if split == "train" else "test"
 

@@ -24,6 +24,7 @@ tensors' shapes against the run (one line naming the tensor).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from safetensors.torch import load_file, safe_open
 from .._files import atomic_write, quoted_path, save_tensors
 from ..errors import LD3MError
 from .config import RESUMABLE, DistillConfig
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
 PREVIOUS = "checkpoint.previous.safetensors"
@@ -142,8 +145,8 @@ def check_checkpoint(checkpoint: Checkpoint, *, run_id: str, recorded: DistillCo
             raise Unusable(f"checkpoint {path} cannot be resumed: {problem}")
 
 
-def choose_checkpoint(run_dir, *, run_id: str, recorded: DistillConfig, log=print) -> Checkpoint:
-    """The newest checkpoint of `run_dir` that can be used (module docstring), saying which newer
+def choose_checkpoint(run_dir, *, run_id: str, recorded: DistillConfig) -> Checkpoint:
+    """The newest checkpoint of `run_dir` that can be used (module docstring), warning which newer
     one was passed over and why; one line when there is none."""
     run_dir = Path(run_dir)
     problems = []
@@ -158,7 +161,8 @@ def choose_checkpoint(run_dir, *, run_id: str, recorded: DistillConfig, log=prin
             problems.append(str(problem))
             continue
         if problems:
-            log(f"{'; '.join(problems)}: resuming from the one before it, {path} (iteration {checkpoint.iteration})")
+            logger.warning(f"{'; '.join(problems)}: resuming from the one before it, {path} "
+                           f"(iteration {checkpoint.iteration})")
         return checkpoint
     if not problems:
         raise LD3MError(f"{quoted_path(run_dir)} has no {CHECKPOINT} to resume from")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 import types
@@ -32,6 +33,8 @@ from pathlib import Path
 from ..bounds import SEED_MAXIMUM, Bounds
 from ..choices import ALGORITHMS, DTYPES, GRAD_MODES, MTT_GRADIENTS, NORMS, SKIPS
 from ..errors import LD3MError
+
+logger = logging.getLogger(__name__)
 
 ATTENTION_CHECKPOINTING = ("auto", "on", "off")
 
@@ -333,7 +336,7 @@ EMBEDDED_PROFILE = {"iterations": 120, "batch_real": 64, "max_per_class": 500,
 PAPER_PROFILE = {"iterations": 10000, "batch_real": 256, "max_per_class": None}
 
 
-def resolve_method_defaults(config: DistillConfig, *, log=print) -> DistillConfig:
+def resolve_method_defaults(config: DistillConfig) -> DistillConfig:
     """The config with the prior-dependent defaults filled: the prior (the embedded default when
     unset), iterations, batch_real, max_per_class and the embedded prior's DM learning rates.
     What a run and a plan of it share; writes nothing."""
@@ -345,7 +348,7 @@ def resolve_method_defaults(config: DistillConfig, *, log=print) -> DistillConfi
 
         values["prior"] = str(default_prior_path())
         profile = EMBEDDED_PROFILE
-        log("using the embedded default prior (Fashion-MNIST 32², see docs/default_prior.md)")
+        logger.info("using the embedded default prior (Fashion-MNIST 32², see docs/default_prior.md)")
     for key, value in profile.items():
         if isinstance(value, dict):
             value = value.get(values["algorithm"])
@@ -354,11 +357,11 @@ def resolve_method_defaults(config: DistillConfig, *, log=print) -> DistillConfi
     return DistillConfig(**values)
 
 
-def resolve_defaults(config: DistillConfig, *, log=print) -> DistillConfig:
+def resolve_defaults(config: DistillConfig) -> DistillConfig:
     """`resolve_method_defaults`, then the run folder and the thread count: unset, it records
     torch's current count, at most the cores the process may use (the CLI sets its automatic
     choice before; Python callers keep theirs)."""
-    values = resolve_method_defaults(config, log=log).to_dict()
+    values = resolve_method_defaults(config).to_dict()
     if not values["out"]:
         values["out"] = str(Path("runs") / time.strftime("distill-%Y%m%d-%H%M%S"))
     if values["threads"] is None:

@@ -155,7 +155,7 @@ def untrained_network(spec: RealNetworkSpec) -> nn.Module:
 
 
 def train_real_network(images: torch.Tensor, labels: torch.Tensor, spec: RealNetworkSpec, *, data_key: str,
-                       cache_dir=None, device="cpu", log=logger.info) -> tuple[nn.Module, dict]:
+                       cache_dir=None, device="cpu") -> tuple[nn.Module, dict]:
     """The network of `spec` trained on (images, labels), from the cache or trained now (with a
     progress bar) and cached. images: (N, 3, res, res) uint8; labels (N,) long.
 
@@ -167,7 +167,7 @@ def train_real_network(images: torch.Tensor, labels: torch.Tensor, spec: RealNet
     path = real_network_path(spec, data_key, cache_dir)
     cached = cached_real_network(spec, data_key, cache_dir)
     if cached is not None:
-        log(f"{spec.describe()}: cached at {path}")
+        logger.info(f"{spec.describe()}: cached at {path}")
         return cached[0].to(device), cached[1]
     from tqdm import tqdm
 
@@ -175,7 +175,7 @@ def train_real_network(images: torch.Tensor, labels: torch.Tensor, spec: RealNet
 
     generator = stream_generator(spec.seed, f"real-network:{spec.arch}")
     network = spec.network_spec().build_seeded(generator)
-    log(f"training {spec.describe()} ({int(labels.numel())} images); cached afterwards at {path}")
+    logger.info(f"training {spec.describe()} ({int(labels.numel())} images); cached afterwards at {path}")
     with tqdm(total=spec.epochs, desc=f"{spec.arch} on the real data", unit="epoch", leave=False,
               disable=None) as bar:  # no bar without a terminal
         trained = train_network(network, images, labels, lr=spec.lr, config=recipe(spec), generator=generator,

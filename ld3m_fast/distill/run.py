@@ -40,6 +40,7 @@ command that resumes from the last checkpoint, which stays intact.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import threading
@@ -61,6 +62,8 @@ from .checkpoints import (CHECKPOINT, FORMAT, PREVIOUS, Checkpoint, check_fits, 
 from .config import RESUMABLE, DistillConfig, load_config, resolve_defaults
 from .export import export_final, render_final, save_image_grid, to_uint8_images
 from .setup import Setup, build_setup
+
+logger = logging.getLogger(__name__)
 
 # The fp16 gradient scaler's first scale. PyTorch's default 2**16 suits losses of order 1; an image
 # gradient pushed back through a decoder and a chain of denoiser steps overflows fp16 at it for the
@@ -87,10 +90,6 @@ def resume_command(run_dir) -> str:
     return f"{launch} -m ld3m_fast distill --resume {shell_quote(run_dir)}"
 
 
-def _quiet(*args, **kwargs) -> None:
-    pass
-
-
 def out_of_memory(error: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError ('DefaultCPUAllocator: can't
     allocate memory'), which torch does not raise as one."""
@@ -100,13 +99,12 @@ def out_of_memory(error: BaseException) -> bool:
 class Distiller:
     """One distillation run over a `Setup`, writing into `run_dir`."""
 
-    def __init__(self, setup: Setup, run_dir, *, run_id: str | None = None, log=print, comm=None):
+    def __init__(self, setup: Setup, run_dir, *, run_id: str | None = None, comm=None):
         self.setup = setup
         self.config = setup.config
         self.run_dir = Path(run_dir)
         self.run_id = run_id or runfolder.new_run_id()  # none: a run outside a run folder (benchmarks)
         self.comm = distributed.current() if comm is None else comm
-        self.log = log if self.comm.is_main else _quiet
         config = self.config
         syn = setup.synthetic
         self.optimizer = build_optimizer(config, syn, setup.algorithm, lr_latent=self.lr_latent,
@@ -340,9 +338,9 @@ class Distiller:
         plan = replan_after_oom(self.setup, error_line=first, kept=kept,
                                 resume=resume_command(self.run_dir), iteration=k)
         self.setup.plan = plan
-        self.log(f"out of memory at iteration {k} ({first}); planned again for "
-                 f"{plan['usable_bytes'] / 2**30:.2f} GiB: {plan['flags']} ({plan['mode']}, planned peak "
-                 f"{plan['planned_peak_bytes'] / 2**30:.2f} GiB); redoing iteration {k}")
+        logger.warning(f"out of memory at iteration {k} ({first}); planned again for "
+                       f"{plan['usable_bytes'] / 2**30:.2f} GiB: {plan['flags']} ({plan['mode']}, planned peak "
+                       f"{plan['planned_peak_bytes'] / 2**30:.2f} GiB); redoing iteration {k}")
         if self.comm.is_main:
             with self.writing(self.run_dir / "metrics.jsonl"):
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -399,7 +397,7 @@ class Distiller:
             with self._stop_requests(), self._rank_failures():
                 if self.comm.world_size > 1:
                     placement = self._placement()  # a collective: every rank takes part
-                    self.log(f"distributed: {self.comm.describe()}; {placement}")
+                    logger.info(f"distributed: {self.comm.describe()}; {placement}")
                 while self.iteration < total and not stop:
                     record = self.step()
                     if profiler is not None:
@@ -500,8 +498,8 @@ class Distiller:
             if self._stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self._stop_signal = signum
-            self.log(f"\n{signal.Signals(signum).name}: finishing iteration {self.iteration + 1}, then "
-                     "saving a checkpoint (Ctrl-C again to stop at once, losing this iteration)")
+            logger.info(f"\n{signal.Signals(signum).name}: finishing iteration {self.iteration + 1}, then "
+                        "saving a checkpoint (Ctrl-C again to stop at once, losing this iteration)")
 
         previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -531,7 +529,7 @@ class Distiller:
 
         config = self.config
         if self.setup.test_set is None:  # evaluation switched on by a resume
-            self.setup.test_set = load_inline_eval_data(config, self.setup.res, self.log)
+            self.setup.test_set = load_inline_eval_data(config, self.setup.res)
         test = self.setup.test_set
         rendered = render_final(self.setup, config.seed, self.comm)
         if not self.comm.is_main:
@@ -587,21 +585,20 @@ def _refuse_used_folder(run_dir: Path) -> None:
                         f"`{resume_command(run_dir)}` or choose another --out")
 
 
-def start_run(config: DistillConfig, *, log=print, on_iteration=None) -> "Distiller":
+def start_run(config: DistillConfig, *, on_iteration=None) -> "Distiller":
     """Validate everything, then create the run folder and distill to the end.
 
     Under torchrun (or inside a caller's torch.distributed group) every rank calls this:
     rank 0's resolved settings (run folder, threads) hold for all, and rank 0 alone creates
     and locks the folder."""
     comm = distributed.from_environment(config.device)
-    log = log if comm.is_main else _quiet
-    config = resolve_defaults(config, log=log)
+    config = resolve_defaults(config)
     config = DistillConfig.from_dict(comm.broadcast_object(config.to_dict()))
     config.validate()
     run_dir = Path(config.out)
     comm.on_main(lambda: _refuse_used_folder(check_writable_folder(run_dir, "--out")))
     apply_threads(config.threads)
-    setup = build_setup(config, log=log)
+    setup = build_setup(config)
     folder = {}
 
     def create() -> str:
@@ -621,7 +618,7 @@ def start_run(config: DistillConfig, *, log=print, on_iteration=None) -> "Distil
     lock = folder.get("lock")
     try:
         try:
-            distiller = Distiller(setup, run_dir, run_id=run_id, log=log, comm=comm)
+            distiller = Distiller(setup, run_dir, run_id=run_id, comm=comm)
             distiller.save_checkpoint()  # iteration 0: a NaN at iteration 1 still leaves a checkpoint
         except BaseException:
             if lock is not None:
@@ -645,12 +642,11 @@ def _undo_start(run_dir: Path, created: bool) -> None:
     runfolder.remove_leftovers(run_dir)
 
 
-def resume_run(run_dir, overrides: dict | None = None, *, log=print, on_iteration=None) -> "Distiller":
+def resume_run(run_dir, overrides: dict | None = None, *, on_iteration=None) -> "Distiller":
     """Continue a run from its checkpoint (same seed, same tensors as an uninterrupted run)."""
     run_dir = Path(run_dir)
     overrides = overrides or {}
     comm = distributed.from_environment(overrides.get("device") or _recorded_device(run_dir))
-    log = log if comm.is_main else _quiet
     folder = {}
 
     def open_run():
@@ -659,11 +655,12 @@ def resume_run(run_dir, overrides: dict | None = None, *, log=print, on_iteratio
         folder["lock"] = runfolder.RunLock(run_dir).acquire()
         try:
             recorded = load_config(run_dir)
-            config = _apply_overrides(recorded, overrides, log=log)
+            config = _apply_overrides(recorded, overrides)
             config.validate()
             run_id = runfolder.read_identity(run_dir)
-            checkpoint = choose_checkpoint(run_dir, run_id=run_id, recorded=recorded, log=log)
+            checkpoint = choose_checkpoint(run_dir, run_id=run_id, recorded=recorded)
             _refuse_going_back(checkpoint, config)
+            _warn_of_other_threads(recorded, config)  # once the resume is accepted: no warning before an error
             return recorded.to_dict(), config.to_dict(), run_id, checkpoint
         except BaseException:
             folder.pop("lock").release()
@@ -674,15 +671,15 @@ def resume_run(run_dir, overrides: dict | None = None, *, log=print, on_iteratio
     try:
         config = DistillConfig.from_dict(values)
         apply_threads(config.threads)
-        setup = build_setup(config, log=log)
+        setup = build_setup(config)
 
         def tidy():
             removed = runfolder.remove_leftovers(run_dir)
             if removed:
-                log(f"removed {len(removed)} temporary file(s) left by an interrupted write")
+                logger.info(f"removed {len(removed)} temporary file(s) left by an interrupted write")
 
         comm.on_main(tidy)
-        distiller = Distiller(setup, run_dir, run_id=run_id, log=log, comm=comm)
+        distiller = Distiller(setup, run_dir, run_id=run_id, comm=comm)
         distiller.load_checkpoint(checkpoint)
 
         def update_folder():
@@ -692,7 +689,7 @@ def resume_run(run_dir, overrides: dict | None = None, *, log=print, on_iteratio
             distiller.trim_metrics()
 
         comm.on_main(update_folder)
-        log(f"resuming {run_dir} at iteration {distiller.iteration} of {config.iterations}")
+        logger.info(f"resuming {run_dir} at iteration {distiller.iteration} of {config.iterations}")
         return _finish(distiller, on_iteration)
     finally:
         if lock is not None:
@@ -717,7 +714,7 @@ def _recorded_device(run_dir: Path) -> str:
         return "cpu"
 
 
-def _apply_overrides(recorded: DistillConfig, overrides: dict, *, log) -> DistillConfig:
+def _apply_overrides(recorded: DistillConfig, overrides: dict) -> DistillConfig:
     """The recorded config with the resumable settings the user changed."""
     values = recorded.to_dict()
     for key, value in overrides.items():
@@ -728,12 +725,15 @@ def _apply_overrides(recorded: DistillConfig, overrides: dict, *, log) -> Distil
         if key not in RESUMABLE:
             raise LD3MError(f"cannot change {key} when resuming (run has {values[key]!r}, got {value!r}); "
                             f"only {', '.join(RESUMABLE)} may change")
-        if key == "threads" and values[key] is not None:
-            log(f"resuming with {value} threads instead of the run's {values[key]}: floating-point "
-                "reductions may add up in another order, so the result will not be bit-identical to "
-                "an uninterrupted run")
         values[key] = value
     return DistillConfig.from_dict(values, where="the resumed settings")
+
+
+def _warn_of_other_threads(recorded: DistillConfig, config: DistillConfig) -> None:
+    if recorded.threads is not None and config.threads != recorded.threads:
+        logger.warning(f"resuming with {config.threads} threads instead of the run's {recorded.threads}: "
+                       "floating-point reductions may add up in another order, so the result will not be "
+                       "bit-identical to an uninterrupted run")
 
 
 def _finish(distiller: Distiller, on_iteration) -> Distiller:
@@ -742,11 +742,11 @@ def _finish(distiller: Distiller, on_iteration) -> Distiller:
         with distiller._rank_failures():
             distiller.export()
     run_dir = distiller.run_dir
-    distiller.log(f"done: {distiller.iteration} iterations in {run_dir}\n"
-                  f"  images:        {run_dir / 'final' / 'images.png'}\n"
-                  f"  synthetic set: {run_dir / 'final' / 'synthetic.safetensors'} (latents), "
-                  f"{run_dir / 'final' / 'images.safetensors'} (images + labels)\n"
-                  f"  metrics:       {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tb'})")
+    logger.info(f"done: {distiller.iteration} iterations in {run_dir}\n"
+                f"  images:        {run_dir / 'final' / 'images.png'}\n"
+                f"  synthetic set: {run_dir / 'final' / 'synthetic.safetensors'} (latents), "
+                f"{run_dir / 'final' / 'images.safetensors'} (images + labels)\n"
+                f"  metrics:       {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tb'})")
     return distiller
 
 

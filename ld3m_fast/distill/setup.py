@@ -16,6 +16,7 @@ inside the generator reaches `res` (`ld3m_fast.generator.render_size`). With
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -27,6 +28,8 @@ from .algorithms import RealData, stream_generator
 from .assemble import (Iteration, assemble_iteration, buffer_expectation, build_network_spec,
                        resolve_resolution)
 from .config import DistillConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,24 +103,28 @@ def run_budget(config: DistillConfig, device: torch.device):
     return memory_budget(config.memory_budget, config.memory_reserve, device)
 
 
-def planned_config(config: DistillConfig, num_classes: int, device: torch.device, *, log=print,
+def planned_config(config: DistillConfig, num_classes: int, device: torch.device, *,
                    budget=None) -> tuple[DistillConfig, dict]:
     """The config the iteration is assembled from: with --chunk auto, the planner's knobs for the
     memory budget (one rank's share of the classes); else the config itself. Returns (config, the
     plan: the knobs, the planned peak, the budget) ({} without --chunk auto)."""
     if config.chunk != "auto":
         return config, {}
-    from .planner.plan import choose_knobs
+    from .planner.memory import format_bytes
+    from .planner.plan import choose_knobs, knob_flags
 
     budget = budget or run_budget(config, device)
-    knobs, best = choose_knobs(config, num_classes, budget, world_size=distributed.current().world_size, log=log,
+    knobs, best = choose_knobs(config, num_classes, budget, world_size=distributed.current().world_size,
                                progress=config.progress and distributed.current().is_main)
+    logger.info(f"--chunk auto: {knob_flags(best.walk)} ({best.mode}; planned peak "
+                f"{format_bytes(best.estimate.peak_bytes)} of {budget.describe()}, "
+                f"{best.estimate.tflops:.1f} TFLOP per iteration)")
     chosen = replace(config, **knobs)
     return chosen, {"knobs": knobs, "mode": best.mode, "planned_peak_bytes": int(best.estimate.peak_bytes),
                     "tflops": best.estimate.tflops, "budget_bytes": budget.budget, "usable_bytes": budget.usable}
 
 
-def use_memory_efficient_attention(prior, device: torch.device, *, log=print) -> str:
+def use_memory_efficient_attention(prior, device: torch.device) -> str:
     """xformers attention on CUDA when it is installed; PyTorch SDPA otherwise (diffusers' default)."""
     if device.type != "cuda":
         return "sdpa"
@@ -128,7 +135,7 @@ def use_memory_efficient_attention(prior, device: torch.device, *, log=print) ->
     for model in (prior.denoiser.model, prior.autoencoder.model):
         if hasattr(model, "enable_xformers_memory_efficient_attention"):
             model.enable_xformers_memory_efficient_attention()
-    log("attention: xformers (memory-efficient) on CUDA")
+    logger.info("attention: xformers (memory-efficient) on CUDA")
     return "xformers"
 
 
@@ -193,19 +200,19 @@ def load_trajectories(config: DistillConfig, res: int, num_classes: int):
     return load_buffer(config.buffer, expect=buffer_expectation(network))
 
 
-def prepare_native_kernels(log=print) -> None:
+def prepare_native_kernels() -> None:
     """Load (or build, once) the C++ CPU kernels now, so a first build happens here, said in
     one line, and not silently inside iteration 1."""
     from ..ops import _native
 
     ensure = getattr(_native, "ensure_extension", None)
     if ensure is not None:
-        ensure(log=log)
+        ensure()
     else:
         _native.get_extension()
 
 
-def build_setup(config: DistillConfig, *, log=print) -> Setup:
+def build_setup(config: DistillConfig) -> Setup:
     """Load the prior, data and buffer and assemble the iteration and the synthetic set."""
     from ..data import load_dataset, require_per_class
     from ..priors import load_prior
@@ -226,25 +233,25 @@ def build_setup(config: DistillConfig, *, log=print) -> Setup:
     source = dict(split="train", subset=config.subset, res=res, cache_dir=config.cache_dir,
                   max_per_class=config.max_per_class)
     # Memory-mapped from the data cache: nothing is read until a row is sampled.
-    data = load_dataset(config.data, **source, log=log, progress=config.progress and comm.is_main)
-    data = prune_for_run(data, config, log=log)  # --prune-percent (100: unchanged); fills prune_scorer_hash
+    data = load_dataset(config.data, **source, progress=config.progress and comm.is_main)
+    data = prune_for_run(data, config)  # --prune-percent (100: unchanged); fills prune_scorer_hash
     require_per_class(data, config.ipc)
     rows = prior_class_rows(prior, config.subset, data.num_classes)
     trajectories = load_trajectories(config, res, data.num_classes)
-    assembled, plan = planned_config(config, data.num_classes, device, log=log)
+    assembled, plan = planned_config(config, data.num_classes, device)
     iteration = assemble_iteration(assembled, prior, num_classes=data.num_classes, trajectories=trajectories,
                                    res=res)
     synthetic = SyntheticSet.from_real(prior, data.images, data.labels, config.ipc,
                                        stream_generator(config.seed, "init"), prior_classes=rows,
                                        image_size=iteration.render_size).to(device)
-    use_memory_efficient_attention(prior, device, log=log)
+    use_memory_efficient_attention(prior, device)
     if config.compile:
         compile_prior(prior, config.compile_backend)
     iteration.algorithm.to(device)
     if device.type == "cpu":
-        prepare_native_kernels(log)
+        prepare_native_kernels()
     real = RealData.from_imageset(_own_classes(data, config, source, comm))
-    test_set = load_inline_eval_data(config, res, log) if config.eval_every else None
+    test_set = load_inline_eval_data(config, res) if config.eval_every else None
     return Setup(config, prior, iteration, synthetic, real, list(data.class_names), device, test_set, plan)
 
 
@@ -257,10 +264,10 @@ def _own_classes(data, config: DistillConfig, source: dict, comm):
 
     if comm.world_size == 1 or config.prune_percent < 100:
         return data
-    return load_dataset(config.data, **source, classes=comm.class_share, log=lambda *_: None)
+    return load_dataset(config.data, **source, classes=comm.class_share)
 
 
-def load_inline_eval_data(config: DistillConfig, res: int, log):
+def load_inline_eval_data(config: DistillConfig, res: int):
     """The test split and a check of the architectures, now rather than at the first evaluation."""
     from ..data import load_dataset
     from ..networks import parse_arch
@@ -268,7 +275,7 @@ def load_inline_eval_data(config: DistillConfig, res: int, log):
     for arch in config.eval_archs.split(","):
         parse_arch(arch.strip())
     return load_dataset(config.data, split="test", subset=config.subset, res=res,
-                        cache_dir=config.cache_dir, log=log)
+                        cache_dir=config.cache_dir)
 
 
 __all__ = ["Setup", "build_setup", "check_chain_steps", "check_iteration_memory", "iteration_lower_bound",

@@ -13,8 +13,8 @@ Builds never hang on a dead process: a build holds an `fcntl.flock` on `build.fl
 folder, which the kernel drops when the holder dies (even on kill -9). A process that gets
 that lock and finds no finished build clears the folder first, so a torch `lock` file left by a
 killed build is removed instead of waited on forever; a process that finds another one
-building waits for it, saying so in one line. A first build says so before and after (through
-`log`, stderr by default); `ensure_extension` lets a run do it during set-up.
+building waits for it, saying so in one line. A first build says so before and after (INFO on
+this module's logger, under `ld3m_fast`); `ensure_extension` lets a run do it during set-up.
 
 Set `LD3M_FAST_JIT=0` to forbid the just-in-time build (then only 1 or 3), and
 `LD3M_FAST_VERBOSE_BUILD=1` to see the compiler's output.
@@ -29,6 +29,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -37,12 +38,13 @@ import sysconfig
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 CFLAGS = ("-O3", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
@@ -212,12 +214,8 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else repr(error)
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 @contextmanager
-def _build_lock(directory: Path, log: Callable[[str], None]):
+def _build_lock(directory: Path):
     """Hold an exclusive `flock` on `directory/build.flock`; released by the OS if we die."""
     try:
         import fcntl
@@ -231,11 +229,11 @@ def _build_lock(directory: Path, log: Callable[[str], None]):
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip()
-            log(f"ld3m-fast: waiting for another process{f' (pid {holder})' if holder else ''} "
-                f"that is compiling the C++ CPU kernels in {directory}...")
+            logger.info(f"ld3m-fast: waiting for another process{f' (pid {holder})' if holder else ''} "
+                        f"that is compiling the C++ CPU kernels in {directory}...")
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as error:  # a file system without locks: build unguarded rather than not at all
-            log(f"ld3m-fast: cannot lock {directory / _FLOCK} ({error}); building without a lock")
+            logger.warning(f"cannot lock {directory / _FLOCK} ({error}); building without a lock")
             locked = False
         if locked:
             handle.truncate(0)
@@ -273,7 +271,7 @@ class _Unbuildable(Exception):
     """No cached build and nothing to build it with; the message says why."""
 
 
-def _load_jit(log: Callable[[str], None]) -> tuple[ModuleType, Path]:
+def _load_jit() -> tuple[ModuleType, Path]:
     """Load the cached just-in-time build, compiling it first (under the build lock) if needed."""
     directory = build_dir()
     if (directory / _DONE).is_file():
@@ -285,19 +283,19 @@ def _load_jit(log: Callable[[str], None]) -> tuple[ModuleType, Path]:
     if missing is not None:
         raise _Unbuildable(missing)
     directory.mkdir(parents=True, exist_ok=True)
-    with _build_lock(directory, log):
+    with _build_lock(directory):
         if (directory / _DONE).is_file():  # another process finished it while we waited
             try:
                 return _import_built(directory), directory
             except ImportError as error:
-                log(f"ld3m-fast: cached C++ build in {directory} does not load ({_first_line(error)}); "
-                    "rebuilding it")
+                logger.warning(f"cached C++ build in {directory} does not load ({_first_line(error)}); "
+                               "rebuilding it")
         _clear(directory)
         from torch.utils.cpp_extension import load
 
         from ld3m_fast._files import write_json_atomic
 
-        log(f"ld3m-fast: compiling the C++ CPU kernels (first use; cached in {directory})...")
+        logger.info(f"ld3m-fast: compiling the C++ CPU kernels (first use; cached in {directory})...")
         start = time.perf_counter()
         cflags, ldflags = compile_flags()
         module = load(
@@ -314,15 +312,15 @@ def _load_jit(log: Callable[[str], None]) -> tuple[ModuleType, Path]:
             "source_dir": str(csrc_dir().resolve()), "source_hash": source_hash(), "cflags": cflags,
             "ldflags": ldflags, "torch": torch_build(), "python": python_abi(),
             "compiler": compiler_identity(os.environ.get("CXX", "c++")), "seconds": round(seconds, 1)})
-        log(f"ld3m-fast: compiled the C++ CPU kernels in {seconds:.0f} s")
+        logger.info(f"ld3m-fast: compiled the C++ CPU kernels in {seconds:.0f} s")
         return module, directory
 
 
-def get_extension(log: Callable[[str], None] | None = None) -> ModuleType | None:
+def get_extension() -> ModuleType | None:
     """The loaded extension module, building it just in time if needed; None if unavailable.
 
-    `log` receives the one-line messages of a first build or of a wait for another process's
-    build (default: stderr). The result, success or failure, is kept for the process.
+    A first build, or a wait for another process's build, is logged in one line each (INFO).
+    The result, success or failure, is kept for the process.
     """
     global _module, _module_dir, _failure
     if _module is not None or _failure is not None:
@@ -337,7 +335,7 @@ def get_extension(log: Callable[[str], None] | None = None) -> ModuleType | None
                 reason = "LD3M_FAST_JIT=0 and no usable ahead-of-time ld3m_fast._C"
             else:
                 try:
-                    module, _module_dir = _load_jit(log or _stderr)
+                    module, _module_dir = _load_jit()
                 except _Unbuildable as error:
                     reason = str(error)
                 except Exception as error:  # a failed build must never break the library
@@ -347,15 +345,15 @@ def get_extension(log: Callable[[str], None] | None = None) -> ModuleType | None
         return _module
 
 
-def ensure_extension(log: Callable[[str], None] | None = None) -> str:
+def ensure_extension() -> str:
     """Load the C++ extension now, compiling it first if it is not built; return `status()`.
 
     Call it in a run's set-up, before its progress bar starts, so that a first build (about a
-    minute) happens and says so there, not silently inside iteration 1. `log` gets the lines
-    "compiling ... (first use; cached in DIR)..." and "compiled ... in N s" (default: stderr).
+    minute) happens and says so there, not silently inside iteration 1: it logs
+    "compiling ... (first use; cached in DIR)..." and "compiled ... in N s" (INFO).
     Never raises for a missing compiler or a failed build: the status says why.
     """
-    get_extension(log=log)
+    get_extension()
     return status()
 
 

@@ -23,6 +23,7 @@ timesteps, noise, class dropout and posterior samples through explicit generator
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -41,7 +42,7 @@ from .io import save_prior_parts
 from .prior import alphas_cumprod_from_config
 from .tiny import TINY_SCHEDULER_CONFIG
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
 LATENT_FACTOR = 4
@@ -173,7 +174,7 @@ def _check_finite(loss: torch.Tensor, what: str, step: int):
 # ------------------------------------------------------------------ autoencoder
 
 def train_autoencoder(ae: nn.Module, images: torch.Tensor, config: PriorTrainingConfig,
-                      generator: torch.Generator, log: Log = print) -> list[float]:
+                      generator: torch.Generator) -> list[float]:
     """Fit `ae` to images (N,3,32,32) uint8. Returns the loss every `log_every` steps.
 
     loss = L1 + L2 between x and decode(sample of q(z|x)) (both on [-1,1])
@@ -201,7 +202,7 @@ def train_autoencoder(ae: nn.Module, images: torch.Tensor, config: PriorTraining
         if (step + 1) % config.log_every == 0 or step + 1 == config.ae_steps:
             count = (step % config.log_every) + 1
             history.append(running / count)
-            log(f"autoencoder step {step + 1}/{config.ae_steps}: loss {running / count:.4f}")
+            logger.info(f"autoencoder step {step + 1}/{config.ae_steps}: loss {running / count:.4f}")
             progress.set_postfix(loss=f"{running / count:.4f}")
             running = 0.0
     ae.eval()
@@ -244,8 +245,7 @@ def reconstruction_error(encode: Callable, decode: Callable, images: torch.Tenso
 # --------------------------------------------------------------------- denoiser
 
 def train_denoiser(unet: nn.Module, latents: torch.Tensor, labels: torch.Tensor,
-                   config: PriorTrainingConfig, generator: torch.Generator,
-                   log: Log = print) -> tuple[nn.Module, list[float]]:
+                   config: PriorTrainingConfig, generator: torch.Generator) -> tuple[nn.Module, list[float]]:
     """Fit `unet` to predict the noise in q(z_t | z_0) for scaled latents (N,C,8,8).
 
     labels (N,) int64 in [0, K); with probability `class_dropout` a label becomes K
@@ -282,7 +282,7 @@ def train_denoiser(unet: nn.Module, latents: torch.Tensor, labels: torch.Tensor,
         if (step + 1) % config.log_every == 0 or step + 1 == config.unet_steps:
             count = (step % config.log_every) + 1
             history.append(running / count)
-            log(f"denoiser step {step + 1}/{config.unet_steps}: loss {running / count:.4f}")
+            logger.info(f"denoiser step {step + 1}/{config.unet_steps}: loss {running / count:.4f}")
             progress.set_postfix(loss=f"{running / count:.4f}")
             running = 0.0
     unet.eval()
@@ -312,7 +312,7 @@ class TrainingReport:
 
 def train_prior(images: torch.Tensor, labels: torch.Tensor, out_dir, *,
                 class_names: list[str], config: PriorTrainingConfig | None = None,
-                data_description: str = "", log: Log = print) -> TrainingReport:
+                data_description: str = "") -> TrainingReport:
     """Train autoencoder then denoiser on images (N,3,32,32) uint8 with labels (N,) and
     write a prior folder (see `ld3m_fast.priors.io`) to `out_dir`.
 
@@ -328,20 +328,20 @@ def train_prior(images: torch.Tensor, labels: torch.Tensor, out_dir, *,
     if labels.shape != (len(images),) or int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise LD3MError(f"labels must be (N,) integers in [0, {num_classes})")
     ae, unet = build_models(config, num_classes)
-    log(f"autoencoder {parameter_count(ae):,} parameters, denoiser {parameter_count(unet):,}; "
-        f"{len(images)} training images")
+    logger.info(f"autoencoder {parameter_count(ae):,} parameters, denoiser {parameter_count(unet):,}; "
+                f"{len(images)} training images")
     generator = torch.Generator().manual_seed(config.seed)
 
     started = time.perf_counter()
-    ae_losses = train_autoencoder(ae, images, config, generator, log)
+    ae_losses = train_autoencoder(ae, images, config, generator)
     modes = encode_modes(ae, images)
     scale = scaling_factor_of(modes)
     ae.register_to_config(scaling_factor=scale)
     ae_seconds = time.perf_counter() - started
-    log(f"latent std {1 / scale:.4f} -> scaling factor {scale:.5f}")
+    logger.info(f"latent std {1 / scale:.4f} -> scaling factor {scale:.5f}")
 
     started = time.perf_counter()
-    ema_unet, unet_losses = train_denoiser(unet, modes * scale, labels, config, generator, log)
+    ema_unet, unet_losses = train_denoiser(unet, modes * scale, labels, config, generator)
     unet_seconds = time.perf_counter() - started
 
     description = (f"Tiny class-conditional LDM (AutoencoderKL + UNet2DModel) trained by "
@@ -352,7 +352,7 @@ def train_prior(images: torch.Tensor, labels: torch.Tensor, out_dir, *,
                      scheduler_config=TINY_SCHEDULER_CONFIG, conditioning="class_embedding",
                      num_classes=num_classes, image_size=IMAGE_SIZE, scaling_factor=scale,
                      class_names=list(class_names), description=description)
-    log(f"wrote prior to {out_dir} (autoencoder {ae_seconds:.0f}s, denoiser {unet_seconds:.0f}s)")
+    logger.info(f"wrote prior to {out_dir} (autoencoder {ae_seconds:.0f}s, denoiser {unet_seconds:.0f}s)")
     return TrainingReport(str(out_dir), len(images), parameter_count(ae), parameter_count(unet),
                           scale, ae_seconds, unet_seconds, ae_losses, unet_losses, asdict(config))
 

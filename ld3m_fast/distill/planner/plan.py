@@ -30,12 +30,15 @@ it skipped could not have won.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 from ...errors import LD3MError
 from ..config import DistillConfig
 from .memory import format_bytes
 from .simulate import Estimate, Walk, _progress, estimate, extrapolation_points, stored_together, uncached
+
+logger = logging.getLogger(__name__)
 
 # Stored-step counts tried by default, as fractions of T (0 = pure recompute).
 STORE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -210,7 +213,7 @@ def candidate_modes(walk: Walk, store_steps=None, sac=None) -> list[tuple[int, f
 
 
 def plan(walk: Walk, budget_bytes: int, *, chunks=None, decoder_chunks=None, store_steps=None, sac=None,
-         micro_batches=None, log=None, progress: bool = False) -> tuple[list[Candidate], Candidate | None]:
+         micro_batches=None, progress: bool = False) -> tuple[list[Candidate], Candidate | None]:
     """Search (mode, chunk, decoder_chunk, micro_batch) for the cheapest candidate that fits.
 
     `walk` gives every other setting (its own knob values are replaced). chunks, decoder_chunks,
@@ -219,7 +222,7 @@ def plan(walk: Walk, budget_bytes: int, *, chunks=None, decoder_chunks=None, sto
     the largest k of 1..T-1 that fits). Returns (every candidate simulated, the choice or None).
     Cost = FLOPs (selective checkpointing +0.5%, for the pointwise ops it recomputes that FLOPs
     do not count); among equal costs the larger chunk, then the larger decoder chunk wins.
-    progress: a bar over the walks still to make, with an estimate.
+    progress: a bar over the walks still to make, with an estimate. Each walk is logged at DEBUG.
 
     The search (see the module docstring for the facts it rests on): every mode is probed at one
     chunk (FLOPs, and whether it fits there); modes are then placed cheapest first, each at the
@@ -241,9 +244,9 @@ def plan(walk: Walk, budget_bytes: int, *, chunks=None, decoder_chunks=None, sto
         if w not in results:
             e = estimate(w)
             results[w] = Candidate(e, e.peak_bytes <= budget_bytes)
-            if log is not None:
+            if logger.isEnabledFor(logging.DEBUG):
                 knobs = knobs_of(w)
-                log(f"  {mode_name(w):>22} chunk {knobs['chunk']:>4} decoder {knobs['decoder_chunk']:>4} "
+                logger.debug(f"  {mode_name(w):>22} chunk {knobs['chunk']:>4} decoder {knobs['decoder_chunk']:>4} "
                     f"micro-batch {knobs['micro_batch'] or 'all':>4}: peak {format_bytes(e.peak_bytes)}, "
                     f"{e.tflops:.1f} TFLOP{'' if results[w].fits else ' (does not fit)'}")
         return results[w]
@@ -385,7 +388,7 @@ def format_table(candidates: list[Candidate], best: Candidate | None, budget_byt
 # --------------------------------------------------------------------------- a run's plan
 
 
-def planning_config(config: DistillConfig, *, log=None) -> DistillConfig:
+def planning_config(config: DistillConfig) -> DistillConfig:
     """`config` ready to plan: the method's defaults filled (the prior, batch_real, ...), the
     settings checked, and `res` resolved against the prior's architecture."""
     from dataclasses import replace
@@ -397,7 +400,7 @@ def planning_config(config: DistillConfig, *, log=None) -> DistillConfig:
     from ..config import resolve_method_defaults
     from .priors import build_planning_prior
 
-    config = resolve_method_defaults(config, log=log or (lambda *a: None))
+    config = resolve_method_defaults(config)
     config.check_method()
     with FakeTensorMode(allow_non_fake_inputs=True):
         prior = build_planning_prior(config.prior)
@@ -431,7 +434,7 @@ def base_walk(config: DistillConfig, num_classes: int, world_size: int = 1) -> W
     return Walk.of(replace(config, chunk=chunk), num_classes, world_size)
 
 
-def choose_knobs(config: DistillConfig, num_classes: int, budget, *, world_size: int = 1, log=None,
+def choose_knobs(config: DistillConfig, num_classes: int, budget, *, world_size: int = 1,
                  progress: bool = True) -> tuple[dict, Candidate]:
     """--chunk auto: the planner's cheapest knobs that fit `budget` (a `MemoryBudget`) for this
     run (one rank's share of `world_size`). Returns (the knobs as settings, the choice)."""
@@ -441,12 +444,7 @@ def choose_knobs(config: DistillConfig, num_classes: int, budget, *, world_size:
     if best is None:
         raise LD3MError(f"--chunk auto: nothing fits {budget.describe()}; set --micro-batch, lower --ipc or "
                         "raise --memory-budget")
-    knobs = knobs_of(best.walk)
-    if log is not None:
-        log(f"--chunk auto: {knob_flags(best.walk)} ({best.mode}; planned peak "
-            f"{format_bytes(best.estimate.peak_bytes)} of {budget.describe()}, "
-            f"{best.estimate.tflops:.1f} TFLOP per iteration)")
-    return knobs, best
+    return knobs_of(best.walk), best
 
 
 # After an out-of-memory error a plan must need less than the failed one was predicted to need.
