@@ -9,7 +9,6 @@ import torch
 
 from _workspace import assert_one_line_error, run_cli, write_image_folder
 from test_evaluation import data, write_set  # noqa: F401 (data: the CLI tests' real data fixture)
-from ld3m_fast.data import ImageSet
 from ld3m_fast.distill.coresets import herding_positions, kcenter_positions
 from ld3m_fast.distill.evaluation import (
     PROTOCOLS,

@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 # first several iterations (all skipped); the scaler still doubles it every 2000 clean steps.
 FP16_INIT_SCALE = 2.0 ** 10
 
+
 class Interrupted(LD3MError):
     """The run stopped on SIGINT/SIGTERM after saving a checkpoint (exit code 128 + signal)."""
 
