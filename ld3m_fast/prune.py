@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from ._files import save_tensors_atomic, user_cache_dir
+from .choices import PRUNE_ORDERS
+from .distill.real_networks import REAL_NETWORK_EPOCHS
 from .errors import LD3MError
 
 logger = logging.getLogger(__name__)
 
-PRUNE_ORDERS = ("asc", "desc", "random")
 LOSSES_FORMAT = "ld3m-fast-prune-losses"
 SCORE_BATCH = 64
 RELEASED = "prune_and_distill get_losses_imagenet.py"
@@ -63,12 +64,12 @@ def prune_indices(losses: torch.Tensor | None, labels: torch.Tensor, num_classes
     order), then the first `kept_count(n, percent)` (asc) or the last (desc) of it; "random"
     draws them from `stream_generator(seed, f"prune:random:{k}")`. percent 100 keeps every image.
     """
+    from .data.imageset import indices_by_class
     from .distill.algorithms import stream_generator
-    from .distill.evaluation import members_by_class
 
     check_prune_settings(percent, order)
     kept = []
-    for k, members in enumerate(members_by_class(labels, num_classes)):
+    for k, members in enumerate(indices_by_class(labels.long(), num_classes)):
         keep = kept_count(members.numel(), percent)
         if order == "random":
             chosen = members[torch.randperm(members.numel(), generator=stream_generator(seed, f"prune:random:{k}"))[:keep]]
@@ -168,7 +169,7 @@ class TrainedScorerSettings:
     evaluation recipe for `epochs` epochs, seed 0 whatever the run's seed (so that runs of
     several seeds prune alike, as the release's one scorer does)."""
 
-    epochs: int = 20  # = real_networks.REAL_NETWORK_EPOCHS (a test pins it)
+    epochs: int = REAL_NETWORK_EPOCHS
     width: int = 128
     seed: int = 0
 

@@ -87,8 +87,9 @@ def read_checkpoint(path) -> Checkpoint:
         groups = json.loads(metadata["optimizer_groups"])
         state_keys = json.loads(metadata["optimizer_state_keys"])
         config = json.loads(metadata["config"]) if "config" in metadata else None
-        if not isinstance(state_keys, dict) or not isinstance(groups, list) or not (
-                config is None or isinstance(config, dict)):
+        state_keys_fit = isinstance(state_keys, dict) and all(
+            str(index).isdigit() and isinstance(keys, list) for index, keys in state_keys.items())
+        if not state_keys_fit or not isinstance(groups, list) or not (config is None or isinstance(config, dict)):
             raise ValueError("its metadata has the wrong layout")
     except (SafetensorError, OSError, ValueError, KeyError) as error:
         raise Unusable(f"checkpoint {quoted_path(path)} is corrupt or unreadable ({error})") from None
@@ -193,10 +194,10 @@ def check_fits(checkpoint: Checkpoint, expected: dict, optimizer: torch.optim.Op
     """The checkpoint's tensors have the shapes of this run's (`expected`: name -> shape, and the
     optimiser's parameters for its state); one line naming the first that does not."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    expected = dict(expected)
     for index, keys in checkpoint.state_keys.items():
-        for key in keys:
-            if int(index) < len(params):
-                expected = {**expected, f"optimizer.{index}.{key}": params[int(index)].shape}
+        if int(index) < len(params):
+            expected.update({f"optimizer.{index}.{key}": params[int(index)].shape for key in keys})
     for key, shape in expected.items():
         tensor = checkpoint.tensors.get(key)
         if tensor is None or tensor.shape != shape:

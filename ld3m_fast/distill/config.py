@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..bounds import SEED_MAXIMUM, Bounds
-from ..choices import ALGORITHMS, DTYPES, GRAD_MODES, MTT_GRADIENTS, NORMS, SKIPS
+from ..choices import ALGORITHMS, DTYPES, GRAD_MODES, MTT_GRADIENTS, NORMS, PRUNE_ORDERS, SKIPS
 from ..errors import LD3MError
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class DistillConfig:
                                  "--prune-scorer's loss (1-100; 100 = no pruning)", minimum=1, maximum=100,
                                  walked=False)
     prune_order: str = setting("asc", "asc: keep the lowest losses (the release's choice), desc: the highest, "
-                               "random: a seeded draw (no scorer)", choices=("asc", "desc", "random"), walked=False)
+                               "random: a seeded draw (no scorer)", choices=PRUNE_ORDERS, walked=False)
     prune_scorer: str = setting("train", "what scores the real images: a torchvision ResNet-18 state dict (the "
                                 "release's ImageNet-pretrained one) or 'train' (a ConvNet trained here on the real "
                                 "data; recorded as a deviation from the release)", walked=False)

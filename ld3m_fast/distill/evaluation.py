@@ -53,8 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
+from ..data.imageset import indices_by_class
 from ..errors import LD3MError
 from ..normalization import from_uint8
+from .coresets import CORESET_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ AUGMENTS = ("dsa", "cutmix", "none")
 BASELINE_LRS = ("fixed", "search")
 # Baselines beside the distilled sets: a random real subset, and the coresets of
 # `ld3m_fast.distill.coresets` (herding, k-center) in a real-trained network's feature space.
-BASELINE_KINDS = ("random", "herding", "kcenter")
+BASELINE_KINDS = ("random",) + CORESET_KINDS
 BASELINE_SET_KINDS = ("random-real", "coreset")
 # DD-Ranking's learning-rate grid for the baselines (ddranking/metrics/hard_label.py:169,
 # soft_label.py:240) and its checkpoint interval (hard_label.py:119).
@@ -467,12 +469,9 @@ def check_eval_set(images: torch.Tensor, labels: torch.Tensor, *, num_classes: i
 
 
 def members_by_class(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
-    """Per class k, the positions of its images in ascending order: one stable sort, so 1000
-    classes cost O(N log N), not a scan of all N labels per class."""
-    labels = labels.long()
-    order = torch.sort(labels, stable=True).indices
-    counts = torch.bincount(labels, minlength=num_classes)[:num_classes].tolist()
-    return list(torch.split(order, counts))
+    """Per class k, the positions of its images in ascending order (`indices_by_class`, for
+    labels of any integer dtype)."""
+    return indices_by_class(labels.long(), num_classes)
 
 
 def random_real_indices(labels: torch.Tensor, counts: list[int], generator: torch.Generator) -> torch.Tensor:

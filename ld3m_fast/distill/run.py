@@ -323,6 +323,7 @@ class Distiller:
         checkpoint intact when nothing fits, or when other processes wait in a collective."""
         import gc
 
+        from .planner.memory import format_bytes
         from .planner.plan import replan_after_oom
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -330,8 +331,7 @@ class Distiller:
         if self.setup.device.type == "cuda":
             torch.cuda.empty_cache()
         k = self.iteration + 1
-        kept = ("no checkpoint was written yet" if self.last_checkpoint is None else
-                f"the checkpoint of iteration {self.last_checkpoint} in {self.run_dir / CHECKPOINT} is intact")
+        kept = self.intact(sentence=False)
         first = (str(error).strip().splitlines() or ["out of memory"])[0][:200]
         if self.comm.world_size > 1:  # the other processes wait in a collective: no agreed re-plan
             raise LD3MError(f"out of memory at iteration {k} ({first}); stopped, {kept}. Resume with a lower "
@@ -340,12 +340,10 @@ class Distiller:
                                 resume=resume_command(self.run_dir), iteration=k)
         self.setup.plan = plan
         logger.warning(f"out of memory at iteration {k} ({first}); planned again for "
-                       f"{plan['usable_bytes'] / 2**30:.2f} GiB: {plan['flags']} ({plan['mode']}, planned peak "
-                       f"{plan['planned_peak_bytes'] / 2**30:.2f} GiB); redoing iteration {k}")
+                       f"{format_bytes(plan['usable_bytes'])}: {plan['flags']} ({plan['mode']}, planned peak "
+                       f"{format_bytes(plan['planned_peak_bytes'])}); redoing iteration {k}")
         if self.comm.is_main:
-            with self.writing(self.run_dir / "metrics.jsonl"):
-                with open(self.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"iteration": k, "replanned_after": first, "plan": plan}) + "\n")
+            self.log_metrics({"iteration": k, "replanned_after": first, "plan": plan})
 
     def _check_finite(self, loss, image_grad) -> None:
         """Stop before anything is pushed back when the loss or dL/dimages is NaN/inf (on any
@@ -452,11 +450,12 @@ class Distiller:
         mine = f"{self.setup.device} classes {self.classes.start}-{self.classes.stop - 1}"
         return ", ".join(f"rank {r}: {text}" for r, text in enumerate(self.comm.all_gather_object(mine)))
 
-    def intact(self) -> str:
-        """What is safe on disk, for a line that says why the run stopped."""
-        if self.last_checkpoint is None:
-            return "No checkpoint was written yet"
-        return f"The checkpoint of iteration {self.last_checkpoint} in {self.run_dir / CHECKPOINT} is intact"
+    def intact(self, *, sentence: bool = True) -> str:
+        """What is safe on disk, for a line that says why the run stopped (`sentence`: capitalised,
+        to start one)."""
+        text = ("no checkpoint was written yet" if self.last_checkpoint is None else
+                f"the checkpoint of iteration {self.last_checkpoint} in {self.run_dir / CHECKPOINT} is intact")
+        return text[0].upper() + text[1:] if sentence else text
 
     def stopped_by(self, what: str) -> str:
         """The line for a run stopped by another process (`what`: which rank saw what)."""
@@ -542,10 +541,7 @@ class Distiller:
         result = evaluate_synthetic(images, labels, test.images, test.labels,
                                     num_classes=self.setup.real.num_classes, config=eval_config,
                                     seed=config.seed, device=self.setup.device)
-        record = {"iteration": self.iteration, "eval": result}
-        with self.writing(self.run_dir / "metrics.jsonl"):
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.log_metrics({"iteration": self.iteration, "eval": result})
         for arch, row in result["per_arch"].items():
             self.writer.add_scalar(f"eval/{arch}", row["mean"], self.iteration)
         return result

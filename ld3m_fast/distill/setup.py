@@ -53,10 +53,6 @@ class Setup:
     def generator(self):
         return self.iteration.generator
 
-    @generator.setter
-    def generator(self, generator) -> None:  # benchmarks swap in other schemes
-        self.iteration.generator = generator
-
     @property
     def algorithm(self):
         return self.iteration.algorithm
@@ -173,14 +169,13 @@ def iteration_lower_bound(config: DistillConfig, prior, res: int) -> dict[str, i
             "network": 3 * micro * config.width * res * res * element}
 
 
-def check_iteration_memory(config: DistillConfig, prior, res: int, device: torch.device) -> None:
+def check_iteration_memory(config: DistillConfig, prior, res: int, budget) -> None:
     """Refuse, before any data is read or any folder made, a setting whose iteration cannot fit
     the memory budget (`run_budget`) by `iteration_lower_bound` alone (one line)."""
     from .planner.memory import format_bytes
 
     parts = iteration_lower_bound(config, prior, res)
     needed = sum(parts.values())
-    budget = run_budget(config, device)
     if needed > budget.usable:
         images = f"{config.ipc} synthetic image{'s' if config.ipc > 1 else ''}"
         raise LD3MError(f"one class's {images} at {res}² cannot fit: they alone need at least {format_bytes(needed)} "
@@ -205,11 +200,7 @@ def prepare_native_kernels() -> None:
     one line, and not silently inside iteration 1."""
     from ..ops import _native
 
-    ensure = getattr(_native, "ensure_extension", None)
-    if ensure is not None:
-        ensure()
-    else:
-        _native.get_extension()
+    _native.ensure_extension()
 
 
 def build_setup(config: DistillConfig) -> Setup:
@@ -228,7 +219,8 @@ def build_setup(config: DistillConfig) -> Setup:
     if config.released_compat:
         released_timesteps(len(prior.alphas_cumprod), config.steps)
     res = resolve_resolution(prior, config.res, released=config.released_compat)
-    check_iteration_memory(config, prior, res, device)
+    budget = run_budget(config, device)  # measured once, at start: the check and --chunk auto share it
+    check_iteration_memory(config, prior, res, budget)
     comm = distributed.current()
     source = dict(split="train", subset=config.subset, res=res, cache_dir=config.cache_dir,
                   max_per_class=config.max_per_class)
@@ -238,7 +230,7 @@ def build_setup(config: DistillConfig) -> Setup:
     require_per_class(data, config.ipc)
     rows = prior_class_rows(prior, config.subset, data.num_classes)
     trajectories = load_trajectories(config, res, data.num_classes)
-    assembled, plan = planned_config(config, data.num_classes, device)
+    assembled, plan = planned_config(config, data.num_classes, device, budget=budget)
     iteration = assemble_iteration(assembled, prior, num_classes=data.num_classes, trajectories=trajectories,
                                    res=res)
     synthetic = SyntheticSet.from_real(prior, data.images, data.labels, config.ipc,

@@ -108,10 +108,6 @@ class LiveStorageTracker(TorchDispatchMode):
         tracker.current = tracker.peak = self.current
         return tracker
 
-    def is_live(self, tensor: torch.Tensor) -> bool:
-        """Whether the tracker counts `tensor`'s storage as live."""
-        return tensor.untyped_storage()._cdata in self._live
-
     def track(self, *tensors: torch.Tensor):
         for tensor in tensors:
             if isinstance(tensor, torch.Tensor):
@@ -182,7 +178,6 @@ def measure(fn, *, existing: tuple[torch.Tensor, ...] = (), with_phases: bool = 
         fn(tracker.phase) if with_phases else fn()
     return Measurement(tracker.peak, tracker.current, tracker.flops, dict(tracker.flops_by_op),
                        dict(tracker.phase_peaks))
-
 
 
 def allocator_peak(build, run) -> tuple[int, int, object]:

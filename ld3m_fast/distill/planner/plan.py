@@ -148,8 +148,9 @@ def store_counts(steps: int, requested=None) -> list[int]:
 
 
 @functools.lru_cache(maxsize=32)
-def _denoiser_profile(prior: str, res: int, dtype: str) -> tuple[tuple[float, float], ...]:
-    """(FLOPs per output element, FLOPs) of every counted op of one denoiser call on one image."""
+def _denoiser_profile(prior: str, res: int, dtype: str, released: bool) -> tuple[tuple[float, float], ...]:
+    """(FLOPs per output element, FLOPs) of every counted op of one denoiser call on one image
+    (at the side the chain renders at, `render_size`)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -172,7 +173,7 @@ def _denoiser_profile(prior: str, res: int, dtype: str) -> tuple[tuple[float, fl
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         p = build_planning_prior(prior)
-        z = torch.zeros(1, *p.latent_shape(render_size(p, res)))
+        z = torch.zeros(1, *p.latent_shape(render_size(p, res, released=released)))
         cond = torch.zeros(1, p.embedding_dim)
         t = torch.full((1,), 500, dtype=torch.long)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch_dtype(dtype), enabled=dtype != "fp32"), _Profile():
@@ -184,7 +185,7 @@ def sac_levels(walk: Walk, shares=SAC_SHARES) -> list[float]:
     """Thresholds (FLOPs per output element) keeping the denoiser ops that hold at least each
     share of its forward FLOPs, best FLOPs-per-byte first; distinct, highest first."""
     config = walk.config
-    rows = sorted(_denoiser_profile(config.prior, config.res, config.dtype), key=lambda r: -r[0])
+    rows = sorted(_denoiser_profile(config.prior, config.res, config.dtype, config.released_compat), key=lambda r: -r[0])
     total = sum(f for _, f in rows) or 1.0
     levels, done, i = [], 0.0, 0
     for share in sorted(shares):

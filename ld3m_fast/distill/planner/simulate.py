@@ -525,7 +525,8 @@ def _one_rank(walk: Walk) -> Estimate:
     Z and c (parameter + momentum in every phase, + gradient in the backward phase)."""
     local = estimate(walk.at(num_classes=walk.local_classes, world_size=1))
     config = walk.config
-    others = (walk.total_images - walk.images) * row_bytes(config.prior, config.res)
+    row = row_bytes(config.prior, config.res, released=config.released_compat)
+    others = (walk.total_images - walk.images) * row
     copies = 2 if config.momentum else 1
     phase_peaks = {name: local.phase_peaks.get(name, 0.0) + copies * others + (others if name == "backward" else 0)
                    for name in PHASES}
@@ -534,15 +535,16 @@ def _one_rank(walk: Walk) -> Estimate:
 
 
 @functools.lru_cache(maxsize=64)
-def row_bytes(prior: str, res: int) -> int:
-    """Bytes of one image's row of Z and c (fp32, as a run keeps them)."""
+def row_bytes(prior: str, res: int, *, released: bool = False) -> int:
+    """Bytes of one image's row of Z and c (fp32, as a run keeps them); `released`: the size the
+    released pipeline renders at (`render_size`), as `--released-compat` does."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ...generator import render_size
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         planning = build_planning_prior(prior)
-        latent = planning.latent_shape(render_size(planning, res))
+        latent = planning.latent_shape(render_size(planning, res, released=released))
         return 4 * (math.prod(latent) + planning.embedding_dim)
 
 
