@@ -11,6 +11,7 @@ MTT_GRADIENTS = ("truncated", "full")
 GRAD_MODES = ("autograd", "released", "recompute")
 SKIPS = ("x0", "mean", "none")          # "none" on the command line is skip=None in the generator
 SPACINGS = ("exact", "released")
+PRUNE_ORDERS = ("asc", "desc", "random")  # ld3m_fast.prune
 NORMS = ("instance", "batch", "layer", "none")  # the networks' normalisation (ld3m_fast.networks)
 # Autocast dtypes by name (Z, c and the latent chain stay fp32 under every one of them); fp16 runs
 # with a gradient scaler (for cards without bf16: V100, RTX 20xx).

@@ -384,10 +384,9 @@ def build_modules(converted: ConvertedPrior) -> tuple[nn.Module, nn.Module]:
 
 def _check_out_dir(out_dir: Path, force: bool):
     """Before the checkpoint is read: OUT_DIR can be written (and is empty, or --force)."""
-    from ._files import check_writable_folder
+    from .priors.pipeline import check_output_folder
 
-    check_writable_folder(out_dir, "output folder", if_not_empty=None if force else "pass --force to replace it",
-                          error=PriorError)
+    check_output_folder(out_dir, force)
 
 
 def convert_cin256_v2(ckpt_path, out_dir, *, force: bool = False,

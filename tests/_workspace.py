@@ -84,3 +84,13 @@ def files_under(root) -> dict:
     from pathlib import Path
 
     return {p: p.read_bytes() for p in Path(root).rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def checkpoint_iteration(run) -> int:
+    """The iteration recorded in RUN/checkpoint.safetensors."""
+    from safetensors import safe_open
+
+    from ld3m_fast.distill.checkpoints import CHECKPOINT
+
+    with safe_open(str(run / CHECKPOINT), framework="pt") as f:
+        return int(f.metadata()["iteration"])

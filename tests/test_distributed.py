@@ -38,7 +38,7 @@ from ld3m_fast import distributed
 from ld3m_fast.distill.config import DistillConfig
 from ld3m_fast.distill.run import CHECKPOINT
 
-from _workspace import RES, make_workspace
+from _workspace import RES, checkpoint_iteration, make_workspace
 
 IPC = 2
 ITERATIONS = 3
@@ -280,11 +280,6 @@ def wait_for_iterations(run, count, processes):
         assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
         assert time.monotonic() < deadline, "no progress (hang guard)"
         time.sleep(0.2)
-
-
-def checkpoint_iteration(run) -> int:
-    with safe_open(str(run / CHECKPOINT), framework="pt") as f:
-        return int(f.metadata()["iteration"])
 
 
 def error_lines(err: str) -> list[str]:

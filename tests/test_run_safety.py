@@ -10,14 +10,14 @@ import time
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from ld3m_fast.distill import runfolder
 from ld3m_fast.distill.config import DistillConfig
 from ld3m_fast.distill.run import CHECKPOINT, resume_run, start_run
 from ld3m_fast.errors import LD3MError
 
-from _workspace import (RES, assert_one_line_error, cli_process, distill_flags, make_workspace, run_cli)
+from _workspace import (RES, assert_one_line_error, checkpoint_iteration, cli_process, distill_flags, make_workspace,
+                        run_cli)
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,6 @@ def config(ws, out, **overrides):
                   max_per_class=4, out=str(out), threads=1)
     values.update(overrides)
     return DistillConfig(**values)
-
-
-def checkpoint_iteration(run) -> int:
-    with safe_open(str(run / CHECKPOINT), framework="pt") as f:
-        return int(f.metadata()["iteration"])
 
 
 def wait_for_iterations(run, count, process):

@@ -6,16 +6,9 @@ import subprocess
 import sys
 import time
 
-from safetensors import safe_open
-
 from ld3m_fast.distill.run import CHECKPOINT
 
-from _workspace import assert_one_line_error, cli_process, distill_flags, make_workspace
-
-
-def checkpoint_iteration(run) -> int:
-    with safe_open(str(run / CHECKPOINT), framework="pt") as f:
-        return int(f.metadata()["iteration"])
+from _workspace import assert_one_line_error, checkpoint_iteration, cli_process, distill_flags, make_workspace
 
 
 def test_a_second_ctrl_c_stops_at_once_and_names_the_intact_checkpoint(tmp_path):

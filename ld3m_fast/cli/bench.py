@@ -57,15 +57,19 @@ def add_arguments(parser):
 def run(args) -> int:
     from .. import bench
     from .._files import check_writable_folder, write_text_atomic
+    from ..choices import ALGORITHMS
     from ..errors import LD3MError
 
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         raise LD3MError(f"unknown --parts {''.join(sorted(unknown))}; choose from a, b, c")
+    algorithms = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown or not algorithms:
+        raise LD3MError(f"unknown --algorithms {args.algorithms!r}; choose from {', '.join(ALGORITHMS)}")
     out = check_writable_folder(args.out, "--out")
     rows = []
     if "a" in args.parts:
-        algorithms = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
         rows += bench.simulated_full_scale(args.prior, settings=list(args.settings), budgets_gib=args.budgets,
                                            algorithms=algorithms)
     if "b" in args.parts:

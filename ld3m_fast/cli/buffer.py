@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     """The experts train on the pruned real set, as the released buffers do (prune_and_distill
     readme.md:37: --percent=60 --order=asc); the same flags as `distill` (docs/pruning.md)."""
-    from ..prune import PRUNE_ORDERS
+    from ..choices import PRUNE_ORDERS
 
     parser.add_argument("--prune-percent", type=number(int, minimum=1, maximum=100), default=100,
                         help="keep int(P * n / 100) real images of each class, by --prune-scorer's loss "
@@ -81,11 +81,11 @@ def run(args) -> int:
     device = resolve_device(args.device)
     data = load_dataset(args.data, split="train", subset=args.subset, res=args.res,
                         cache_dir=args.cache_dir, max_per_class=args.max_per_class)
-    data, pruned = prune_dataset(data, pruning, subset=args.subset, cache_dir=args.cache_dir, device=device,
-                                 min_per_class=1, need="an expert (every class in its training)")
     spec = NetworkSpec(num_classes=data.num_classes, res=args.res, width=args.width, depth=args.depth,
                        norm=args.norm)
-    spec.build()  # an unknown norm or resolution fails here, before anything is written
+    spec.build()  # an unknown norm or resolution fails here, before a scorer is trained or anything written
+    data, pruned = prune_dataset(data, pruning, subset=args.subset, cache_dir=args.cache_dir, device=device,
+                                 min_per_class=1, need="an expert (every class in its training)")
     paths = build_buffer(out, spec, data.images, data.labels, num_experts=args.experts, epochs=epochs,
                          keep_epochs=None if args.keep_all_epochs else keep, lr=args.lr,
                          batch_size=args.batch, dsa_strategy=None if args.dsa == "none" else args.dsa,

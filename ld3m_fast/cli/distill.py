@@ -42,24 +42,27 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
 def apply_threads(args) -> None:
     """Set torch's CPU thread count from --threads (refused above the usable cores), or the
     default policy."""
-    from .._threads import apply_threads as apply, check_threads, default_threads
-    from ..distributed import processes_per_node
+    from .._threads import apply_threads as apply, check_threads
 
     threads = getattr(args, "threads", None)
     if threads is not None:
         check_threads(threads)
-    apply(threads if threads is not None else max(1, default_threads() // processes_per_node()))
+    apply(threads if threads is not None else shared_default_threads())
+
+
+def shared_default_threads() -> int:
+    """The idle cores, shared by the processes torchrun started on this machine."""
+    from .._threads import default_threads
+    from ..distributed import processes_per_node
+
+    return max(1, default_threads() // processes_per_node())
 
 
 def new_run_config(args):
     """The settings of a new run (`settings.config_from_args`), with the thread count chosen."""
     threads = {}
     if getattr(args, "threads", None) is None and given_settings(args).get("threads") is None:
-        from .._threads import default_threads
-        from ..distributed import processes_per_node
-
-        # The idle cores, shared by the processes torchrun started on this machine.
-        threads["threads"] = max(1, default_threads() // processes_per_node())
+        threads["threads"] = shared_default_threads()
     return config_from_args(args, **threads)
 
 

@@ -52,16 +52,17 @@ def baseline_list(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..distill.evaluation import AUGMENTS, BASELINE_LRS, LABEL_MODES, PROTOCOLS, REPORTS
     from ..distill.real_networks import REAL_NETWORK_EPOCHS
 
     parser.add_argument("sets", nargs="+", metavar="SET",
                         help="run folders, image folders (one subfolder per class) or .safetensors files")
-    parser.add_argument("--protocol", choices=("paper", "quick", "ddranking"), default="paper",
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="paper",
                         help="paper: SPEC §2.5, 5 archs x 5 seeds x 1000 epochs, full test split; quick: "
                              "convnet+vgg11 x 2 seeds x 50 epochs, 100 test images per class; ddranking: paper "
                              "with DD-Ranking's --report best --baseline-lr search --augment cutmix "
                              "(default: paper)")
-    parser.add_argument("--labels", choices=("hard", "soft"), default=None,
+    parser.add_argument("--labels", choices=LABEL_MODES, default=None,
                         help="soft: also train every set on a teacher's logits (DD-Ranking's soft-label protocol, "
                              "KL at --temperature); soft-label IOR and HLR are reported beside the hard ones "
                              "(default: hard)")
@@ -73,13 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"coresets' feature network; default {REAL_NETWORK_EPOCHS})")
     parser.add_argument("--temperature", type=POSITIVE, default=None,
                         help="soft-label KL temperature (default 1.0, DD-Ranking's configurations)")
-    parser.add_argument("--report", choices=("final", "best"), default=None,
+    parser.add_argument("--report", choices=REPORTS, default=None,
                         help="final: the accuracy after the last epoch (ours, default); best: the best test "
                              "accuracy over checkpoints every 10 epochs (DD-Ranking's; selection on the test set)")
-    parser.add_argument("--baseline-lr", choices=("fixed", "search"), default=None,
+    parser.add_argument("--baseline-lr", choices=BASELINE_LRS, default=None,
                         help="search: train every baseline at each lr of DD-Ranking's grid "
                              "(0.001, 0.005, 0.01, 0.05, 0.1) and keep the best on the test set (default: fixed)")
-    parser.add_argument("--augment", choices=("dsa", "cutmix", "none"), default=None,
+    parser.add_argument("--augment", choices=AUGMENTS, default=None,
                         help="training augmentation (default dsa; ddranking: cutmix)")
     parser.add_argument("--baselines", type=baseline_list, default=None, metavar="random,herding,kcenter",
                         help="baselines of the same IPC per class: random real subsets, herding and k-center "

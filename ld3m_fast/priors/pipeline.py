@@ -461,15 +461,19 @@ def _class_names(facts: _Facts, labels: dict | None, where: str, num_classes: in
     return [labels[k] for k in range(num_classes)]
 
 
-def _check_import_target(out_dir: Path, force: bool, source: Path | None = None) -> None:
-    """Refuse an output that cannot or must not be written (or that overlaps the pipeline
-    folder `source`), before anything is read."""
+def check_output_folder(out_dir: Path, force: bool) -> None:
+    """Refuse a prior output folder that cannot be written, or that holds something without
+    `force`, before anything is read (`prior import`, `convert`)."""
     from .._files import check_writable_folder
 
     check_writable_folder(out_dir, "output folder", if_not_empty=None if force else "pass --force to replace it",
                           error=PriorError)
-    out, src = out_dir.resolve(), source.resolve() if source is not None else None
-    if src is not None and (out == src or src in out.parents or out in src.parents):
+
+
+def _check_no_overlap(out_dir: Path, source: Path) -> None:
+    """Refuse an output folder inside, around or equal to the pipeline folder `source`."""
+    out, src = out_dir.resolve(), source.resolve()
+    if out == src or src in out.parents or out in src.parents:
         raise PriorError(f"output folder {out_dir} overlaps the pipeline it is imported from ({source}); "
                          "write the prior folder elsewhere")
 
@@ -486,9 +490,11 @@ def import_prior(path, out_dir, *, force: bool = False) -> PriorSource:
 
     out_dir = Path(out_dir)
     source_path = Path(path)
-    _check_import_target(out_dir, force, source_path if source_path.is_dir() else None)
+    check_output_folder(out_dir, force)
+    if source_path.is_dir():
+        _check_no_overlap(out_dir, source_path)
     source = open_prior_source(source_path)
-    _check_import_target(out_dir, force, source.root)
+    _check_no_overlap(out_dir, source.root)
     prior = build_prior(source_path)
     save_prior(prior, out_dir, description=f"imported from {source.manifest['description']}")
     return source

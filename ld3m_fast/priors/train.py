@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._files import atomic_write
 from ..bounds import SEED_MAXIMUM, Bounds
 from ..errors import LD3MError
 from ..normalization import uint8_to_autoencoder
@@ -397,8 +398,6 @@ def save_labelled_grid(images: torch.Tensor, rows: int, row_labels: list[str], p
     for row, label in enumerate(row_labels):
         draw.text((4, row * height * scale + height * scale // 2 - 5), label, fill="black")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    canvas.save(temporary, format="PNG")
-    temporary.replace(path)
+    with atomic_write(path, suffix=".png") as temporary:
+        canvas.save(temporary, format="PNG")
     return path
