@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from ld3m_fast._host import cpu_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "full_size_iteration")
     parser.add_argument("--priors", default="cin256-v2,dit-xl-2-256")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)

@@ -519,11 +519,7 @@ def run_plan(walk, prior, device: torch.device, timed: int, share: float, deadli
 
     built = build_iteration(walk, prior, device)
     resident = built.resident
-    losses = []
-
-    def once():
-        built.run()
-        losses.append(0.0)
+    once = built.run
 
     plan_started = time.monotonic()
     if device.type == "cuda":
@@ -560,7 +556,7 @@ def run_plan(walk, prior, device: torch.device, timed: int, share: float, deadli
         row["note"] = (f"{len(times)} of {timed} timed iterations fitted the time left"
                        + ("" if times else "; only the warm-up ran"))
     row["attention"] = _processors(prior)
-    del built, resident, losses
+    del built, resident
 
 
 def _processors(prior) -> str:

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     from ld3m_fast._host import cpu_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "plan_check")
     parser.add_argument("--prior", default="cin256-v2", help="a planner prior name (cin256-v2, dit-xl-2-256, tiny)")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per row (default: torch's)")
